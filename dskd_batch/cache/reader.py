@@ -1,0 +1,273 @@
+"""Reading a teacher cache: ``open_cache(path)`` returns a sequence of example records.
+
+A record is a dict with ``id``, ``prompt``, ``response``, ``instruction``, ``input``,
+``input_ids`` (LongTensor[n]), ``prompt_len``, ``hidden`` (FloatTensor[n, d] or None),
+``topk_values``/``topk_indices`` ([n, k]), ``logsumexp`` and ``argmax`` ([n]); position i holds what
+the teacher emitted after reading ``input_ids[: i + 1]``. The teacher stage of ``distill`` yields
+the same records, so methods cannot tell a cache from a live teacher.
+
+Each shard is checked against its recorded sha256s the first time it is read (``verify="lazy"``,
+the default; cheap next to training), on open (``"full"``), or never (``"none"``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from ..codecs import HiddenCodec, make_codec
+from ..errors import CacheCorruptError, DskdError
+from ..teacher import assemble_logits, reconstruct_logits
+from .format import (CODEC_FILE, FORMAT_VERSION, HEAD_FILE, INDEX, MANIFEST, SETTINGS, SHARD_META, SHARDS,
+                     TEACHER, TOKENS, read_json, sha256_file)
+
+LOSSLESS_HIDDEN = ("fp32", "fp16", "bf16")
+
+
+def verify_shard(shard_dir: Path, expected_meta_sha: str | None) -> list[str]:
+    """Problems with one shard folder (empty list: it matches its checksums)."""
+    name = shard_dir.name
+    meta_path = shard_dir / SHARD_META
+    if not shard_dir.is_dir():
+        return [f"shard {name} is missing ({shard_dir})"]
+    if not meta_path.exists():
+        return [f"shard {name}: {SHARD_META} is missing"]
+    if expected_meta_sha is not None and sha256_file(meta_path) != expected_meta_sha:
+        return [f"shard {name}: {SHARD_META} does not match the manifest's checksum"]
+    try:
+        meta = read_json(meta_path)
+    except (OSError, json.JSONDecodeError) as e:
+        return [f"shard {name}: {SHARD_META} is unreadable ({e})"]
+    problems = []
+    for rel, (size, digest) in meta["files"].items():
+        p = shard_dir / rel
+        if not p.exists():
+            problems.append(f"shard {name}: file {rel} is missing")
+        elif p.stat().st_size != size:
+            problems.append(f"shard {name}: file {rel} has {p.stat().st_size} bytes, expected {size}")
+        elif sha256_file(p) != digest:
+            problems.append(f"shard {name}: file {rel} does not match its sha256 (corrupt)")
+    return problems
+
+
+class _Shard:
+    def __init__(self, path: Path, codec: HiddenCodec | None, max_chunks: int = 8) -> None:
+        import zarr
+
+        self.path = path
+        self.meta = read_json(path / SHARD_META)
+        self.chunk = int(self.meta["chunk_tokens"])
+        table = pq.read_table(path / INDEX)
+        self.index = {name: table.column(name).to_pylist() for name in table.column_names}
+        self.arrays = {p.name: zarr.open_array(str(p), mode="r") for p in sorted((path / TOKENS).iterdir())}
+        self.codec = codec
+        self._lru: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self._max = max_chunks * max(1, len(self.arrays))
+        self._lock = threading.Lock()
+
+    def _chunk(self, name: str, c: int) -> np.ndarray:
+        key = (name, c)
+        with self._lock:
+            if key in self._lru:
+                self._lru.move_to_end(key)
+                return self._lru[key]
+        try:
+            data = self.arrays[name][c * self.chunk:(c + 1) * self.chunk]
+        except Exception as e:  # noqa: BLE001 - zarr/blosc raise many kinds
+            raise CacheCorruptError(f"shard {self.path.name}: array {name} chunk {c} cannot be read ({e})",
+                                    hint=f"run `dskd-batch verify {self.path.parent.parent}`") from e
+        with self._lock:
+            self._lru[key] = data
+            while len(self._lru) > self._max:
+                self._lru.popitem(last=False)
+        return data
+
+    def read(self, name: str, start: int, n: int) -> np.ndarray:
+        first, last = start // self.chunk, (start + n - 1) // self.chunk
+        parts = [self._chunk(name, c) for c in range(first, last + 1)]
+        data = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        lo = start - first * self.chunk
+        return data[lo:lo + n]
+
+    def example(self, j: int) -> dict[str, Any]:
+        off, n = int(self.index["offset"][j]), int(self.index["n_tokens"][j])
+        rec: dict[str, Any] = {k: self.index[k][j] for k in ("id", "instruction", "input", "prompt", "response", "source")}
+        rec["prompt_len"] = int(self.index["prompt_len"][j])
+        rec["input_ids"] = torch.from_numpy(self.read("input_ids", off, n).astype(np.int64))
+        rec["logsumexp"] = torch.from_numpy(self.read("logsumexp", off, n).astype(np.float32))
+        rec["argmax"] = torch.from_numpy(self.read("argmax", off, n).astype(np.int64))
+        if "topk_values" in self.arrays:
+            rec["topk_values"] = torch.from_numpy(self.read("topk_values", off, n).astype(np.float32))
+            rec["topk_indices"] = torch.from_numpy(self.read("topk_indices", off, n).astype(np.int64))
+        else:
+            rec["topk_values"] = rec["topk_indices"] = None
+        if self.codec is not None:
+            rec["hidden"] = self.codec.decode({k: self.read(k, off, n) for k in self.codec.array_specs()})
+        else:
+            rec["hidden"] = None
+        return rec
+
+
+class TeacherCache(Sequence):
+    """A complete teacher cache, as a sequence of example records (see the module docstring)."""
+
+    def __init__(self, path: str | Path, verify: str = "lazy") -> None:
+        self.path = Path(path)
+        if verify not in ("lazy", "full", "none"):
+            raise ValueError("verify must be lazy, full or none")
+        self.verify_mode = verify
+        if not self.path.is_dir():
+            raise DskdError(f"cache not found: {self.path}")
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.exists():
+            if (self.path / SETTINGS).exists():
+                done = len(list((self.path / SHARDS).glob("shard.?????"))) if (self.path / SHARDS).exists() else 0
+                total = read_json(self.path / SETTINGS).get("num_shards", "?")
+                raise DskdError(
+                    f"cache {self.path} is incomplete: {done} of {total} shards written and no manifest",
+                    hint="run the same `dskd-batch cache-teacher` command again to resume, or "
+                         f"`dskd-batch merge {self.path}` once every machine's shards are written",
+                )
+            raise DskdError(f"{self.path} is not a dskd-batch cache (no {MANIFEST})")
+        try:
+            self.manifest = read_json(manifest_path)
+        except json.JSONDecodeError as e:
+            raise CacheCorruptError(f"{manifest_path}: malformed manifest ({e})") from e
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise DskdError(f"{self.path}: cache format {self.manifest.get('format_version')} is not supported "
+                            f"(this dskd-batch reads format {FORMAT_VERSION})")
+        self.settings: dict[str, Any] = self.manifest["settings"]
+        self.shards: list[dict[str, Any]] = self.manifest["shards"]
+        missing = [s["name"] for s in self.shards if not (self.path / SHARDS / s["name"] / SHARD_META).exists()]
+        if missing:
+            raise CacheCorruptError(f"cache {self.path}: shard(s) missing: {', '.join(missing)}",
+                                    hint="re-run the cache-teacher command to rewrite them")
+        self._cum = np.cumsum([0] + [s["examples"] for s in self.shards]).tolist()
+        self._open: dict[int, _Shard] = {}
+        self._verified: set[int] = set()
+        self._lock = threading.Lock()
+        if verify == "full":
+            self.verify()
+
+    # -- sequence -----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self._cum[-1])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:  # type: ignore[override]
+        if not isinstance(i, (int, np.integer)):
+            raise TypeError("cache indices are integers")
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        s = bisect.bisect_right(self._cum, i) - 1
+        return self._shard(s).example(i - self._cum[s])
+
+    def _shard(self, s: int) -> _Shard:
+        with self._lock:
+            if s in self._open:
+                return self._open[s]
+        info = self.shards[s]
+        sdir = self.path / SHARDS / info["name"]
+        if self.verify_mode == "lazy" and s not in self._verified:
+            problems = verify_shard(sdir, info["meta_sha256"])
+            if problems:
+                raise CacheCorruptError(problems, hint=f"run `dskd-batch verify {self.path}`; re-run cache-teacher to rewrite bad shards")
+            self._verified.add(s)
+        shard = _Shard(sdir, self.codec)
+        with self._lock:
+            self._open[s] = shard
+        return shard
+
+    # -- once-per-cache tensors -----------------------------------------------------------------
+    @cached_property
+    def _head(self) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.path / TEACHER / HEAD_FILE))
+
+    @property
+    def lm_head(self) -> torch.Tensor:
+        """Teacher output head W_T [V, d] (fp32)."""
+        return self._head["lm_head.weight"]
+
+    @property
+    def lm_head_bias(self) -> torch.Tensor | None:
+        return self._head.get("lm_head.bias")
+
+    @property
+    def input_embeddings(self) -> torch.Tensor:
+        """Teacher input embeddings E_T [V, d] (the head itself when the model ties them)."""
+        return self._head.get("embed_tokens.weight", self._head["lm_head.weight"])
+
+    @cached_property
+    def codec(self) -> HiddenCodec | None:
+        mode = self.settings["storage"]["hidden"]
+        state = None
+        if mode == "compact":
+            from safetensors.torch import load_file
+
+            state = load_file(str(self.path / TEACHER / CODEC_FILE))
+        return make_codec(mode, int(self.settings["teacher"]["hidden_size"]), state)
+
+    def tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(self.path / TEACHER / "tokenizer"))
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        return tok
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def logits_source(self) -> str:
+        """How full teacher logits are obtained: ``hidden`` (h @ W.T), ``assembled`` (exact top-k +
+        tail rebuilt from a lossy hidden state) or ``topk`` (exact top-k, flat tail)."""
+        return self.manifest["logits_source"]
+
+    def teacher_logits(self, rec: dict[str, Any]) -> torch.Tensor:
+        """Full-vocabulary teacher logits [n, V] for a record, from the best source the cache has."""
+        src = self.logits_source
+        if src == "hidden":
+            return reconstruct_logits(rec["hidden"], self.lm_head, self.lm_head_bias)
+        if rec["topk_values"] is None:
+            raise DskdError(f"cache {self.path} has neither exact hidden states nor top-k logits")
+        approx = (reconstruct_logits(rec["hidden"], self.lm_head, self.lm_head_bias) if src == "assembled"
+                  else torch.zeros(rec["topk_values"].shape[0], self.lm_head.shape[0]))
+        return assemble_logits(approx, rec["topk_values"], rec["topk_indices"], rec["logsumexp"])
+
+    # -- checks ---------------------------------------------------------------------------------
+    def verify(self) -> None:
+        """Re-hash every shard and the teacher files; raise :class:`CacheCorruptError` naming each problem."""
+        problems: list[str] = []
+        for s, info in enumerate(self.shards):
+            p = verify_shard(self.path / SHARDS / info["name"], info["meta_sha256"])
+            problems += p
+            if not p:
+                self._verified.add(s)
+        for rel, digest in self.manifest.get("teacher_files", {}).items():
+            f = self.path / TEACHER / rel
+            if not f.exists():
+                problems.append(f"teacher file {rel} is missing")
+            elif sha256_file(f) != digest:
+                problems.append(f"teacher file {rel} does not match its sha256 (corrupt)")
+        if problems:
+            raise CacheCorruptError(problems, hint="re-run cache-teacher to rewrite bad shards (delete them first)")
+
+
+def open_cache(path: str | Path, verify: str = "lazy") -> TeacherCache:
+    """Open a complete teacher cache; see :class:`TeacherCache`."""
+    return TeacherCache(path, verify=verify)

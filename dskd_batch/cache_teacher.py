@@ -1,0 +1,417 @@
+"""Stage one: run the teacher once over a corpus and write a teacher cache.
+
+Order of work: read and validate the corpus and tokenizer (cheap; every bad row is reported
+before the model loads), compare with an existing cache's settings (refuse on any difference),
+load the teacher, write the once-per-cache files, then write this worker's missing shards, and
+finally the manifest once every shard exists. Re-running the same command resumes: finished
+shards are skipped, temporary leftovers of a killed run are removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .cache.format import (CODEC_FILE, FORMAT_VERSION, HEAD_FILE, MANIFEST, SETTINGS, SHARD_META, SHARDS, TEACHER,
+                           TMP_MARK, atomic_write_json, dir_bytes, file_table, read_json, sha256_file,
+                           shard_name, tmp_path)
+from .cache.reader import LOSSLESS_HIDDEN, verify_shard
+from .cache.writer import ShardWriter
+from .codecs import CompactCodec, HiddenCodec, codec_params, make_codec
+from .config import CacheConfig
+from .data import Encoded, Example, data_fingerprint, encode, length_batches, load_examples, render_prompt, \
+    template_fingerprint
+from .distributed import DistContext
+from .errors import DskdError
+from .models import (dtype_name, head_and_embeddings, load_causal_lm, load_tokenizer, model_fingerprint,
+                     resolve_device, resolve_dtype, tokenizer_fingerprint)
+from .teacher import TeacherForward, assemble_logits, reconstruct_logits, reconstruction_check
+
+log = logging.getLogger(__name__)
+
+INFORMATIONAL = ("teacher.source", "data.source")
+CALIBRATION_TOKENS = 8192
+
+
+@dataclass
+class Prepared:
+    examples: list[Example]
+    prompts: list[str]
+    encoded: list[Encoded]
+    skipped: int
+
+
+def prepare_corpus(cfg: CacheConfig, tok: Any) -> Prepared:
+    report = load_examples(cfg.data, limit=cfg.limit, skip_bad_rows=cfg.skip_bad_rows, split=cfg.split)
+    prompts = [render_prompt(ex, cfg.template, tok) for ex in report.examples]
+    encoded = [encode(tok, p, ex.response, max_prompt_len=cfg.max_prompt_len, max_len=cfg.max_len,
+                      template=cfg.template) for p, ex in zip(prompts, report.examples)]
+    return Prepared(report.examples, prompts, encoded, len(report.skipped))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def settings_diff(old: dict[str, Any], new: dict[str, Any], only: set[str] | None = None) -> list[str]:
+    """Human-readable differences between two settings (informational fields ignored)."""
+    fo, fn = flatten(old), flatten(new)
+    keys = sorted((set(fo) | set(fn)) - set(INFORMATIONAL))
+    if only is not None:
+        keys = [k for k in keys if k.split(".")[0] in only]
+    return [f"{k}: cache has {fo.get(k)!r}, this run has {fn.get(k)!r}" for k in keys if fo.get(k) != fn.get(k)]
+
+
+def settings_fingerprint(settings: dict[str, Any]) -> str:
+    ident = {k: v for k, v in flatten(settings).items() if k not in INFORMATIONAL}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build_settings(cfg: CacheConfig, tok: Any, prep: Prepared, model: Any | None, dtype: torch.dtype) -> dict[str, Any]:
+    vocab = len(tok)
+    s: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "num_examples": len(prep.examples),
+        "num_shards": math.ceil(len(prep.examples) / cfg.shard_size),
+        "tokenizer": {"fingerprint": tokenizer_fingerprint(tok), "eos_token_id": tok.eos_token_id,
+                      "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id, "size": vocab},
+        "data": {"source": str(cfg.data), "fingerprint": data_fingerprint(prep.examples),
+                 "examples": len(prep.examples), "skipped_rows": prep.skipped},
+        "template": {"name": cfg.template, "fingerprint": template_fingerprint(cfg.template, tok)},
+        "limits": {"max_prompt_len": cfg.max_prompt_len, "max_len": cfg.max_len, "limit": cfg.limit},
+        "storage": {"hidden": cfg.hidden, "top_k": cfg.top_k, "shard_size": cfg.shard_size,
+                    "compression_level": cfg.compression_level},
+    }
+    if model is not None:
+        head = model.get_output_embeddings()
+        V, d = head.weight.shape
+        s["teacher"] = {
+            "source": str(cfg.teacher), "fingerprint": model_fingerprint(model),
+            "architecture": type(model).__name__, "hidden_size": int(d), "vocab_size": int(V),
+            "dtype": dtype_name(dtype),
+            "tied_embeddings": model.get_input_embeddings().weight.data_ptr() == head.weight.data_ptr(),
+            "has_head_bias": getattr(head, "bias", None) is not None,
+        }
+        s["storage"]["topk_index_dtype"] = "uint16" if V <= 65536 else "int32"
+    return s
+
+
+def array_specs(settings: dict[str, Any], codec: HiddenCodec | None) -> dict[str, tuple[str, tuple[int, ...]]]:
+    k = settings["storage"]["top_k"]
+    specs: dict[str, tuple[str, tuple[int, ...]]] = {
+        "input_ids": ("int32", ()), "logsumexp": ("float32", ()), "argmax": ("int32", ()),
+    }
+    if k:
+        specs["topk_values"] = ("float32", (k,))
+        specs["topk_indices"] = (settings["storage"]["topk_index_dtype"], (k,))
+    if codec is not None:
+        specs.update(codec.array_specs())
+    return specs
+
+
+class FidelityAccumulator:
+    """Token-weighted means and maxima of :func:`reconstruction_check` results."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.sums: dict[str, float] = {}
+        self.maxes: dict[str, float] = {}
+
+    def add(self, res: dict[str, Any]) -> None:
+        n = int(res["tokens"])
+        self.tokens += n
+        for key, val in flatten(res).items():
+            if key == "tokens":
+                continue
+            if key.endswith("_max") or key.endswith("err"):
+                self.maxes[key] = max(self.maxes.get(key, float("-inf")), float(val))
+            else:
+                self.sums[key] = self.sums.get(key, 0.0) + float(val) * n
+
+    def merge(self, other: dict[str, Any]) -> None:
+        n = int(other.get("tokens", 0))
+        if not n:
+            return
+        self.add(other)
+
+    def result(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"tokens": self.tokens}
+        if not self.tokens:
+            return out
+        flat = {**{k: v / self.tokens for k, v in self.sums.items()}, **self.maxes}
+        for key, val in flat.items():
+            node = out
+            parts = key.split(".")
+            for p in parts[:-1]:
+                node = node.setdefault(p, {})
+            node[parts[-1]] = val
+        return out
+
+
+def _write_teacher_dir(out: Path, model: Any, tok: Any, codec_state: dict[str, torch.Tensor] | None) -> None:
+    from safetensors.torch import save_file
+
+    final = out / TEACHER
+    if final.exists():
+        return
+    tmp = tmp_path(final)
+    tmp.mkdir(parents=True)
+    try:
+        save_file(head_and_embeddings(model), str(tmp / HEAD_FILE))
+        if codec_state is not None:
+            save_file({k: v.contiguous() for k, v in codec_state.items()}, str(tmp / CODEC_FILE))
+        tok.save_pretrained(str(tmp / "tokenizer"))
+        (tmp / "config.json").write_text(model.config.to_json_string())
+        if final.exists():
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def calibrate_compact(tf: TeacherForward, prep: Prepared, weight: torch.Tensor, batch_tokens: int) -> CompactCodec:
+    """Fit the compact codec on the corpus's first examples (deterministic, so resumes agree)."""
+    chosen, total = [], 0
+    for i, enc in enumerate(prep.encoded):
+        chosen.append(i)
+        total += len(enc.input_ids)
+        if total >= CALIBRATION_TOKENS:
+            break
+    hidden, idx, probs = [], [], []
+    for batch in length_batches([len(prep.encoded[i].input_ids) for i in chosen], batch_tokens):
+        recs = tf([prep.encoded[chosen[j]].input_ids for j in batch], keep_logits=True)
+        for r in recs:
+            p, ix = torch.topk(torch.softmax(r["logits"], -1), 64, dim=-1)
+            hidden.append(r["hidden"])
+            idx.append(ix)
+            probs.append(p)
+    return CompactCodec.fit(torch.cat(hidden), weight, torch.cat(idx), torch.cat(probs))
+
+
+def load_codec(out: Path, settings: dict[str, Any]) -> HiddenCodec | None:
+    state = None
+    if settings["storage"]["hidden"] == "compact":
+        from safetensors.torch import load_file
+
+        state = load_file(str(out / TEACHER / CODEC_FILE))
+    return make_codec(settings["storage"]["hidden"], settings["teacher"]["hidden_size"], state)
+
+
+def shard_done(out: Path, s: int) -> bool:
+    return (out / SHARDS / shard_name(s) / SHARD_META).exists()
+
+
+def write_shard(out: Path, s: int, cfg: CacheConfig, settings: dict[str, Any], prep: Prepared, tf: TeacherForward,
+                codec: HiddenCodec | None, weight: torch.Tensor, bias: torch.Tensor | None, pbar: Any) -> None:
+    lo, hi = s * cfg.shard_size, min(len(prep.examples), (s + 1) * cfg.shard_size)
+    members = list(range(lo, hi))
+    lengths = [len(prep.encoded[i].input_ids) for i in members]
+    fid = FidelityAccumulator()
+    specs = array_specs(settings, codec)
+    with ShardWriter(out / SHARDS / shard_name(s), specs, compression_level=cfg.compression_level) as w:
+        for batch in length_batches(lengths, cfg.batch_tokens):
+            rows = [members[j] for j in batch]
+            recs = tf([prep.encoded[i].input_ids for i in rows], keep_logits=[j < cfg.fidelity_sample for j in batch])
+            for i, rec in zip(rows, recs):
+                enc = prep.encoded[i]
+                n = len(enc.input_ids)
+                arrays: dict[str, np.ndarray] = {
+                    "input_ids": np.asarray(enc.input_ids, dtype=np.int32),
+                    "logsumexp": rec["logsumexp"].numpy(),
+                    "argmax": rec["argmax"].numpy().astype(np.int32),
+                }
+                if cfg.top_k:
+                    arrays["topk_values"] = rec["topk_values"].numpy()
+                    arrays["topk_indices"] = rec["topk_indices"].numpy()
+                if codec is not None:
+                    arrays.update(codec.encode(rec["hidden"]))
+                if "logits" in rec:
+                    stored = codec.decode({k: arrays[k] for k in codec.array_specs()}) if codec is not None else None
+                    res = reconstruction_check(rec["logits"], rec["hidden"], stored, weight, bias)
+                    if stored is not None and cfg.top_k and codec is not None and codec.name not in LOSSLESS_HIDDEN:
+                        from .teacher import kl_stats
+
+                        asm = assemble_logits(reconstruct_logits(stored, weight, bias), rec["topk_values"],
+                                              rec["topk_indices"], rec["logsumexp"])
+                        res["assembled_t1"] = kl_stats(rec["logits"], asm, 1.0)
+                        res["assembled_t2"] = kl_stats(rec["logits"], asm, 2.0)
+                    fid.add(res)
+                ex = prep.examples[i]
+                w.add({"order": i, "id": ex.id, "instruction": ex.instruction, "input": ex.input,
+                       "prompt": prep.prompts[i], "response": ex.response, "source": ex.source,
+                       "prompt_len": enc.prompt_len, "n_tokens": n}, arrays)
+                if pbar is not None:
+                    pbar.update(n)
+        w.extra_meta["fidelity"] = fid.result()
+
+
+def decide_logits_source(settings: dict[str, Any], fidelity: dict[str, Any]) -> tuple[str, bool]:
+    """(source of full teacher logits, whether h @ W.T reproduces the teacher's logits)."""
+    exact = fidelity.get("exact_t1", {})
+    tol = 1e-4 if settings["teacher"]["dtype"] == "fp32" else 1e-3
+    reconstructable = bool(exact) and exact.get("kl_mean", 1.0) <= tol and exact.get("top1_agreement", 0.0) >= 0.99
+    mode, k = settings["storage"]["hidden"], settings["storage"]["top_k"]
+    if reconstructable and mode in LOSSLESS_HIDDEN:
+        return "hidden", True
+    if reconstructable and mode == "compact" and k:
+        return "assembled", True
+    if k:
+        return "topk", reconstructable
+    raise DskdError("this cache would hold no usable teacher distribution (no exact hidden states and no top-k)",
+                    hint="use --top-k > 0 or a lossless --hidden mode")
+
+
+def finalize(out: Path, *, full_verify: bool = False) -> dict[str, Any]:
+    """Index every shard and write the manifest (the cache's commit point)."""
+    settings = read_json(out / SETTINGS)
+    n = settings["num_shards"]
+    missing = [shard_name(s) for s in range(n) if not shard_done(out, s)]
+    if missing:
+        raise DskdError(f"cache {out}: {len(missing)} of {n} shards are not written yet: {', '.join(missing[:8])}"
+                        + (" ..." if len(missing) > 8 else ""),
+                        hint="run cache-teacher for the missing --shard-index values (or again without it)")
+    problems: list[str] = []
+    shards, fid = [], FidelityAccumulator()
+    for s in range(n):
+        sdir = out / SHARDS / shard_name(s)
+        if full_verify:
+            problems += verify_shard(sdir, None)
+        meta = read_json(sdir / SHARD_META)
+        shards.append({"name": shard_name(s), "examples": meta["examples"], "tokens": meta["tokens"],
+                       "bytes": dir_bytes(sdir), "meta_sha256": sha256_file(sdir / SHARD_META)})
+        fid.merge(meta.get("fidelity", {}))
+    if problems:
+        raise DskdError(problems, hint="delete the bad shard folders and re-run cache-teacher")
+    total = sum(s["examples"] for s in shards)
+    if total != settings["num_examples"]:
+        raise DskdError(f"cache {out}: shards hold {total} examples, settings say {settings['num_examples']}")
+    fidelity = fid.result()
+    source, reconstructable = decide_logits_source(settings, fidelity)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": settings_fingerprint(settings),
+        "settings": settings,
+        "shards": shards,
+        "totals": {"examples": total, "tokens": sum(s["tokens"] for s in shards),
+                   "bytes": sum(s["bytes"] for s in shards)},
+        "fidelity": fidelity,
+        "logits_reconstructable": reconstructable,
+        "logits_source": source,
+        "teacher_files": {rel: sha for rel, (_size, sha) in file_table(out / TEACHER).items()},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if not reconstructable:
+        log.warning("the teacher's logits are not h @ W.T (head bias, soft-capping or scaling): distillation will use "
+                    "the stored top-k logits as the source of truth")
+    atomic_write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def run(cfg: CacheConfig, *, progress: bool = True) -> Path:
+    """Write (or resume, or extend with this machine's shards) the cache at ``cfg.out``."""
+    ctx = DistContext.from_env()
+    try:
+        return _run(cfg, ctx, progress)
+    finally:
+        ctx.close()
+
+
+def _run(cfg: CacheConfig, ctx: DistContext, progress: bool) -> Path:
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise DskdError(f"--out {out} exists and is a file")
+    if out.is_dir() and any(out.iterdir()) and not (out / SETTINGS).exists():
+        raise DskdError(f"--out {out} exists, is not empty and is not a dskd-batch cache", hint="choose another folder")
+    tok = load_tokenizer(cfg.teacher)
+    prep = prepare_corpus(cfg, tok)
+    device = resolve_device(cfg.device)
+    if ctx.enabled and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
+    dtype = resolve_dtype(cfg.dtype, device)
+    existing = read_json(out / SETTINGS) if (out / SETTINGS).exists() else None
+    if existing is not None:
+        diff = settings_diff(existing, build_settings(cfg, tok, prep, None, dtype),
+                             only={"tokenizer", "data", "template", "limits", "storage", "num_examples", "num_shards"})
+        diff = [d for d in diff if not d.startswith("storage.topk_index_dtype")]
+        if diff:
+            raise DskdError([f"{out} was built with different settings:"] + diff,
+                            hint="write to a new --out folder, or run with the settings the cache was built with")
+    model = load_causal_lm(cfg.teacher, dtype=dtype, device=device)
+    settings = build_settings(cfg, tok, prep, model, dtype)
+    if existing is not None:
+        diff = settings_diff(existing, settings)
+        if diff:
+            raise DskdError([f"{out} was built with different settings:"] + diff,
+                            hint="write to a new --out folder, or run with the teacher the cache was built with")
+        if (out / MANIFEST).exists():
+            log.info("cache %s is already complete (%d examples); nothing to do", out, settings["num_examples"])
+            return out
+    tf = TeacherForward(model, cfg.top_k, tok.pad_token_id)
+    head = head_and_embeddings(model)
+    weight, bias = head["lm_head.weight"], head.get("lm_head.bias")
+    if ctx.is_main or cfg.num_shards > 1:
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / SETTINGS).exists():
+            atomic_write_json(out / SETTINGS, settings)
+        if not (out / TEACHER).exists():
+            codec_state = None
+            if cfg.hidden == "compact":
+                log.info("calibrating the compact hidden-state codec on the first %d tokens", CALIBRATION_TOKENS)
+                codec_state = calibrate_compact(tf, prep, weight, cfg.batch_tokens).state_dict()
+            _write_teacher_dir(out, model, tok, codec_state)
+    ctx.barrier()
+    codec = load_codec(out, settings)
+    (out / SHARDS).mkdir(parents=True, exist_ok=True)
+    worker = cfg.shard_index * ctx.world_size + ctx.rank
+    workers = cfg.num_shards * ctx.world_size
+    mine = [s for s in range(settings["num_shards"]) if s % workers == worker]
+    for p in (out / SHARDS).iterdir():  # leftovers of this worker's killed runs
+        if TMP_MARK in p.name and any(p.name.startswith(shard_name(s) + TMP_MARK) for s in mine):
+            shutil.rmtree(p, ignore_errors=True)
+    todo = [s for s in mine if not shard_done(out, s)]
+    if len(todo) < len(mine):
+        log.info("resuming: %d of this worker's %d shards are already written", len(mine) - len(todo), len(mine))
+    tokens = sum(len(prep.encoded[i].input_ids) for s in todo
+                 for i in range(s * cfg.shard_size, min(len(prep.examples), (s + 1) * cfg.shard_size)))
+    pbar = None
+    if progress and ctx.is_main and tokens:
+        from tqdm import tqdm
+
+        pbar = tqdm(total=tokens, unit="tok", unit_scale=True, desc="cache-teacher", dynamic_ncols=True)
+    try:
+        for s in todo:
+            write_shard(out, s, cfg, settings, prep, tf, codec, weight, bias, pbar)
+    finally:
+        if pbar is not None:
+            pbar.close()
+        tf.close()
+    ctx.barrier()
+    if ctx.is_main:
+        n = settings["num_shards"]
+        done = sum(shard_done(out, s) for s in range(n))
+        if done == n:
+            finalize(out)
+            log.info("cache complete: %s (%d examples)", out, settings["num_examples"])
+        else:
+            log.info("%d of %d shards written; the cache is complete once the other machines finish "
+                     "(the last one writes the manifest) or after `dskd-batch merge %s`", done, n, out)
+    return out

@@ -1,0 +1,130 @@
+"""The `dskd-batch` command line: each command parses options into a typed config and calls one
+``run(cfg)``. Options are generated from the config dataclasses, so ``--help`` shows the same
+docstrings as the code and pipeline files use the same names."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from .config import CacheConfig, field_docs
+from .errors import DskdError
+
+
+def _option_type(tp: Any) -> tuple[Any, bool]:
+    """(click type, is_flag) for a dataclass field type."""
+    origin = typing.get_origin(tp)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
+        tp = args[0]
+    if tp is bool:
+        return bool, True
+    if tp in (int, float, str):
+        return tp, False
+    return str, False
+
+
+def config_options(cls: type, exclude: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """Decorate a click command with one option per field of ``cls``."""
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+
+    def deco(fn: Callable) -> Callable:
+        for f in reversed(dataclasses.fields(cls)):
+            if f.name in exclude:
+                continue
+            tp, is_flag = _option_type(hints[f.name])
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+            name = "--" + f.name.replace("_", "-")
+            kwargs: dict[str, Any] = {"help": docs.get(f.name, ""), "show_default": not required}
+            if is_flag:
+                fn = click.option(name, is_flag=True, default=bool(f.default), **kwargs)(fn)
+            else:
+                default = None if required else f.default
+                fn = click.option(name, type=tp, required=required, default=default, **kwargs)(fn)
+        return fn
+
+    return deco
+
+
+def _setup_logging(verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=level if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("transformers", "urllib3", "httpx", "datasets", "numcodecs", "zarr"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DskdError as e:
+            click.echo(f"error: {e.render()}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """dskd-batch: cache a teacher once, distil many students from the cache (Dual-Space KD)."""
+    _setup_logging(verbose)
+
+
+@main.command("cache-teacher")
+@config_options(CacheConfig)
+def cache_teacher_cmd(**kwargs: Any) -> None:
+    """Stage one: run the teacher over a corpus and write a teacher cache (re-run to resume)."""
+    from .cache_teacher import run
+
+    out = run(CacheConfig(**kwargs))
+    click.echo(f"cache: {out}")
+
+
+@main.command("cache-info")
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def cache_info_cmd(cache: Path, as_json: bool) -> None:
+    """Print what a cache holds: examples, tokens, bytes per token, storage, fingerprints, fidelity."""
+    from .cache.info import cache_summary, render_summary
+    from .cache.reader import open_cache
+
+    info = cache_summary(open_cache(cache, verify="none"))
+    click.echo(json.dumps(info, indent=2, default=str) if as_json else render_summary(info))
+
+
+@main.command("verify")
+@click.argument("cache", type=click.Path(path_type=Path))
+def verify_cmd(cache: Path) -> None:
+    """Re-hash every shard and teacher file of a cache; fail naming each bad one."""
+    from .cache.reader import open_cache
+
+    c = open_cache(cache, verify="none")
+    c.verify()
+    click.echo(f"ok: {len(c.shards)} shards, {len(c)} examples, {c.manifest['totals']['tokens']} tokens verified")
+
+
+@main.command("merge")
+@click.argument("cache", type=click.Path(path_type=Path))
+def merge_cmd(cache: Path) -> None:
+    """Index the shards written by several machines (--shard-index/--num-shards) and write the manifest."""
+    from .cache.format import SETTINGS
+    from .cache_teacher import finalize
+
+    if not (cache / SETTINGS).exists():
+        raise DskdError(f"{cache} is not a dskd-batch cache (no {SETTINGS})")
+    manifest = finalize(cache, full_verify=True)
+    click.echo(f"merged: {len(manifest['shards'])} shards, {manifest['totals']['examples']} examples")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

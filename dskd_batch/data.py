@@ -1,0 +1,265 @@
+"""Corpus loading, prompt templates and the papers' truncation rule.
+
+A corpus is JSONL, Parquet or a saved ``datasets`` folder. Two row shapes are accepted as they
+are: ``prompt``/``response`` and ``instruction``/``input``/``output`` (the Self-Instruct seed
+shape, where ``instances`` holds a list of ``{input, output}``, gives one example per instance).
+Every problem names the file and line (or row) it was found on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import DskdError
+
+log = logging.getLogger(__name__)
+
+ALPACA_HEAD = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+)
+ALPACA_HEAD_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example, before any tokenizer sees it."""
+
+    id: str
+    instruction: str
+    input: str
+    response: str
+    source: str
+    "Where it came from: `file:line` (JSONL) or `file#row` (Parquet / datasets)."
+
+
+@dataclass
+class LoadReport:
+    examples: list[Example]
+    skipped: list[str]
+
+
+def _raw_rows(path: Path, split: str | None) -> Iterable[tuple[str, Any]]:
+    """Yield (location, row) pairs; a row that is not valid JSON is yielded as an exception."""
+    if path.is_dir():
+        try:
+            import datasets
+        except ImportError as e:  # pragma: no cover - datasets is a dependency
+            raise DskdError(f"{path}: reading a datasets folder needs the `datasets` package") from e
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as e:  # noqa: BLE001 - report whatever datasets says
+            raise DskdError(f"{path}: not a saved `datasets` folder ({e})") from e
+        if isinstance(ds, datasets.DatasetDict):
+            name = split or "train"
+            if name not in ds:
+                raise DskdError(
+                    f"{path}: split {name!r} not found (splits: {', '.join(ds)})",
+                    hint="choose one with --split",
+                )
+            ds = ds[name]
+        for i, row in enumerate(ds):
+            yield f"{path}#{i}", row
+        return
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # noqa: BLE001
+            raise DskdError(f"{path}: not a readable Parquet file ({e})") from e
+        for i, row in enumerate(table.to_pylist()):
+            yield f"{path}#{i}", row
+        return
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        with path.open("r", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{path}:{lineno}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield f"{path}:{lineno}", DskdError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})")
+        return
+    raise DskdError(
+        f"{path}: unknown corpus format {suffix!r}",
+        hint="use a .jsonl, .json (one object per line) or .parquet file, or a saved datasets folder",
+    )
+
+
+def _text(row: dict, key: str, where: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DskdError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _normalise(row: Any, where: str) -> list[tuple[str, str, str, str]]:
+    """Row -> list of (instruction, input, response, source)."""
+    if not isinstance(row, dict):
+        raise DskdError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+    if "prompt" in row or "response" in row:
+        missing = [k for k in ("prompt", "response") if k not in row]
+        if missing:
+            raise DskdError(f"{where}: row has {'/'.join(k for k in ('prompt', 'response') if k in row)} but no {missing[0]!r}")
+        items = [(_text(row, "prompt", where), "", _text(row, "response", where), where)]
+    elif "instruction" in row:
+        if "instances" in row:
+            instances = row["instances"]
+            if not isinstance(instances, list) or not instances:
+                raise DskdError(f"{where}: 'instances' must be a non-empty list of {{input, output}}")
+            items = []
+            for j, inst in enumerate(instances):
+                w = f"{where} instance {j}"
+                if not isinstance(inst, dict) or "output" not in inst:
+                    raise DskdError(f"{w}: an instance needs an 'output' field")
+                items.append((_text(row, "instruction", where), _text(inst, "input", w), _text(inst, "output", w), w))
+        elif "output" in row:
+            items = [(_text(row, "instruction", where), _text(row, "input", where), _text(row, "output", where), where)]
+        else:
+            raise DskdError(f"{where}: row has 'instruction' but neither 'output' nor 'instances'")
+    else:
+        keys = ", ".join(sorted(row)) or "none"
+        raise DskdError(
+            f"{where}: row has neither prompt/response nor instruction/output fields (keys: {keys})"
+        )
+    for instruction, _inp, response, w in items:
+        if not instruction.strip():
+            raise DskdError(f"{w}: empty prompt/instruction")
+        if not response.strip():
+            raise DskdError(f"{w}: empty response")
+    return items
+
+
+def example_id(instruction: str, inp: str, response: str) -> str:
+    """Stable content hash of an example (duplicates get a ``-N`` suffix on load)."""
+    h = hashlib.sha256(json.dumps([instruction, inp, response], ensure_ascii=False).encode()).hexdigest()
+    return h[:16]
+
+
+def load_examples(data: str | Path, *, limit: int | None = None, skip_bad_rows: bool = False,
+                  split: str | None = None) -> LoadReport:
+    """Read a corpus into :class:`Example` rows, in file order.
+
+    Raises one :class:`DskdError` naming the file and line of the first bad row (or, with
+    ``skip_bad_rows``, skips them and reports the count). An empty corpus is an error.
+    """
+    path = Path(data)
+    if not path.exists():
+        raise DskdError(f"corpus not found: {path}")
+    examples: list[Example] = []
+    skipped: list[str] = []
+    seen: dict[str, int] = {}
+    for where, row in _raw_rows(path, split):
+        try:
+            if isinstance(row, DskdError):
+                raise row
+            items = _normalise(row, where)
+        except DskdError as e:
+            if not skip_bad_rows:
+                raise DskdError(e.problems, hint="fix the row, or pass --skip-bad-rows to skip such rows") from None
+            skipped.append(e.problems[0])
+            continue
+        for instruction, inp, response, src in items:
+            base = example_id(instruction, inp, response)
+            n = seen.get(base, 0)
+            seen[base] = n + 1
+            examples.append(Example(base if n == 0 else f"{base}-{n}", instruction, inp, response, src))
+            if limit is not None and len(examples) >= limit:
+                break
+        if limit is not None and len(examples) >= limit:
+            break
+    if skipped:
+        log.warning("skipped %d malformed row(s) of %s; first: %s", len(skipped), path, skipped[0])
+    if not examples:
+        raise DskdError(f"{path}: the corpus holds no usable example" + (f" ({len(skipped)} rows skipped)" if skipped else ""))
+    return LoadReport(examples, skipped)
+
+
+def render_prompt(ex: Example, template: str, tokenizer: Any = None) -> str:
+    """The prompt text the model reads before the response."""
+    if template == "alpaca":
+        if ex.input.strip():
+            return f"{ALPACA_HEAD_INPUT}### Instruction:\n{ex.instruction}\n\n### Input:\n{ex.input}\n\n### Response:\n"
+        return f"{ALPACA_HEAD}### Instruction:\n{ex.instruction}\n\n### Response:\n"
+    if template == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise DskdError("template 'chat' needs a tokenizer with a chat template", hint="use --template alpaca")
+        content = ex.instruction if not ex.input.strip() else f"{ex.instruction}\n\n{ex.input}"
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+    if template == "none":
+        return ex.instruction if not ex.input.strip() else f"{ex.instruction}\n{ex.input}"
+    raise DskdError(f"unknown template {template!r}")
+
+
+def template_fingerprint(template: str, tokenizer: Any = None) -> str:
+    parts = [template]
+    if template == "alpaca":
+        parts += [ALPACA_HEAD, ALPACA_HEAD_INPUT]
+    elif template == "chat":
+        parts.append(str(getattr(tokenizer, "chat_template", "")))
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
+
+
+def data_fingerprint(examples: list[Example]) -> str:
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps([ex.id, ex.instruction, ex.input, ex.response], ensure_ascii=False).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    prompt_len: int
+
+
+def encode(tokenizer: Any, prompt: str, response: str, *, max_prompt_len: int, max_len: int,
+           template: str) -> Encoded:
+    """The papers' truncation rule: prompt cut to ``max_prompt_len``, then prompt + response cut
+    to ``max_len - 1``, then EOS appended. Prompt and response are tokenized separately so the
+    response mask is exact."""
+    add_special = template != "chat"  # a chat template already writes its special tokens
+    prompt_ids = tokenizer(prompt, add_special_tokens=add_special)["input_ids"][:max_prompt_len]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DskdError("the tokenizer has no EOS token", hint="use a tokenizer with eos_token set")
+    ids = (prompt_ids + response_ids)[: max_len - 1] + [eos]
+    return Encoded(ids, len(prompt_ids))
+
+
+def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Group indices into batches of similar length whose padded size fits ``batch_tokens``.
+
+    Indices are sorted by length (longest first, ties by index, so the grouping is
+    deterministic); a batch grows while ``len(batch) * longest <= batch_tokens``.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    longest = 0
+    for i in order:
+        n = lengths[i]
+        if cur and (len(cur) + 1) * max(longest, n) > batch_tokens:
+            batches.append(cur)
+            cur, longest = [], 0
+        cur.append(i)
+        longest = max(longest, n)
+    if cur:
+        batches.append(cur)
+    return batches

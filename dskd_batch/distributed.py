@@ -1,0 +1,50 @@
+"""Process-group context for torchrun: rank, world size, barriers, rank-0 logging.
+
+Scale past one process uses PyTorch's own engine: under ``torchrun`` the environment names the
+rank and world size; gloo is used on CPU, NCCL on GPUs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    initialised_here: bool = False
+
+    @classmethod
+    def from_env(cls, backend: str | None = None) -> "DistContext":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        here = False
+        if not dist.is_initialized():
+            backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+            dist.init_process_group(backend=backend)
+            here = True
+        return cls(rank, world, local, here)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.initialised_here and dist.is_initialized():
+            dist.destroy_process_group()

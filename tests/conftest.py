@@ -1,0 +1,120 @@
+"""Shared fixtures: a tiny byte-level BPE tokenizer trained in-process, tiny random teachers of two
+architectures (LLaMA-style with an untied head, GPT-2-style with a tied head) and a small corpus.
+Nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+ROWS = [
+    {"prompt": "Name a primary colour.", "response": "Red is a primary colour."},
+    {"prompt": "What is two plus three?", "response": "Two plus three is five."},
+    {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"},
+    {"instruction": "Give a synonym.", "input": "happy", "output": "Glad, joyful or cheerful."},
+    {"instruction": "List three fruits.", "output": "Apple, banana and cherry.\nAll are sweet."},
+    {"instruction": "Classify the sentiment.", "instances": [
+        {"input": "I loved this film.", "output": "positive"},
+        {"input": "The food was cold and bland.", "output": "negative"}]},
+    {"prompt": "Write a haiku about rain.", "response": "Soft rain on the roof\nwhispers to the sleeping town\nmorning smells of earth"},
+    {"prompt": "Explain gravity in one sentence.", "response": "Gravity is the pull that masses exert on each other."},
+    {"prompt": "Capital of Italy?", "response": "Rome."},
+    {"instruction": "Sort the numbers.", "input": "5, 2, 9, 1", "output": "1, 2, 5, 9"},
+    {"prompt": "Say hello in Spanish.", "response": "Hola."},
+    {"prompt": "Describe the sea.", "response": "The sea is vast, salty and restless; waves roll in from far away."},
+]
+
+
+def _corpus_text() -> str:
+    parts = []
+    for r in ROWS:
+        parts += [str(v) for v in r.values() if isinstance(v, str)]
+    parts.append("Below is an instruction that describes a task. Write a response that appropriately "
+                 "completes the request. ### Instruction: ### Input: ### Response: paired with an input that provides further context.")
+    return "\n".join(parts)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([_corpus_text()] * 3, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   pad_token="<pad>")
+    d = tmp_path_factory.mktemp("tok")
+    fast.save_pretrained(str(d))
+    return d
+
+
+def _save_model(model: torch.nn.Module, tok_dir: Path, out: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    model.save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(tok_dir)).save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama_teacher(tiny_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    V = len(AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir)))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=False, eos_token_id=0, bos_token_id=0, pad_token_id=1)
+    return _save_model(LlamaForCausalLM(cfg), tiny_tokenizer_dir, tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def gpt2_teacher(tiny_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    V = len(AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir)))
+    torch.manual_seed(1)
+    cfg = GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=512, eos_token_id=0, bos_token_id=0)
+    return _save_model(GPT2LMHeadModel(cfg), tiny_tokenizer_dir, tmp_path_factory.mktemp("gpt2"))
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("data") / "train.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    return p
+
+
+def read_cache_arrays(path: Path) -> dict:
+    """Every example record of a cache, keyed by id (for equality checks between caches)."""
+    from dskd_batch import open_cache
+
+    c = open_cache(path, verify="full")
+    return {c[i]["id"]: c[i] for i in range(len(c))}
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    ra, rb = read_cache_arrays(a), read_cache_arrays(b)
+    assert ra.keys() == rb.keys()
+    for k in ra:
+        for f, va in ra[k].items():
+            vb = rb[k][f]
+            if isinstance(va, torch.Tensor):
+                assert torch.equal(va, vb), (k, f)
+            else:
+                assert va == vb, (k, f)
