@@ -53,24 +53,23 @@ class TeacherForward:
         if len(self._captured) != 1:
             raise RuntimeError(f"expected the output head to run once, it ran {len(self._captured)} times")
         hidden = self._captured.pop()
-        logits = out.logits.float()
-        lse = torch.logsumexp(logits, dim=-1)
-        argmax = logits.argmax(dim=-1)
-        if self.top_k:
-            tv, ti = torch.topk(logits, self.top_k, dim=-1)
+        logits = out.logits if out.logits.dtype == torch.float32 else out.logits.float()
         keep = keep_logits if isinstance(keep_logits, list) else [keep_logits] * len(sequences)
+        k = max(1, self.top_k)
         records: list[Record] = []
         for i, n in enumerate(lengths):
-            rec: Record = {
-                "hidden": hidden[i, :n].float().cpu(),
-                "logsumexp": lse[i, :n].cpu(),
-                "argmax": argmax[i, :n].cpu(),
-            }
-            if self.top_k:
-                rec["topk_values"] = tv[i, :n].cpu()
-                rec["topk_indices"] = ti[i, :n].cpu()
+            rows = logits[i, :n]  # a view: padding is never touched
+            rec: Record = {"hidden": hidden[i, :n].float().cpu()}
             if keep[i]:
-                rec["logits"] = logits[i, :n].cpu()
+                rec["logits"] = rows.detach().clone().cpu()
+            tv, ti = torch.topk(rows, k, dim=-1)
+            top1 = tv[:, :1]
+            # exact log-sum-exp in one in-place pass (the logits are ours to overwrite now)
+            rec["logsumexp"] = (top1.squeeze(-1) + rows.sub_(top1).exp_().sum(-1).log()).cpu()
+            rec["argmax"] = ti[:, 0].cpu()
+            if self.top_k:
+                rec["topk_values"] = tv.cpu()
+                rec["topk_indices"] = ti.cpu()
             records.append(rec)
         return records
 
