@@ -73,9 +73,20 @@ def modes(teacher: str, data: str, limit: int, work: Path, modes_: list[str]) ->
     for mode in modes_:
         out = work / f"mode-{mode}"
         t = time.perf_counter()
-        run(CacheConfig(teacher=teacher, data=data, out=str(out), hidden=mode, top_k=64, limit=limit,
+        # compact is fitted on the corpus's first CALIBRATION_TOKENS tokens: its fidelity is read from
+        # the last shard only, which lies past them (held out), so the figure is not in-sample.
+        n = limit * 3 if mode == "compact" else limit
+        run(CacheConfig(teacher=teacher, data=data, out=str(out), hidden=mode, top_k=64, limit=n,
                         shard_size=limit, fidelity_sample=limit), progress=False)
         info = cache_summary(open_cache(out))
+        if mode == "compact":
+            from dskd_batch.cache_teacher import CALIBRATION_TOKENS
+
+            shards = open_cache(out).shards
+            before = sum(sh["tokens"] for sh in shards[:-1])
+            assert before >= CALIBRATION_TOKENS, "raise --fidelity-examples: the held-out shard overlaps calibration"
+            info["fidelity"] = json.loads((out / "shards" / shards[-1]["name"] / "shard.json").read_text())["fidelity"]
+            info["fidelity"]["held_out_after_tokens"] = before
         bpt = info["bytes_per_token"]
         topk = bpt.get("topk_values", 0) + bpt.get("topk_indices", 0)
         hidden = sum(v for k, v in bpt.items() if k.startswith("hidden"))
