@@ -65,7 +65,8 @@ def throughput(cfg: CacheConfig, repeats: int, work: Path) -> dict:
         print(f"  repeat {r}: bare {bare[-1]:.0f} tok/s, cache-teacher {cached[-1]:.0f} tok/s", flush=True)
     return {"tokens": tokens, "examples": len(prep.examples), "bare_tok_s": max(bare), "cache_tok_s": max(cached),
             "ratio": max(cached) / max(bare), "batch_tokens": cfg.batch_tokens, "hidden": cfg.hidden,
-            "top_k": cfg.top_k, "fidelity_sample": cfg.fidelity_sample}
+            "top_k": cfg.top_k, "fidelity_sample": cfg.fidelity_sample,
+            "hidden_size": settings["teacher"]["hidden_size"]}
 
 
 def modes(teacher: str, data: str, limit: int, work: Path, modes_: list[str]) -> dict:
@@ -150,9 +151,7 @@ def main() -> None:
                     args.repeats, work)
     print(f"bytes and fidelity on {args.fidelity_examples} examples ...", flush=True)
     md = modes(args.teacher, args.data, args.fidelity_examples, work, args.modes.split(","))
-    hidden_size = next(iter(md.values()))["bytes_per_token"] and \
-        json.loads((work / f"mode-{args.modes.split(',')[0]}" / "manifest.json").read_text())["settings"]["teacher"]["hidden_size"]
-    result = {"teacher": args.teacher, "data": args.data, "hidden_size": hidden_size, "throughput": tp, "modes": md,
+    result = {"teacher": args.teacher, "data": args.data, "hidden_size": tp["hidden_size"], "throughput": tp, "modes": md,
               "torch_threads": torch.get_num_threads()}
     (work / "results.json").write_text(json.dumps(result, indent=2))
     print()

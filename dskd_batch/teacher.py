@@ -84,9 +84,9 @@ def reconstruct_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.T
 
 def kl_stats(real: torch.Tensor, approx: torch.Tensor, temperature: float) -> dict[str, float]:
     """KL(softmax(real/T) || softmax(approx/T)) per row: mean and max; and top-1 agreement."""
-    lp = torch.log_softmax(real.float() / temperature, dim=-1)
-    lq = torch.log_softmax(approx.float() / temperature, dim=-1)
-    kl = (lp.exp() * (lp - lq)).sum(-1).clamp_min(0)
+    from .losses import fkl
+
+    kl = fkl(approx, real, temperature=temperature).clamp_min(0)
     return {
         "kl_mean": float(kl.mean()),
         "kl_max": float(kl.max()),
