@@ -25,7 +25,7 @@ import torch
 from .cache.format import (CODEC_FILE, FORMAT_VERSION, HEAD_FILE, MANIFEST, SETTINGS, SHARD_META, SHARDS, TEACHER,
                            TMP_MARK, atomic_write_json, dir_bytes, file_table, read_json, sha256_file,
                            shard_name, tmp_path)
-from .cache.reader import LOSSLESS_HIDDEN, verify_shard
+from .cache.reader import LOSSLESS_HIDDEN, load_codec, verify_shard
 from .cache.writer import ShardWriter
 from .codecs import CompactCodec, HiddenCodec, codec_params, make_codec
 from .config import CacheConfig
@@ -51,8 +51,10 @@ class Prepared:
     skipped: int
 
 
-def prepare_corpus(cfg: CacheConfig, tok: Any) -> Prepared:
-    report = load_examples(cfg.data, limit=cfg.limit, skip_bad_rows=cfg.skip_bad_rows, split=cfg.split)
+def prepare_corpus(cfg: Any, tok: Any) -> Prepared:
+    """Read, render and encode ``cfg.data`` (a CacheConfig or DistillConfig) with ``tok``."""
+    report = load_examples(cfg.data, limit=cfg.limit, skip_bad_rows=getattr(cfg, "skip_bad_rows", False),
+                           split=getattr(cfg, "split", None))
     prompts = [render_prompt(ex, cfg.template, tok) for ex in report.examples]
     encoded = [encode(tok, p, ex.response, max_prompt_len=cfg.max_prompt_len, max_len=cfg.max_len,
                       template=cfg.template) for p, ex in zip(prompts, report.examples)]
@@ -205,15 +207,6 @@ def calibrate_compact(tf: TeacherForward, prep: Prepared, weight: torch.Tensor, 
             idx.append(ix)
             probs.append(p)
     return CompactCodec.fit(torch.cat(hidden), weight, torch.cat(idx), torch.cat(probs))
-
-
-def load_codec(out: Path, settings: dict[str, Any]) -> HiddenCodec | None:
-    state = None
-    if settings["storage"]["hidden"] == "compact":
-        from safetensors.torch import load_file
-
-        state = load_file(str(out / TEACHER / CODEC_FILE))
-    return make_codec(settings["storage"]["hidden"], settings["teacher"]["hidden_size"], state)
 
 
 def shard_done(out: Path, s: int) -> bool:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import click
 
-from .config import CacheConfig, field_docs
+from .config import CacheConfig, DistillConfig, field_docs
 from .errors import DskdError
 
 
@@ -88,6 +88,16 @@ def cache_teacher_cmd(**kwargs: Any) -> None:
 
     out = run(CacheConfig(**kwargs))
     click.echo(f"cache: {out}")
+
+
+@main.command("distill")
+@config_options(DistillConfig)
+def distill_cmd(**kwargs: Any) -> None:
+    """Stage two: train a student from a teacher cache (or a live teacher) with SFT, SeqKD, KD or DSKD."""
+    from .distill import run
+
+    out = run(DistillConfig(**kwargs))
+    click.echo(f"run: {out}")
 
 
 @main.command("cache-info")

@@ -114,3 +114,158 @@ class CacheConfig:
             problems.append(f"fidelity_sample must be >= 0, got {self.fidelity_sample}")
         if problems:
             raise DskdError(problems)
+
+
+METHODS = ("sft", "seqkd", "kd", "dskd")
+DISTANCE_NAMES = ("fkl", "rkl", "js", "skl", "srkl", "akl")
+SCHEDULES = ("cosine", "linear", "constant")
+PROJECTOR_INITS = ("random", "pinv")
+PRECISIONS = ("fp32", "bf16")
+PARALLEL = ("ddp", "fsdp")
+
+
+@dataclass
+class DistillConfig:
+    """Settings of stage two (`dskd-batch distill`)."""
+
+    student: str
+    "Student model: a local Hugging Face folder, a .gguf file, pkg:NAME, or a hub id where the network allows."
+    out: str
+    "Run folder: checkpoints, the final student, projectors, metrics.jsonl and run.json go here."
+    cache: str | None = None
+    "Teacher cache written by `cache-teacher` (the teacher itself is never loaded)."
+    teacher: str | None = None
+    "Live teacher (instead of --cache): run the teacher during training with the same code stage one uses."
+    data: str | None = None
+    "Corpus for training without a cache (--teacher, or --method sft)."
+    method: str = "dskd"
+    "sft, seqkd (SFT on teacher-generated responses: a cache made with --generate), kd (vanilla KD) or dskd."
+    distance: str = "fkl"
+    "Distance of the KD term: fkl, rkl, js, skl, srkl or akl."
+    epochs: int = 1
+    "Passes over the training examples."
+    max_steps: int | None = None
+    "Stop after this many optimizer steps (overrides --epochs for the schedule's length)."
+    lr: float = 2e-5
+    "Learning rate of the student."
+    projector_lr: float = 1e-3
+    "Learning rate of the DSKD projectors."
+    batch_size: int = 4
+    "Examples per micro-batch per process."
+    grad_accum: int = 1
+    "Micro-batches per optimizer step (the global batch is batch_size x grad_accum x processes)."
+    temperature: float = 2.0
+    "KD temperature (applied to teacher and student logits; no T^2 factor, as in the papers)."
+    kd_rate: float = 0.5
+    "Weight of the KD term: loss = (1 - kd_rate) CE + kd_rate KD."
+    skew_lambda: float = 0.1
+    "Skew lambda of SKL / SRKL."
+    akl_alpha: float = 0.5
+    "Head/tail split (cumulative teacher mass) of AKL."
+    lr_schedule: str = "cosine"
+    "Learning-rate schedule: cosine, linear or constant (after warm-up)."
+    warmup_ratio: float = 0.0
+    "Share of the optimizer steps used for linear warm-up."
+    weight_decay: float = 0.0
+    "AdamW weight decay (student and projectors)."
+    grad_clip: float = 1.0
+    "Clip the global gradient norm to this value (0 disables)."
+    seed: int = 42
+    "Seed of initialisation, data order and dropout."
+    lora_rank: int = 0
+    "LoRA rank (0: train the full student)."
+    lora_alpha: float = 16.0
+    "LoRA alpha."
+    lora_dropout: float = 0.0
+    "LoRA dropout."
+    lora_targets: str = "all-linear"
+    "Modules LoRA adapts: `all-linear` or a comma-separated list of module names (q_proj,v_proj,...)."
+    projector_init: str = "random"
+    "DSKD projector initialisation: `random` (first paper) or `pinv` (extended paper: least-squares match of the two heads)."
+    agreement_mask: bool = False
+    "DSKD: apply the student-space KD only where the projected teacher's argmax equals the teacher's own argmax."
+    only_student_space: bool = False
+    "DSKD ablation: keep only the student-space terms (t2s CE + KD)."
+    only_teacher_space: bool = False
+    "DSKD ablation: keep only the teacher-space term (s2t KD)."
+    resume: bool = False
+    "Continue from the latest checkpoint in --out (exact: data order, RNG, optimizer, scheduler, projectors)."
+    save_steps: int = 0
+    "Write a checkpoint every N optimizer steps (0: only at the end of each epoch)."
+    keep_checkpoints: int = 2
+    "Checkpoints kept (oldest removed first)."
+    log_steps: int = 1
+    "Write a metrics.jsonl line every N optimizer steps."
+    device: str = "auto"
+    "Device of the student: auto, cpu, cuda, cuda:1, ..."
+    precision: str = "fp32"
+    "fp32, or bf16 autocast (fp32 master weights) on GPUs."
+    parallel: str = "ddp"
+    "Under torchrun: ddp (replicated student) or fsdp (sharded, for students that do not fit one device)."
+    template: str = "alpaca"
+    "Prompt template when reading --data (a cache records its own)."
+    max_prompt_len: int = 256
+    "Prompt tokens kept when reading --data (a cache records its own)."
+    max_len: int = 512
+    "Total tokens kept when reading --data (a cache records its own)."
+    limit: int | None = None
+    "Use only the first N training examples."
+    verify: str = "full"
+    "Cache verification before training: full (hash every shard first), lazy (each shard on first read) or none."
+    shuffle: str = "shard"
+    "Data order per epoch: `shard` (shuffle the cache's shards, then the examples inside each: each chunk is read once) or `global` (one permutation of all examples; the only order for --data)."
+    teacher_device: str = "auto"
+    "Device of a live teacher."
+    teacher_top_k: int = 64
+    "Top-k kept by a live teacher (as stage one would store)."
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+
+        def choice(name: str, options: tuple[str, ...]) -> None:
+            if getattr(self, name) not in options:
+                problems.append(f"{name} must be one of {', '.join(options)}; got {getattr(self, name)!r}")
+
+        choice("method", METHODS)
+        choice("distance", DISTANCE_NAMES)
+        choice("lr_schedule", SCHEDULES)
+        choice("projector_init", PROJECTOR_INITS)
+        choice("precision", PRECISIONS)
+        choice("parallel", PARALLEL)
+        choice("template", TEMPLATES)
+        choice("verify", ("full", "lazy", "none"))
+        choice("shuffle", ("shard", "global"))
+        if self.cache is None and self.teacher is None and self.data is None:
+            problems.append("give --cache (a teacher cache), --teacher with --data (a live teacher), or --data (sft)")
+        if self.cache is not None and self.data is not None:
+            problems.append("--cache already holds the training data; drop --data")
+        if self.teacher is not None and self.cache is None and self.data is None:
+            problems.append("a live --teacher needs --data")
+        if self.cache is None and self.teacher is None and self.method in ("kd", "dskd"):
+            problems.append(f"--method {self.method} needs a teacher: --cache CACHE or --teacher MODEL --data DATA")
+        for name in ("epochs", "batch_size", "grad_accum", "keep_checkpoints", "log_steps"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(f"max_steps must be >= 1, got {self.max_steps}")
+        for name in ("lr", "projector_lr", "temperature"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0.0 <= self.kd_rate <= 1.0:
+            problems.append(f"kd_rate must be in [0, 1], got {self.kd_rate}")
+        if not 0.0 < self.skew_lambda < 1.0:
+            problems.append(f"skew_lambda must be in (0, 1), got {self.skew_lambda}")
+        if not 0.0 < self.akl_alpha < 1.0:
+            problems.append(f"akl_alpha must be in (0, 1), got {self.akl_alpha}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.save_steps < 0 or self.lora_rank < 0:
+            problems.append("weight_decay, grad_clip, save_steps and lora_rank must be >= 0")
+        if self.only_student_space and self.only_teacher_space:
+            problems.append("--only-student-space and --only-teacher-space exclude each other")
+        if (self.only_student_space or self.only_teacher_space) and self.method != "dskd":
+            problems.append("--only-student-space / --only-teacher-space are DSKD ablations (use --method dskd)")
+        if self.limit is not None and self.limit < 1:
+            problems.append(f"limit must be >= 1, got {self.limit}")
+        if problems:
+            raise DskdError(problems)

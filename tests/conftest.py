@@ -118,3 +118,27 @@ def assert_same_cache(a: Path, b: Path) -> None:
                 assert torch.equal(va, vb), (k, f)
             else:
                 assert va == vb, (k, f)
+
+
+@pytest.fixture(scope="session")
+def gpt2_student(tiny_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A smaller student (d=24, no dropout, tied head) sharing the teachers' tokenizer."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    V = len(AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir)))
+    torch.manual_seed(2)
+    cfg = GPT2Config(vocab_size=V, n_embd=24, n_layer=2, n_head=2, n_positions=512, eos_token_id=0, bos_token_id=0,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return _save_model(GPT2LMHeadModel(cfg), tiny_tokenizer_dir, tmp_path_factory.mktemp("student"))
+
+
+@pytest.fixture(scope="session")
+def fp32_cache(llama_teacher: Path, corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An fp32 cache of the LLaMA teacher over the test corpus (exact hidden states)."""
+    from dskd_batch.cache_teacher import run
+    from dskd_batch.config import CacheConfig
+
+    out = tmp_path_factory.mktemp("cache") / "fp32"
+    run(CacheConfig(teacher=str(llama_teacher), data=str(corpus), out=str(out), hidden="fp32", top_k=8,
+                    shard_size=5, batch_tokens=512, max_len=96, max_prompt_len=64), progress=False)
+    return out

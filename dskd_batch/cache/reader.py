@@ -60,6 +60,17 @@ def verify_shard(shard_dir: Path, expected_meta_sha: str | None) -> list[str]:
     return problems
 
 
+def load_codec(cache_dir: Path, settings: dict[str, Any]) -> HiddenCodec | None:
+    """The hidden-state codec a cache was written with (its state from the teacher folder)."""
+    mode = settings["storage"]["hidden"]
+    state = None
+    if mode == "compact":
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(cache_dir) / TEACHER / CODEC_FILE))
+    return make_codec(mode, int(settings["teacher"]["hidden_size"]), state)
+
+
 class _Shard:
     def __init__(self, path: Path, codec: HiddenCodec | None, max_chunks: int = 8) -> None:
         import zarr
@@ -121,8 +132,11 @@ class _Shard:
 class TeacherCache(Sequence):
     """A complete teacher cache, as a sequence of example records (see the module docstring)."""
 
-    def __init__(self, path: str | Path, verify: str = "lazy") -> None:
+    def __init__(self, path: str | Path, verify: str = "lazy", *, chunk_cache: int = 8,
+                 max_open_shards: int | None = None) -> None:
         self.path = Path(path)
+        self.chunk_cache = chunk_cache
+        self.max_open_shards = max_open_shards
         if verify not in ("lazy", "full", "none"):
             raise ValueError("verify must be lazy, full or none")
         self.verify_mode = verify
@@ -176,6 +190,7 @@ class TeacherCache(Sequence):
     def _shard(self, s: int) -> _Shard:
         with self._lock:
             if s in self._open:
+                self._open[s] = self._open.pop(s)  # most recently used last
                 return self._open[s]
         info = self.shards[s]
         sdir = self.path / SHARDS / info["name"]
@@ -184,10 +199,26 @@ class TeacherCache(Sequence):
             if problems:
                 raise CacheCorruptError(problems, hint=f"run `dskd-batch verify {self.path}`; re-run cache-teacher to rewrite bad shards")
             self._verified.add(s)
-        shard = _Shard(sdir, self.codec)
+        shard = _Shard(sdir, self.codec, max_chunks=self.chunk_cache)
         with self._lock:
             self._open[s] = shard
+            while self.max_open_shards is not None and len(self._open) > self.max_open_shards:
+                self._open.pop(next(iter(self._open)))
         return shard
+
+    def example_lengths(self) -> tuple[list[int], list[int]]:
+        """(n_tokens, prompt_len) of every example, in order, from the shard indexes alone."""
+        n_tokens: list[int] = []
+        prompt_len: list[int] = []
+        for info in self.shards:
+            t = pq.read_table(self.path / SHARDS / info["name"] / INDEX, columns=["n_tokens", "prompt_len"])
+            n_tokens += t.column("n_tokens").to_pylist()
+            prompt_len += t.column("prompt_len").to_pylist()
+        return n_tokens, prompt_len
+
+    def shard_ranges(self) -> list[range]:
+        """The example indices of each shard (for shard-local shuffling)."""
+        return [range(self._cum[s], self._cum[s + 1]) for s in range(len(self.shards))]
 
     # -- once-per-cache tensors -----------------------------------------------------------------
     @cached_property
@@ -212,13 +243,7 @@ class TeacherCache(Sequence):
 
     @cached_property
     def codec(self) -> HiddenCodec | None:
-        mode = self.settings["storage"]["hidden"]
-        state = None
-        if mode == "compact":
-            from safetensors.torch import load_file
-
-            state = load_file(str(self.path / TEACHER / CODEC_FILE))
-        return make_codec(mode, int(self.settings["teacher"]["hidden_size"]), state)
+        return load_codec(self.path, self.settings)
 
     def tokenizer(self) -> Any:
         from transformers import AutoTokenizer
@@ -268,6 +293,6 @@ class TeacherCache(Sequence):
             raise CacheCorruptError(problems, hint="re-run cache-teacher to rewrite bad shards (delete them first)")
 
 
-def open_cache(path: str | Path, verify: str = "lazy") -> TeacherCache:
+def open_cache(path: str | Path, verify: str = "lazy", **kwargs: Any) -> TeacherCache:
     """Open a complete teacher cache; see :class:`TeacherCache`."""
-    return TeacherCache(path, verify=verify)
+    return TeacherCache(path, verify=verify, **kwargs)

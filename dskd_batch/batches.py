@@ -1,0 +1,203 @@
+"""Training examples and batches for stage two: where examples come from, their order, and how a
+global batch becomes micro-batches of tensors.
+
+Sources of examples (all yield the same record dicts as the cache reader):
+
+- :class:`CacheExamples`: a teacher cache (records carry the teacher's outputs).
+- :class:`CorpusExamples`: a corpus encoded with the student's tokenizer (no teacher outputs).
+- :class:`LiveTeacher` fills the teacher fields of records by running the teacher with
+  :class:`~dskd_batch.teacher.TeacherForward`, the function stage one uses.
+
+Order: one permutation per epoch from ``(seed, epoch)``; with a cache the shards are shuffled and
+then the examples inside each shard, so each shard's chunks are decompressed once per epoch. The
+order is a pure function of the seed and the epoch, so resuming needs no sampler state. A global
+batch (``batch_size x grad_accum x world_size`` examples; the last incomplete one is dropped) is
+sorted by length and dealt into micro-batches; every process knows the whole global batch, so
+the number of response tokens of an optimizer step is known without communication.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .cache.reader import TeacherCache
+from .data import Encoded
+from .methods import TeacherBatch
+from .teacher import TeacherForward
+
+Record = dict[str, Any]
+TEACHER_FIELDS = ("hidden", "topk_values", "topk_indices", "logsumexp", "argmax", "logits")
+
+
+class CacheExamples:
+    has_teacher = True
+
+    def __init__(self, cache: TeacherCache) -> None:
+        self.cache = cache
+        self.n_tokens, self.prompt_len = cache.example_lengths()
+        self.groups: list[range] | None = cache.shard_ranges()
+
+    def __len__(self) -> int:
+        return len(self.n_tokens)
+
+    def records(self, idxs: list[int]) -> list[Record]:
+        return [self.cache[i] for i in idxs]
+
+
+class CorpusExamples:
+    has_teacher = False
+
+    def __init__(self, encoded: list[Encoded]) -> None:
+        self.encoded = encoded
+        self.n_tokens = [len(e.input_ids) for e in encoded]
+        self.prompt_len = [e.prompt_len for e in encoded]
+        self.groups = None
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def records(self, idxs: list[int]) -> list[Record]:
+        return [{"input_ids": torch.tensor(self.encoded[i].input_ids, dtype=torch.long),
+                 "prompt_len": self.encoded[i].prompt_len} for i in idxs]
+
+
+class LiveTeacher:
+    """Runs the teacher on the records' token ids and adds its outputs to each record."""
+
+    def __init__(self, tf: TeacherForward, keep_logits: bool) -> None:
+        self.tf = tf
+        self.keep_logits = keep_logits
+        self.calls = 0
+        self.seconds = 0.0
+
+    def fill(self, recs: list[Record]) -> list[Record]:
+        import time
+
+        t0 = time.perf_counter()
+        out = self.tf([r["input_ids"].tolist() for r in recs], keep_logits=self.keep_logits)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        for r, t in zip(recs, out):
+            r.update(t)
+        return recs
+
+
+def response_tokens(n_tokens: int, prompt_len: int) -> int:
+    """Positions trained on: those whose next token is a response token (EOS included)."""
+    return max(0, n_tokens - max(prompt_len, 1))
+
+
+def epoch_order(n: int, groups: list[range] | None, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    if not groups:
+        return torch.randperm(n, generator=g).tolist()
+    order: list[int] = []
+    for k in torch.randperm(len(groups), generator=g).tolist():
+        rng = groups[k]
+        order += [rng[j] for j in torch.randperm(len(rng), generator=g).tolist()]
+    return order
+
+
+def global_batches(order: list[int], size: int) -> list[list[int]]:
+    return [order[i:i + size] for i in range(0, len(order) - size + 1, size)]
+
+
+def micro_batches(batch: list[int], lengths: list[int], batch_size: int, world: int, rank: int) -> list[list[int]]:
+    """This process's micro-batches of a global batch: sorted by length, dealt round-robin."""
+    ordered = sorted(batch, key=lambda i: (-lengths[i], i))
+    chunks = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+    return chunks[rank::world]
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, L]
+    select: torch.Tensor  # [B, L] bool: response positions
+    targets: torch.Tensor  # [N]
+    teacher: TeacherBatch | None
+    tokens: int  # real (unpadded) tokens
+
+    def to(self, device: torch.device) -> "MicroBatch":
+        return MicroBatch(self.input_ids.to(device), self.attention_mask.to(device), self.select.to(device),
+                          self.targets.to(device), self.teacher.to(device) if self.teacher is not None else None,
+                          self.tokens)
+
+
+def collate(recs: list[Record], pad_id: int, with_teacher: bool) -> MicroBatch:
+    width = max(len(r["input_ids"]) for r in recs)
+    ids = torch.full((len(recs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(recs), width), dtype=torch.long)
+    select = torch.zeros((len(recs), width), dtype=torch.bool)
+    targets, parts = [], {k: [] for k in TEACHER_FIELDS}
+    for b, r in enumerate(recs):
+        x = r["input_ids"]
+        n, lo = len(x), max(int(r["prompt_len"]), 1) - 1
+        ids[b, :n] = x
+        mask[b, :n] = 1
+        select[b, lo:n - 1] = True
+        targets.append(x[lo + 1:n])
+        if with_teacher:
+            for k in TEACHER_FIELDS:
+                if r.get(k) is not None:
+                    parts[k].append(r[k][lo:n - 1])
+    tb = None
+    if with_teacher:
+        tb = TeacherBatch(**{k: (torch.cat(v) if v else None) for k, v in parts.items()})
+    return MicroBatch(ids, mask, select, torch.cat(targets), tb, int(mask.sum()))
+
+
+def prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Run ``it`` in a background thread, ``depth`` items ahead (exceptions are re-raised here)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in it:
+                if stop.is_set():
+                    return
+                q.put(item)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put(e)
+        q.put(done)
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def step_loader(examples: Any, steps: list[tuple[int, int, list[int]]], *, batch_size: int, world: int, rank: int,
+                pad_id: int, live: LiveTeacher | None, with_teacher: bool,
+                background: bool) -> Iterator[tuple[int, int, list[int], list[MicroBatch]]]:
+    """(epoch, step-in-epoch, global batch, this process's micro-batches) for each listed step."""
+
+    def gen() -> Iterator[tuple[int, int, list[int], list[MicroBatch]]]:
+        for epoch, k, batch in steps:
+            micro = []
+            for idxs in micro_batches(batch, examples.n_tokens, batch_size, world, rank):
+                recs = examples.records(idxs)
+                if live is not None:
+                    recs = live.fill(recs)
+                micro.append(collate(recs, pad_id, with_teacher))
+            yield epoch, k, batch, micro
+
+    return prefetch(gen()) if background else gen()
+
+

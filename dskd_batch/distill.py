@@ -1,0 +1,284 @@
+"""Stage two: `dskd-batch distill`. Resolve the sources, refuse what does not match (before any
+model loads where possible), build the student, projectors and teacher head, hand them to the
+one training loop, and write the outputs.
+
+Run folder::
+
+    RUN/run.json               resolved config, method, cache/teacher fingerprints, template, final metrics
+    RUN/metrics.jsonl          one line per logged optimizer step
+    RUN/checkpoints/step-N/    student (HF format or LoRA adapter), projectors, optimizer, RNG, state.json
+    RUN/student/               the final student in Hugging Face format (LoRA merged into it)
+    RUN/adapter/               the LoRA adapter alone (LoRA runs)
+    RUN/projectors.safetensors the DSKD projectors
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .batches import CacheExamples, CorpusExamples, LiveTeacher
+from .cache.format import atomic_write_json
+from .config import DistillConfig, to_dict
+from .distributed import DistContext
+from .errors import DskdError
+from .methods import LossSettings, TeacherHead, make_method, method_info
+from .models import (head_and_embeddings, load_causal_lm, load_tokenizer, model_fingerprint, resolve_device,
+                     tokenizer_fingerprint)
+from .projectors import build_projectors
+from .trainer import DistillModule, TrainPlan, Trainer, list_checkpoints, save_projectors, save_student, seed_everything
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+METRICS = "metrics.jsonl"
+CROSS_VOCAB_HINT = ("same-vocabulary methods (sft, seqkd, kd, dskd) need the teacher's tokenizer; for a student with "
+                    "another tokenizer use a cross-vocabulary method (dskd-eta, dskd-cma, mined, uld) after "
+                    "`dskd-batch align CACHE --student-tokenizer STUDENT`")
+# settings that may change between a run and its resumption
+RESUMABLE = ("resume", "save_steps", "keep_checkpoints", "log_steps", "verify", "device", "teacher_device")
+
+
+@dataclasses.dataclass
+class Sources:
+    examples: Any
+    head: TeacherHead | None
+    d_teacher: int | None
+    template: dict[str, Any]
+    fingerprints: dict[str, Any]
+    live: LiveTeacher | None = None
+    cache: Any = None
+
+
+def _check_run_dir(cfg: DistillConfig, out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise DskdError(f"--out {out} exists and is a file")
+    if cfg.resume:
+        return
+    if (out / RUN_FILE).exists() or list_checkpoints(out):
+        raise DskdError(f"--out {out} already holds a run", hint="pass --resume to continue it, or choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        raise DskdError(f"--out {out} exists and is not empty", hint="choose another --out")
+
+
+def _from_cache(cfg: DistillConfig, student_tok: Any, method: Any) -> Sources:
+    from .cache.reader import open_cache
+
+    cache = open_cache(cfg.cache, verify=cfg.verify, chunk_cache=256, max_open_shards=2)
+    st = cache.settings
+    problems = []
+    if tokenizer_fingerprint(student_tok) != st["tokenizer"]["fingerprint"]:
+        raise DskdError(f"the student's tokenizer ({cfg.student}) differs from the cache's teacher tokenizer "
+                        f"(fingerprint {tokenizer_fingerprint(student_tok)} vs {st['tokenizer']['fingerprint']})",
+                        hint=CROSS_VOCAB_HINT)
+    if method.needs_hidden and st["storage"]["hidden"] == "none":
+        problems.append(f"--method {method.name} needs the teacher's hidden states, and cache {cfg.cache} was "
+                        "built with --hidden none")
+    if method.needs_teacher and st["storage"]["hidden"] == "none" and not st["storage"]["top_k"]:
+        problems.append(f"cache {cfg.cache} holds neither hidden states nor top-k logits: no teacher distribution")
+    if method.name == "seqkd" and not st.get("generation"):
+        problems.append(f"--method seqkd trains on the teacher's own responses; cache {cfg.cache} holds the corpus's "
+                        "responses")
+    if problems:
+        hint = ("rebuild the cache with `dskd-batch cache-teacher ... --hidden fp16`" if method.needs_hidden else
+                "rebuild the cache with `dskd-batch cache-teacher ... --generate`" if method.name == "seqkd" else None)
+        raise DskdError(problems, hint=hint)
+    if method.name == "dskd" and st["storage"]["hidden"] not in ("fp32", "fp16", "bf16"):
+        log.warning("cache %s stores hidden states lossily (%s): DSKD projects approximate teacher states",
+                    cfg.cache, st["storage"]["hidden"])
+    examples = CacheExamples(cache)
+    if cfg.shuffle == "global":
+        examples.groups = None
+    if cfg.limit is not None:
+        examples = _limited(examples, cfg.limit)
+    head = TeacherHead(cache.lm_head, cache.lm_head_bias, cache.logits_source) if method.needs_teacher else None
+    return Sources(examples, head, int(st["teacher"]["hidden_size"]),
+                   {"template": st["template"]["name"], **st["limits"]},
+                   {"cache": cache.fingerprint, "cache_path": str(Path(cfg.cache).resolve()),
+                    "teacher": st["teacher"]["fingerprint"], "tokenizer": st["tokenizer"]["fingerprint"],
+                    "data": st["data"]["fingerprint"]}, cache=cache)
+
+
+def _limited(examples: CacheExamples, n: int) -> CacheExamples:
+    examples.n_tokens, examples.prompt_len = examples.n_tokens[:n], examples.prompt_len[:n]
+    if examples.groups:
+        examples.groups = [range(r.start, min(r.stop, n)) for r in examples.groups if r.start < n]
+    return examples
+
+
+def _from_corpus(cfg: DistillConfig, student_tok: Any, method: Any, device: torch.device) -> Sources:
+    from .cache_teacher import prepare_corpus
+    from .data import data_fingerprint, template_fingerprint
+
+    tok = student_tok
+    if cfg.teacher is not None:
+        tok = load_tokenizer(cfg.teacher)
+        if tokenizer_fingerprint(tok) != tokenizer_fingerprint(student_tok):
+            raise DskdError(f"the student's tokenizer ({cfg.student}) differs from the teacher's ({cfg.teacher})",
+                            hint=CROSS_VOCAB_HINT)
+    prep = prepare_corpus(cfg, tok)
+    fps = {"data": data_fingerprint(prep.examples), "tokenizer": tokenizer_fingerprint(tok),
+           "template": template_fingerprint(cfg.template, tok)}
+    template = {"template": cfg.template, "max_prompt_len": cfg.max_prompt_len, "max_len": cfg.max_len, "limit": cfg.limit}
+    examples = CorpusExamples(prep.encoded)
+    if cfg.teacher is None or not method.needs_teacher:
+        return Sources(examples, None, None, template, fps)
+    from .models import resolve_dtype
+    from .teacher import TeacherForward, reconstruction_check
+
+    tdev = resolve_device(cfg.teacher_device) if cfg.teacher_device != "auto" else device
+    model = load_causal_lm(cfg.teacher, dtype=resolve_dtype("auto", tdev), device=tdev)
+    weights = head_and_embeddings(model)
+    tf = TeacherForward(model, cfg.teacher_top_k, tok.pad_token_id)
+    probe = tf([prep.encoded[0].input_ids], keep_logits=True)[0]
+    chk = reconstruction_check(probe["logits"], probe["hidden"], None, weights["lm_head.weight"], weights.get("lm_head.bias"))
+    exact = chk["exact_rel_err"] < 1e-4
+    if not exact:
+        log.info("the live teacher's logits are not h @ W.T; its real logits are used")
+    fps["teacher"] = model_fingerprint(model)
+    return Sources(examples, TeacherHead(weights["lm_head.weight"], weights.get("lm_head.bias"), "hidden"),
+                   int(weights["lm_head.weight"].shape[1]), template, fps, live=LiveTeacher(tf, keep_logits=not exact))
+
+
+def _attach_lora(student: nn.Module, cfg: DistillConfig) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    targets: Any = "all-linear" if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",")]
+    lc = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                    target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(student, lc)
+
+
+def plan_fingerprint(cfg: DistillConfig, fps: dict[str, Any], student_fp: str, world: int) -> str:
+    ident = {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE}
+    ident.update(fingerprints={k: v for k, v in fps.items() if k != "cache_path"}, student=student_fp, world=world)
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run(cfg: DistillConfig, *, on_step: Callable[[int], None] | None = None) -> Path:
+    ctx = DistContext.from_env()
+    try:
+        return _run(cfg, ctx, on_step)
+    finally:
+        ctx.close()
+
+
+def _run(cfg: DistillConfig, ctx: DistContext, on_step: Callable[[int], None] | None) -> Path:
+    out = Path(cfg.out)
+    _check_run_dir(cfg, out)
+    ls = LossSettings(cfg.distance, cfg.temperature, cfg.kd_rate, cfg.skew_lambda, cfg.akl_alpha, cfg.agreement_mask,
+                      student_space=not cfg.only_teacher_space, teacher_space=not cfg.only_student_space)
+    method = make_method(cfg.method, ls)
+    student_tok = load_tokenizer(cfg.student)
+    device = resolve_device(cfg.device)
+    if ctx.enabled and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
+    src = _from_cache(cfg, student_tok, method) if cfg.cache else _from_corpus(cfg, student_tok, method, device)
+    vocab = len(student_tok)
+
+    seed_everything(cfg.seed)
+    student = load_causal_lm(cfg.student, dtype=torch.float32, device="cpu")
+    student_fp = model_fingerprint(student)
+    w_s = student.get_output_embeddings().weight
+    if w_s.shape[0] < vocab:
+        raise DskdError(f"the student's head has {w_s.shape[0]} rows, fewer than its tokenizer's {vocab} tokens")
+    if src.head is not None and src.head.weight.shape[0] < vocab:
+        raise DskdError(f"the teacher's head has {src.head.weight.shape[0]} rows, fewer than the tokenizer's {vocab}")
+    spec = method.projector_spec()
+    projectors = build_projectors(int(w_s.shape[1]), src.d_teacher or 0, t2s=spec["t2s"], s2t=spec["s2t"],
+                                  init=cfg.projector_init, seed=cfg.seed,
+                                  student_head=w_s[:vocab] if cfg.projector_init == "pinv" else None,
+                                  teacher_head=src.head.weight[:vocab] if (src.head is not None and cfg.projector_init == "pinv") else None)
+    if cfg.lora_rank:
+        student = _attach_lora(student, cfg)
+    student.train()
+    module = DistillModule(student, projectors, method, vocab).to(device)
+
+    plan = TrainPlan(cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps, cfg.seed, cfg.lr, cfg.projector_lr,
+                     cfg.weight_decay, cfg.warmup_ratio, cfg.lr_schedule, cfg.grad_clip, cfg.save_steps,
+                     cfg.keep_checkpoints, cfg.log_steps, cfg.precision,
+                     plan_fingerprint(cfg, src.fingerprints, student_fp, ctx.world_size))
+    trainer = Trainer(module, plan, src.examples, run_dir=out, ctx=ctx, device=device, pad_id=student_tok.pad_token_id,
+                      head=src.head, live=src.live, tokenizer=student_tok, wrap=_wrapper(cfg, ctx, device),
+                      on_step=on_step)
+    cks = list_checkpoints(out)
+    if cfg.resume and cks:
+        trainer.load_checkpoint(cks[-1])
+    elif cfg.resume:
+        log.info("--resume: no checkpoint in %s yet, starting from the beginning", out)
+    run_info = {
+        "config": to_dict(cfg), "method": method_info(method), "prompt": src.template, "fingerprints": src.fingerprints,
+        "student_fingerprint": student_fp, "plan_fingerprint": plan.fingerprint, "world_size": ctx.world_size,
+        "total_steps": trainer.total_steps, "steps_per_epoch": trainer.steps_per_epoch,
+        "global_batch": trainer.global_batch, "examples": len(src.examples), "vocab": vocab,
+        "projectors": {k: list(v.weight.shape) for k, v in projectors.items()}, "status": "training",
+    }
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / RUN_FILE, run_info)
+    log.info("distill: %s%s, %d examples, %d steps of %d examples, device %s, %d process(es)", method.name,
+             f"/{cfg.distance}" if method.needs_teacher else "", len(src.examples), trainer.total_steps,
+             trainer.global_batch, device, ctx.world_size)
+    final = trainer.train(out / "metrics.jsonl") if trainer.step < trainer.total_steps else {}
+    if src.live is not None:
+        src.live.tf.close()
+    if ctx.is_main:
+        _write_final(out, module, student_tok, cfg)
+        run_info.update(status="done", final_metrics=final, peak_memory=_peak_memory(device))
+        atomic_write_json(out / RUN_FILE, run_info)
+    ctx.barrier()
+    return out
+
+
+def _wrapper(cfg: DistillConfig, ctx: DistContext, device: torch.device) -> Callable[[nn.Module], nn.Module] | None:
+    if not ctx.enabled:
+        return None
+    if cfg.parallel == "fsdp":
+        if device.type != "cuda":
+            raise DskdError("--parallel fsdp needs GPUs", hint="use --parallel ddp on CPU")
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        return lambda m: FSDP(m, device_id=device, use_orig_params=True)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return lambda m: DDP(m, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _write_final(out: Path, module: DistillModule, tok: Any, cfg: DistillConfig) -> None:
+    from .cache.format import tmp_path
+
+    student = module.student
+    if cfg.lora_rank:
+        tmp = tmp_path(out / "adapter")
+        save_student(student, tmp, tok)
+        _replace(tmp, out / "adapter")
+        student = student.merge_and_unload()
+    tmp = tmp_path(out / "student")
+    save_student(student, tmp, tok)
+    _replace(tmp, out / "student")
+    if len(module.projectors):
+        save_projectors(module.projectors, out)
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    import shutil
+
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def _peak_memory(device: torch.device) -> dict[str, float]:
+    import resource
+
+    mem = {"cpu_max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        mem["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return mem

@@ -1,0 +1,368 @@
+"""The one training loop of stage two. Methods and teacher sources plug into it.
+
+Per optimizer step: every process takes its micro-batches of the global batch, runs the student
+(only response positions reach the head), asks the method for loss **sums**, and back-propagates
+``sum / response tokens of the whole optimizer step`` (times the world size, since DDP averages
+gradients). So a step's gradient does not depend on how the global batch was split into
+micro-batches or processes. Then clip, AdamW step (student and projector groups), schedule.
+
+Checkpoints (``RUN/checkpoints/step-NNNNNNN/``) hold the student in Hugging Face format (the LoRA
+adapter when training LoRA), the projectors, the optimizer and scheduler, every process's RNG
+state and a ``state.json`` with the position in the data and the sha256 of every file; the data
+order is a function of (seed, epoch), so resuming continues exactly where the run stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .batches import MicroBatch, epoch_order, global_batches, response_tokens, step_loader
+from .cache.format import atomic_write_json, file_table, read_json, sha256_file, tmp_path
+from .distributed import DistContext
+from .errors import DskdError
+from .methods import Method, TeacherHead
+from .projectors import PROJECTOR_FILE
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+STATE = "state.json"
+
+
+class DistillModule(nn.Module):
+    """Student + projectors behind one forward, so DDP/FSDP see every trainable parameter.
+
+    A forward pre-hook on the student's output head keeps only the selected (response) positions,
+    so the head runs on N rows instead of B x L, and records the head's input h_S.
+    """
+
+    def __init__(self, student: nn.Module, projectors: nn.ModuleDict, method: Method, vocab: int) -> None:
+        super().__init__()
+        self.student = student
+        self.projectors = projectors
+        self.method = method
+        self.vocab = vocab
+        self._select: torch.Tensor | None = None
+        self._h: torch.Tensor | None = None
+        self.student.get_output_embeddings().register_forward_pre_hook(self._keep_selected)
+
+    def _keep_selected(self, mod: nn.Module, args: tuple) -> tuple | None:
+        if self._select is None:
+            return None
+        h = args[0]
+        if h.dim() == 3:
+            h = h[self._select]
+        self._h = h
+        return (h, *args[1:])
+
+    def forward(self, mb: MicroBatch, head: TeacherHead | None) -> dict[str, torch.Tensor]:
+        self._select = mb.select
+        try:
+            out = self.student(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
+        finally:
+            self._select = None
+        s, h = out.logits, self._h
+        self._h = None
+        w_s = self.student.get_output_embeddings().weight
+        return self.method.losses(s.float(), h, mb.targets, mb.teacher, head, self.projectors, w_s, self.vocab)
+
+
+@dataclass
+class TrainPlan:
+    batch_size: int
+    grad_accum: int
+    epochs: int
+    max_steps: int | None
+    seed: int
+    lr: float
+    projector_lr: float
+    weight_decay: float
+    warmup_ratio: float
+    lr_schedule: str
+    grad_clip: float
+    save_steps: int
+    keep_checkpoints: int
+    log_steps: int
+    precision: str
+    fingerprint: str  # of everything that must match to resume
+    extra_state: dict[str, Any] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    st: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def make_optimizer(module: DistillModule, plan: TrainPlan) -> torch.optim.Optimizer:
+    student = [p for p in module.student.parameters() if p.requires_grad]
+    proj = [p for p in module.projectors.parameters() if p.requires_grad]
+    groups = [{"params": student, "lr": plan.lr, "name": "student"}]
+    if proj:
+        groups.append({"params": proj, "lr": plan.projector_lr, "name": "projectors"})
+    return torch.optim.AdamW(groups, weight_decay=plan.weight_decay)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, plan: TrainPlan, total: int) -> Any:
+    from transformers import get_scheduler
+
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[plan.lr_schedule]
+    return get_scheduler(name, opt, num_warmup_steps=int(plan.warmup_ratio * total), num_training_steps=total)
+
+
+# -- checkpoints ------------------------------------------------------------------------------------
+
+def save_student(student: nn.Module, out: Path, tokenizer: Any | None = None) -> None:
+    student.save_pretrained(str(out), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+
+
+def save_projectors(projectors: nn.ModuleDict, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in projectors.state_dict().items()}, str(out / PROJECTOR_FILE))
+
+
+def list_checkpoints(run: Path) -> list[Path]:
+    d = run / CHECKPOINTS
+    if not d.exists():
+        return []
+    return sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE).exists())
+
+
+def verify_checkpoint(ck: Path) -> dict[str, Any]:
+    try:
+        state = read_json(ck / STATE)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DskdError(f"checkpoint {ck}: {STATE} is unreadable ({e})") from e
+    problems = []
+    for rel, (size, digest) in state["files"].items():
+        p = ck / rel
+        if not p.exists():
+            problems.append(f"checkpoint {ck.name}: {rel} is missing")
+        elif p.stat().st_size != size or sha256_file(p) != digest:
+            problems.append(f"checkpoint {ck.name}: {rel} does not match its sha256 (corrupt)")
+    if problems:
+        raise DskdError(problems, hint=f"delete {ck} to resume from the checkpoint before it, or start a new --out")
+    return state
+
+
+class Trainer:
+    def __init__(self, module: DistillModule, plan: TrainPlan, examples: Any, *, run_dir: Path, ctx: DistContext,
+                 device: torch.device, pad_id: int, head: TeacherHead | None, live: Any = None,
+                 tokenizer: Any = None, wrap: Callable[[DistillModule], nn.Module] | None = None,
+                 on_step: Callable[[int], None] | None = None) -> None:
+        self.module = module
+        self.plan = plan
+        self.examples = examples
+        self.run_dir = run_dir
+        self.ctx = ctx
+        self.device = device
+        self.pad_id = pad_id
+        self.head = head
+        self.live = live
+        self.tokenizer = tokenizer
+        self.on_step = on_step
+        self.global_batch = plan.batch_size * plan.grad_accum * ctx.world_size
+        self.steps_per_epoch = len(examples) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise DskdError(f"the training set has {len(examples)} examples, fewer than one global batch "
+                            f"({plan.batch_size} x {plan.grad_accum} x {ctx.world_size} processes = {self.global_batch})",
+                            hint="lower --batch-size or --grad-accum")
+        self.total_steps = plan.max_steps or plan.epochs * self.steps_per_epoch
+        self.wrapped = wrap(module) if wrap is not None else module
+        self.opt = make_optimizer(module, plan)
+        self.sched = make_scheduler(self.opt, plan, self.total_steps)
+        self.step = 0
+        self.with_teacher = module.method.needs_teacher
+
+    # -- state ------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        final = self.run_dir / CHECKPOINTS / f"step-{self.step:07d}"
+        rank_rng = [None] * self.ctx.world_size
+        if self.ctx.enabled:
+            dist.all_gather_object(rank_rng, rng_state())
+        else:
+            rank_rng = [rng_state()]
+        if self.ctx.is_main:
+            tmp = tmp_path(final)
+            tmp.mkdir(parents=True)
+            save_student(self.module.student, tmp / "student")
+            save_projectors(self.module.projectors, tmp)
+            torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}, tmp / "optim.pt")
+            torch.save(rank_rng, tmp / "rng.pt")
+            state = {"step": self.step, "epoch": self.step // self.steps_per_epoch,
+                     "fingerprint": self.plan.fingerprint, "world_size": self.ctx.world_size,
+                     "files": file_table(tmp), **self.plan.extra_state}
+            atomic_write_json(tmp / STATE, state)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            for old in list_checkpoints(self.run_dir)[:-self.plan.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.ctx.barrier()
+        return final
+
+    def load_checkpoint(self, ck: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = verify_checkpoint(ck)
+        if state["fingerprint"] != self.plan.fingerprint:
+            raise DskdError(f"checkpoint {ck} was written by a run with different settings "
+                            f"(fingerprint {state['fingerprint']}, this run {self.plan.fingerprint})",
+                            hint="resume with the same command, or start a new --out")
+        if state["world_size"] != self.ctx.world_size:
+            raise DskdError(f"checkpoint {ck} was written with {state['world_size']} processes, this run has "
+                            f"{self.ctx.world_size}", hint="resume with the same number of processes")
+        load_student_weights(self.module.student, ck / "student")
+        proj = load_file(str(ck / PROJECTOR_FILE))
+        if proj:
+            self.module.projectors.load_state_dict(proj)
+        optim = torch.load(ck / "optim.pt", map_location=self.device, weights_only=False)
+        self.opt.load_state_dict(optim["optimizer"])
+        self.sched.load_state_dict(optim["scheduler"])
+        set_rng_state(torch.load(ck / "rng.pt", weights_only=False)[self.ctx.rank])
+        self.step = int(state["step"])
+        log.info("resumed from %s (step %d of %d)", ck, self.step, self.total_steps)
+
+    # -- loop -------------------------------------------------------------------------------------
+    def _plan_steps(self) -> list[tuple[int, int, list[int]]]:
+        steps: list[tuple[int, int, list[int]]] = []
+        epoch = 0
+        while len(steps) < self.total_steps:
+            order = epoch_order(len(self.examples), self.examples.groups, self.plan.seed, epoch)
+            for k, b in enumerate(global_batches(order, self.global_batch)):
+                steps.append((epoch, k, b))
+            epoch += 1
+        return steps[self.step:self.total_steps]
+
+    def _autocast(self) -> Any:
+        if self.plan.precision == "bf16" and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def train(self, metrics_path: Path) -> dict[str, float]:
+        self.module.train()
+        head = self.head.to(self.device) if self.head is not None else None
+        ex = self.examples
+        steps = self._plan_steps()
+        loader = step_loader(ex, steps, batch_size=self.plan.batch_size, world=self.ctx.world_size, rank=self.ctx.rank,
+                             pad_id=self.pad_id, live=self.live, with_teacher=self.with_teacher,
+                             background=self.live is None)
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        last: dict[str, float] = {}
+        t_last, tok_last, steps_since = time.perf_counter(), 0, 0
+        mf = metrics_path.open("a") if self.ctx.is_main else None
+        try:
+            for epoch, k, batch, micro in loader:
+                n_resp = sum(response_tokens(ex.n_tokens[i], ex.prompt_len[i]) for i in batch)
+                sums: dict[str, float] = {}
+                tokens = 0
+                for m, mb in enumerate(micro):
+                    mb = mb.to(self.device)
+                    sync = m == len(micro) - 1
+                    ctx = self.wrapped.no_sync() if (not sync and hasattr(self.wrapped, "no_sync")) else nullcontext()
+                    with ctx, self._autocast():
+                        terms = self.wrapped(mb, head)
+                        loss = terms["objective"] * (self.ctx.world_size / n_resp)
+                    loss.backward()
+                    for name, v in terms.items():
+                        sums[name] = sums.get(name, 0.0) + float(v.detach())
+                    tokens += mb.tokens
+                gnorm = (torch.nn.utils.clip_grad_norm_(params, self.plan.grad_clip) if self.plan.grad_clip > 0
+                         else torch.tensor(float("nan")))
+                self.opt.step()
+                self.sched.step()
+                self.opt.zero_grad(set_to_none=True)
+                self.step += 1
+                steps_since += 1
+                tok_last += tokens
+                if self.step % self.plan.log_steps == 0 or self.step == self.total_steps:
+                    last = self._log(mf, sums, n_resp, tokens, epoch, gnorm, t_last, tok_last, steps_since)
+                    t_last, tok_last, steps_since = time.perf_counter(), 0, 0
+                if (self.plan.save_steps and self.step % self.plan.save_steps == 0) or \
+                        (k == self.steps_per_epoch - 1) or self.step == self.total_steps:
+                    self.save_checkpoint()
+                if self.on_step is not None:
+                    self.on_step(self.step)
+        finally:
+            if mf is not None:
+                mf.close()
+        return last
+
+    def _log(self, mf: Any, sums: dict[str, float], n_resp: int, tokens: int, epoch: int, gnorm: torch.Tensor,
+             t_last: float, tok_last: int, steps_since: int) -> dict[str, float]:
+        names = sorted(sums)
+        vals = torch.tensor([sums[n] for n in names] + [float(tokens), float(tok_last)], dtype=torch.float64)
+        if self.ctx.enabled:
+            dist.all_reduce(vals)
+        now = time.perf_counter()
+        rec: dict[str, Any] = {"step": self.step, "epoch": epoch}
+        for n, v in zip(names, vals[:len(names)].tolist()):
+            key = "loss" if n == "objective" else n
+            rec[key] = v / n_resp  # per response token of the step
+        rec.update(lr=self.opt.param_groups[0]["lr"], grad_norm=float(gnorm), response_tokens=n_resp,
+                   tokens=int(vals[-2]), tokens_per_s=float(vals[-1]) / max(now - t_last, 1e-9),
+                   steps_per_s=steps_since / max(now - t_last, 1e-9))
+        if len(self.opt.param_groups) > 1:
+            rec["projector_lr"] = self.opt.param_groups[1]["lr"]
+        if self.live is not None:
+            rec["teacher_s"] = self.live.seconds
+        if mf is not None:
+            mf.write(json.dumps(rec) + "\n")
+            mf.flush()
+            log.info("step %d/%d loss %.4f %s", self.step, self.total_steps, rec["loss"],
+                     " ".join(f"{n} {rec[n]:.4f}" for n in ("ce", "kd") if n in rec))
+        return rec
+
+
+def load_student_weights(student: nn.Module, folder: Path) -> None:
+    """Load weights saved by :func:`save_student` into ``student`` (a full model or a LoRA model)."""
+    from safetensors.torch import load_file
+
+    if (folder / "adapter_model.safetensors").exists():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(student, load_file(str(folder / "adapter_model.safetensors")))
+        return
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    tied = {k for k in missing if "lm_head" in k or "embed" in k}
+    if unexpected or set(missing) - tied:
+        raise DskdError(f"{folder}: weights do not fit the student (missing {sorted(set(missing) - tied)[:5]}, "
+                        f"unexpected {sorted(unexpected)[:5]})")
+    if hasattr(student, "tie_weights"):
+        student.tie_weights()
+
+
