@@ -40,3 +40,189 @@ def test_methods_run_and_write_outputs(method, fp32_cache, gpt2_student, tmp_pat
     model = AutoModelForCausalLM.from_pretrained(str(out / "student"))
     assert model.config.n_embd == 24
     assert (out / "projectors.safetensors").exists() == (method == "dskd")
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    w = load_file(str(run_dir / "student" / "model.safetensors"))
+    if (run_dir / "projectors.safetensors").exists():
+        w.update({f"proj.{k}": v for k, v in load_file(str(run_dir / "projectors.safetensors")).items()})
+    return w
+
+
+def assert_close_weights(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= atol, worst
+
+
+def test_teacher_never_loaded(llama_teacher, corpus, gpt2_student, tmp_path):
+    """Cache with a copy of the teacher, delete the copy, distil DSKD from the cache."""
+    from dskd_batch.cache_teacher import run as cache_run
+    from dskd_batch.config import CacheConfig
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(llama_teacher, teacher)
+    cache = tmp_path / "cache"
+    cache_run(CacheConfig(teacher=str(teacher), data=str(corpus), out=str(cache), hidden="fp16", max_len=96,
+                          max_prompt_len=64), progress=False)
+    shutil.rmtree(teacher)
+    out = run(cfg(gpt2_student, tmp_path / "run", cache=str(cache), method="dskd", max_steps=2))
+    assert len(metrics(out)) == 2
+
+
+@pytest.mark.parametrize("method", ["kd", "dskd"])
+def test_from_cache_equals_live(method, fp32_cache, llama_teacher, corpus, gpt2_student, tmp_path):
+    """Same seed and order: an fp32 cache and the live teacher give the same loss trajectory."""
+    common = dict(method=method, max_steps=4, shuffle="global", max_len=96, max_prompt_len=64)
+    a = run(cfg(gpt2_student, tmp_path / "cache-run", cache=str(fp32_cache), **common))
+    b = run(cfg(gpt2_student, tmp_path / "live-run", teacher=str(llama_teacher), data=str(corpus), **common))
+    ma, mb = metrics(a), metrics(b)
+    assert len(ma) == len(mb) == 4
+    assert "teacher_s" in mb[0] and "teacher_s" not in ma[0]  # the live teacher really ran
+    for ra, rb in zip(ma, mb):
+        for key in ("loss", "ce", "kd"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-5), (key, ra, rb)
+    assert_close_weights(final_weights(a), final_weights(b), atol=1e-5)
+
+
+def test_normalised_by_step_tokens(fp32_cache, gpt2_student, tmp_path):
+    """batch 8 x accumulation 1 == batch 2 x accumulation 4 (same global batches, same result)."""
+    a = run(cfg(gpt2_student, tmp_path / "b8", cache=str(fp32_cache), method="dskd", batch_size=8, grad_accum=1))
+    b = run(cfg(gpt2_student, tmp_path / "b2", cache=str(fp32_cache), method="dskd", batch_size=2, grad_accum=4))
+    for ra, rb in zip(metrics(a), metrics(b)):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+        assert ra["response_tokens"] == rb["response_tokens"]
+    assert_close_weights(final_weights(a), final_weights(b), atol=2e-6)
+
+
+def dropout_student(gpt2_student: Path, out: Path) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    m = AutoModelForCausalLM.from_pretrained(str(gpt2_student))
+    m.config.resid_pdrop = m.config.embd_pdrop = m.config.attn_pdrop = 0.1
+    m.save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(gpt2_student)).save_pretrained(str(out))
+    return out
+
+
+def test_exact_resume(fp32_cache, gpt2_student, tmp_path):
+    """Killed mid-epoch after step 5 (checkpoint at 4), resumed: same weights as an uninterrupted run.
+    The student has dropout, so the RNG state must be restored too."""
+    student = dropout_student(gpt2_student, tmp_path / "student")
+    common = dict(cache=str(fp32_cache), method="dskd", max_steps=7, save_steps=2, lr_schedule="cosine",
+                  warmup_ratio=0.2, batch_size=2, grad_accum=1)
+    full = run(cfg(student, tmp_path / "full", **common))
+
+    class Killed(Exception):
+        pass
+
+    def kill(step: int) -> None:
+        if step == 5:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(cfg(student, tmp_path / "resumed", **common), on_step=kill)
+    assert not (tmp_path / "resumed" / "student").exists()
+    resumed = run(cfg(student, tmp_path / "resumed", resume=True, **common))
+    wa, wb = final_weights(full), final_weights(resumed)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    steps = [r["step"] for r in metrics(resumed)]
+    assert steps == [1, 2, 3, 4, 5, 5, 6, 7]  # step 5 was logged, lost with the kill, and redone
+    assert [r["loss"] for r in metrics(full)][4:] == pytest.approx([r["loss"] for r in metrics(resumed)][5:], rel=1e-6)
+
+
+def test_lora_adapter_and_merged_student(fp32_cache, gpt2_student, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = run(cfg(gpt2_student, tmp_path / "lora", cache=str(fp32_cache), method="kd", lora_rank=4, lora_alpha=8,
+                  lr=5e-2, max_steps=2))
+    assert (out / "adapter" / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(str(out / "student")).eval()
+    base = AutoModelForCausalLM.from_pretrained(str(gpt2_student)).eval()
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(gpt2_student)), str(out / "adapter")).eval()
+    x = torch.tensor([[5, 17, 33, 60, 2]])
+    with torch.no_grad():
+        lm, la, lb = merged(x).logits, with_adapter(x).logits, base(x).logits
+    assert torch.allclose(lm, la, atol=1e-4)
+    assert not torch.allclose(lm, lb, atol=1e-4)  # training changed something
+
+
+def other_tokenizer_student(tmp_path: Path) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["a different corpus gives a different vocabulary"] * 4,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    m = GPT2LMHeadModel(GPT2Config(vocab_size=len(fast), n_embd=16, n_layer=1, n_head=2))
+    m.save_pretrained(str(tmp_path))
+    fast.save_pretrained(str(tmp_path))
+    return tmp_path
+
+
+def test_refusals(fp32_cache, llama_teacher, corpus, gpt2_student, tmp_path):
+    from dskd_batch.cache_teacher import run as cache_run
+    from dskd_batch.config import CacheConfig
+
+    with pytest.raises(DskdError, match="align") as e:
+        run(cfg(other_tokenizer_student(tmp_path / "other"), tmp_path / "r1", cache=str(fp32_cache), method="kd"))
+    assert "tokenizer" in str(e.value)
+
+    nohidden = tmp_path / "nohidden"
+    cache_run(CacheConfig(teacher=str(llama_teacher), data=str(corpus), out=str(nohidden), hidden="none", max_len=96,
+                          max_prompt_len=64), progress=False)
+    with pytest.raises(DskdError, match="hidden none") as e:
+        run(cfg(gpt2_student, tmp_path / "r2", cache=str(nohidden), method="dskd"))
+    assert "--hidden fp16" in str(e.value)
+    run(cfg(gpt2_student, tmp_path / "r2b", cache=str(nohidden), method="kd", max_steps=1))  # top-k suffices for KD
+
+    with pytest.raises(DskdError, match="seqkd"):
+        run(cfg(gpt2_student, tmp_path / "r3", cache=str(fp32_cache), method="seqkd"))
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(fp32_cache, corrupt)
+    victim = next(p for p in sorted((corrupt / "shards" / "shard.00001" / "tokens" / "hidden").rglob("*")) if p.is_file() and p.name != "zarr.json")
+    victim.write_bytes(victim.read_bytes()[:-3] + b"xyz")
+    with pytest.raises(DskdError, match="shard.00001"):
+        run(cfg(gpt2_student, tmp_path / "r4", cache=str(corrupt), method="dskd"))
+    assert not (tmp_path / "r4").exists()  # refused before anything was written
+
+    with pytest.raises(DskdError, match="global batch"):
+        run(cfg(gpt2_student, tmp_path / "r5", cache=str(fp32_cache), batch_size=8, grad_accum=4))
+
+    done = run(cfg(gpt2_student, tmp_path / "r6", cache=str(fp32_cache), method="sft", max_steps=1))
+    with pytest.raises(DskdError, match="--resume"):
+        run(cfg(gpt2_student, tmp_path / "r6", cache=str(fp32_cache), method="sft", max_steps=1))
+    ck = sorted((done / "checkpoints").iterdir())[-1]
+    (ck / "optim.pt").write_bytes(b"garbage")
+    with pytest.raises(DskdError, match="optim.pt"):
+        run(cfg(gpt2_student, tmp_path / "r6", cache=str(fp32_cache), method="sft", max_steps=2, resume=True))
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_equals_single_process(fp32_cache, gpt2_student, tmp_path):
+    """2 processes x batch 2 x accumulation 2 == 1 process x batch 2 x accumulation 4 (same global batch)."""
+    import os
+    import subprocess
+    import sys
+
+    single = run(cfg(gpt2_student, tmp_path / "single", cache=str(fp32_cache), method="dskd", grad_accum=4))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+           "-m", "dskd_batch", "distill", "--cache", str(fp32_cache), "--student", str(gpt2_student),
+           "--out", str(tmp_path / "ddp"), "--method", "dskd", "--batch-size", "2", "--grad-accum", "2",
+           "--lr", "1e-3", "--projector-lr", "1e-3", "--max-steps", "3", "--device", "cpu", "--lr-schedule", "constant"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    ddp = tmp_path / "ddp"
+    assert json.loads((ddp / "run.json").read_text())["world_size"] == 2
+    for ra, rb in zip(metrics(single), metrics(ddp)):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+    assert_close_weights(final_weights(single), final_weights(ddp), atol=1e-5)
