@@ -101,6 +101,9 @@ def build_settings(cfg: CacheConfig, tok: Any, prep: Prepared, model: Any | None
         "storage": {"hidden": cfg.hidden, "top_k": cfg.top_k, "shard_size": cfg.shard_size,
                     "compression_level": cfg.compression_level},
     }
+    if cfg.generate:
+        s["generation"] = {"max_new_tokens": cfg.gen_max_new_tokens, "temperature": cfg.gen_temperature,
+                           "top_p": cfg.gen_top_p, "seed": cfg.gen_seed}
     if model is not None:
         head = model.get_output_embeddings()
         V, d = head.weight.shape
@@ -214,9 +217,17 @@ def shard_done(out: Path, s: int) -> bool:
 
 
 def write_shard(out: Path, s: int, cfg: CacheConfig, settings: dict[str, Any], prep: Prepared, tf: TeacherForward,
-                codec: HiddenCodec | None, weight: torch.Tensor, bias: torch.Tensor | None, pbar: Any) -> None:
+                codec: HiddenCodec | None, weight: torch.Tensor, bias: torch.Tensor | None, pbar: Any,
+                tok: Any = None) -> None:
     lo, hi = s * cfg.shard_size, min(len(prep.examples), (s + 1) * cfg.shard_size)
     members = list(range(lo, hi))
+    responses = {i: prep.examples[i].response for i in members}
+    if cfg.generate:
+        responses = generate_shard(tf.model, tok, cfg, prep, members, seed=cfg.gen_seed * 1_000_003 + s)
+        prep = Prepared(prep.examples, prep.prompts, list(prep.encoded), prep.skipped)
+        for i in members:
+            prep.encoded[i] = encode(tok, prep.prompts[i], responses[i], max_prompt_len=cfg.max_prompt_len,
+                                     max_len=cfg.max_len, template=cfg.template)
     lengths = [len(prep.encoded[i].input_ids) for i in members]
     fid = FidelityAccumulator()
     specs = array_specs(settings, codec)
@@ -250,11 +261,31 @@ def write_shard(out: Path, s: int, cfg: CacheConfig, settings: dict[str, Any], p
                     fid.add(res)
                 ex = prep.examples[i]
                 w.add({"order": i, "id": ex.id, "instruction": ex.instruction, "input": ex.input,
-                       "prompt": prep.prompts[i], "response": ex.response, "source": ex.source,
+                       "prompt": prep.prompts[i], "response": responses[i], "source": ex.source,
                        "prompt_len": enc.prompt_len, "n_tokens": n}, arrays)
                 if pbar is not None:
                     pbar.update(n)
         w.extra_meta["fidelity"] = fid.result()
+
+
+def generate_shard(model: Any, tok: Any, cfg: CacheConfig, prep: Prepared, members: list[int], *,
+                   seed: int) -> dict[int, str]:
+    """The teacher's sampled response text for each example of a shard (SeqKD)."""
+    from .generation import SamplingSettings, sample_responses
+
+    pad_id = tok.pad_token_id
+    settings = SamplingSettings(cfg.gen_max_new_tokens, cfg.gen_temperature, cfg.gen_top_p)
+    torch.manual_seed(seed)
+    out: dict[int, str] = {}
+    order = sorted(members, key=lambda i: (-prep.encoded[i].prompt_len, i))
+    for b in range(0, len(order), cfg.gen_batch_size):
+        rows = order[b:b + cfg.gen_batch_size]
+        prompts = [prep.encoded[i].input_ids[:prep.encoded[i].prompt_len] for i in rows]
+        caps = [min(cfg.gen_max_new_tokens, cfg.max_len - 1 - len(p)) for p in prompts]
+        new = sample_responses(model, prompts, pad_id=pad_id, eos_id=tok.eos_token_id, settings=settings, max_new=caps)
+        for i, ids in zip(rows, new):
+            out[i] = tok.decode(ids, skip_special_tokens=True).strip()
+    return out
 
 
 def decide_logits_source(settings: dict[str, Any], fidelity: dict[str, Any]) -> tuple[str, bool]:
@@ -343,7 +374,8 @@ def _run(cfg: CacheConfig, ctx: DistContext, progress: bool) -> Path:
     existing = read_json(out / SETTINGS) if (out / SETTINGS).exists() else None
     if existing is not None:
         diff = settings_diff(existing, build_settings(cfg, tok, prep, None, dtype),
-                             only={"tokenizer", "data", "template", "limits", "storage", "num_examples", "num_shards"})
+                             only={"tokenizer", "data", "template", "limits", "storage", "generation", "num_examples",
+                                   "num_shards"})
         diff = [d for d in diff if not d.startswith("storage.topk_index_dtype")]
         if diff:
             raise DskdError([f"{out} was built with different settings:"] + diff,
@@ -392,7 +424,7 @@ def _run(cfg: CacheConfig, ctx: DistContext, progress: bool) -> Path:
         pbar = tqdm(total=tokens, unit="tok", unit_scale=True, desc="cache-teacher", dynamic_ncols=True)
     try:
         for s in todo:
-            write_shard(out, s, cfg, settings, prep, tf, codec, weight, bias, pbar)
+            write_shard(out, s, cfg, settings, prep, tf, codec, weight, bias, pbar, tok)
     finally:
         if pbar is not None:
             pbar.close()

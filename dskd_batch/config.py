@@ -80,6 +80,18 @@ class CacheConfig:
     "Examples per shard whose reconstructed logits are checked against the real ones at write time (the manifest aggregates all shards)."
     split: str | None = None
     "Split to read from a saved DatasetDict folder (default: `train`)."
+    generate: bool = False
+    "SeqKD: replace each response by one the teacher samples for the prompt, and cache the teacher on that."
+    gen_max_new_tokens: int = 256
+    "--generate: most new tokens per response (also capped by max_len)."
+    gen_temperature: float = 1.0
+    "--generate: sampling temperature (0: greedy)."
+    gen_top_p: float = 1.0
+    "--generate: nucleus sampling threshold."
+    gen_seed: int = 0
+    "--generate: seed (each shard is seeded from it, so a resumed run regenerates identically)."
+    gen_batch_size: int = 16
+    "--generate: prompts sampled together."
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -112,6 +124,10 @@ class CacheConfig:
             problems.append(f"compression_level must be in 0..9, got {self.compression_level}")
         if self.fidelity_sample < 0:
             problems.append(f"fidelity_sample must be >= 0, got {self.fidelity_sample}")
+        if self.gen_max_new_tokens < 1 or self.gen_batch_size < 1:
+            problems.append("gen_max_new_tokens and gen_batch_size must be >= 1")
+        if self.gen_temperature < 0 or not 0 < self.gen_top_p <= 1:
+            problems.append(f"gen_temperature must be >= 0 and gen_top_p in (0, 1]; got {self.gen_temperature}, {self.gen_top_p}")
         if problems:
             raise DskdError(problems)
 

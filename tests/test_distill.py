@@ -226,3 +226,37 @@ def test_torchrun_ddp_equals_single_process(fp32_cache, gpt2_student, tmp_path):
     for ra, rb in zip(metrics(single), metrics(ddp)):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
     assert_close_weights(final_weights(single), final_weights(ddp), atol=1e-5)
+
+
+def test_seqkd_generate_then_train(llama_teacher, corpus, gpt2_student, tmp_path):
+    """cache-teacher --generate stores the teacher's sampled responses (deterministic per seed, so a
+    rerun or resume gives the same cache), the cached teacher outputs are on those responses, and
+    --method seqkd trains on them."""
+    from conftest import assert_same_cache
+    from dskd_batch import open_cache
+    from dskd_batch.cache_teacher import run as cache_run
+    from dskd_batch.config import CacheConfig
+    from dskd_batch.data import load_examples
+    from dskd_batch.models import load_tokenizer
+
+    base = dict(teacher=str(llama_teacher), data=str(corpus), hidden="fp32", max_len=64, max_prompt_len=48,
+                shard_size=5, generate=True, gen_max_new_tokens=8, gen_seed=7)
+    a, b = tmp_path / "gen-a", tmp_path / "gen-b"
+    cache_run(CacheConfig(out=str(a), **base), progress=False)
+    cache_run(CacheConfig(out=str(b), **base), progress=False)
+    assert_same_cache(a, b)
+    c = open_cache(a)
+    assert c.settings["generation"]["seed"] == 7
+    originals = {ex.response for ex in load_examples(corpus).examples}
+    tok = load_tokenizer(llama_teacher)
+    for i in range(len(c)):
+        r = c[i]
+        assert r["response"] not in originals
+        # the cached tokens are prompt + the generated response text re-tokenised (+ EOS), within max_len
+        decoded = tok.decode(r["input_ids"][r["prompt_len"]:-1].tolist()).strip()
+        assert decoded == r["response"] or (r["response"].startswith(decoded) and len(r["input_ids"]) == 64)
+        assert len(r["input_ids"]) <= 64 and int(r["input_ids"][-1]) == tok.eos_token_id
+    out = run(cfg(gpt2_student, tmp_path / "seqkd", cache=str(a), method="seqkd", max_steps=2))
+    assert len(metrics(out)) == 2
+    with pytest.raises(DskdError, match="different settings"):
+        cache_run(CacheConfig(out=str(a), **{**base, "gen_seed": 8}), progress=False)

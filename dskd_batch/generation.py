@@ -1,0 +1,53 @@
+"""Batched sampling from a causal LM: the teacher's responses for SeqKD (stage one, ``--generate``),
+and later the student's samples (on-policy) and evaluation.
+
+Prompts are left-padded so every row's new tokens start at the same column; generation stops at
+EOS (the new tokens after the first EOS are dropped). Sampling is seeded by the caller, so the
+same prompts and seed give the same responses (a resumed cache regenerates a shard identically).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"do_sample": self.temperature > 0}
+        if self.temperature > 0:
+            kw.update(temperature=self.temperature, top_p=self.top_p, top_k=0)
+        if self.no_repeat_ngram_size:
+            kw["no_repeat_ngram_size"] = self.no_repeat_ngram_size
+        return kw
+
+
+@torch.no_grad()
+def sample_responses(model: Any, prompts: list[list[int]], *, pad_id: int, eos_id: int, settings: SamplingSettings,
+                     max_new: list[int] | None = None) -> list[list[int]]:
+    """New token ids for each prompt (EOS and what follows it removed); ``max_new`` caps each row."""
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    limit = max(max_new) if max_new else settings.max_new_tokens
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(1, limit),
+                         pad_token_id=pad_id, eos_token_id=eos_id, **settings.generate_kwargs())
+    new = out[:, width:].tolist()
+    res = []
+    for i, row in enumerate(new):
+        if eos_id in row:
+            row = row[:row.index(eos_id)]
+        res.append(row[: max_new[i]] if max_new else row)
+    return res
