@@ -100,6 +100,17 @@ def distill_cmd(**kwargs: Any) -> None:
     click.echo(f"run: {out}")
 
 
+@main.command("init-student")
+@click.option("--from", "source", required=True, help="Teacher model to take the layers from (folder, .gguf, pkg:NAME).")
+@click.option("--layers", type=int, required=True, help="Layers to keep (evenly spaced; first and last kept).")
+@click.option("--out", required=True, help="Folder for the student (Hugging Face format).")
+def init_student_cmd(source: str, layers: int, out: str) -> None:
+    """Build a same-family student from K of a model's layers (weights copied)."""
+    from .student import init_student
+
+    click.echo(f"student: {init_student(source, layers, out)}")
+
+
 @main.command("cache-info")
 @click.argument("cache", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
