@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import click
 
-from .config import CacheConfig, DistillConfig, field_docs
+from .config import CacheConfig, DistillConfig, EvalConfig, field_docs
 from .errors import DskdError
 
 
@@ -98,6 +98,30 @@ def distill_cmd(**kwargs: Any) -> None:
 
     out = run(DistillConfig(**kwargs))
     click.echo(f"run: {out}")
+
+
+@main.command("evaluate")
+@config_options(EvalConfig)
+def evaluate_cmd(**kwargs: Any) -> None:
+    """Generate responses for test sets and score them (Rouge-L over seeds, exact match, math, pass@1)."""
+    from .evaluate import run
+
+    out = run(EvalConfig(**kwargs))
+    click.echo((out / "report.md").read_text())
+    click.echo(f"report: {out}")
+
+
+@main.command("report")
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--out", default=None, help="Write the Markdown table here (and the training curves beside it as .png).")
+def report_cmd(runs: tuple[str, ...], out: str | None) -> None:
+    """Put several runs' (or reports') scores side by side, like the papers' tables."""
+    from .evaluate import report
+
+    table, png = report(list(runs), out)
+    click.echo(table)
+    if png is not None:
+        click.echo(f"curves: {png}")
 
 
 @main.command("init-student")

@@ -285,3 +285,60 @@ class DistillConfig:
             problems.append(f"limit must be >= 1, got {self.limit}")
         if problems:
             raise DskdError(problems)
+
+
+@dataclass
+class EvalConfig:
+    """Settings of `dskd-batch evaluate`."""
+
+    model: str
+    "A run folder written by `distill` (its student and prompt settings are used) or a model (folder, .gguf, pkg:NAME)."
+    data: str
+    "Test set(s): comma-separated .jsonl/.parquet/datasets paths (instruction rows, or HumanEval rows for pass@1)."
+    out: str | None = None
+    "Report folder (report.json + report.md); default: RUN/eval for a run folder."
+    seeds: str = "10,20,30,40,50"
+    "Sampling seeds; scores are averaged over them (mean and std)."
+    temperature: float = 1.0
+    "Sampling temperature (0: greedy, one pass whatever --seeds says)."
+    top_p: float = 1.0
+    "Nucleus sampling threshold."
+    no_repeat_ngram_size: int = 6
+    "Block repeated n-grams of this size (0: off), as the papers do."
+    max_new_tokens: int = 256
+    "Most new tokens per response."
+    batch_size: int = 16
+    "Prompts generated together (left-padded)."
+    template: str | None = None
+    "Prompt template for a plain model (a run folder records its own): alpaca, chat or none."
+    max_prompt_len: int | None = None
+    "Prompt tokens kept (default: the run's, else 256)."
+    limit: int | None = None
+    "Use only the first N examples of each test set."
+    device: str = "auto"
+    "auto (the GPU when there is one), cpu, cuda, ..."
+    code_timeout: float = 10.0
+    "Seconds a code completion may run against its tests."
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        try:
+            seeds = [int(s) for s in self.seeds.split(",") if s.strip()]
+            if not seeds:
+                problems.append("--seeds names no seed")
+        except ValueError:
+            problems.append(f"--seeds must be comma-separated integers, got {self.seeds!r}")
+        if self.template is not None and self.template not in TEMPLATES:
+            problems.append(f"template must be one of {TEMPLATES}, got {self.template!r}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            problems.append("temperature must be >= 0 and top_p in (0, 1]")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            problems.append("max_new_tokens and batch_size must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            problems.append(f"limit must be >= 1, got {self.limit}")
+        if problems:
+            raise DskdError(problems)
+
+    @property
+    def seed_list(self) -> list[int]:
+        return [int(s) for s in self.seeds.split(",") if s.strip()]

@@ -1,0 +1,250 @@
+"""`dskd-batch evaluate` and `dskd-batch report`.
+
+evaluate: generate responses for each test set (batched, left-padded, the run's own prompt
+template and prompt length, sampling over seeds or greedy) and score them (:mod:`.scoring`):
+Rouge-L, exact match and final-number accuracy for instruction sets; pass@1 for HumanEval-style
+sets (rows with ``prompt``, ``test``, ``entry_point``). Writes ``report.json`` (settings,
+fingerprints, per-example generations, per-seed and mean/std scores) and ``report.md``.
+
+report: put several reports (or runs, which hold one under ``eval/``) side by side, one row per
+run and one column per test set plus the average, and plot each run's training curves from its
+``metrics.jsonl`` (PNG).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .cache.format import atomic_write_json
+from .config import EvalConfig
+from .data import Example, data_fingerprint, load_examples, render_prompt
+from .errors import DskdError
+from .generation import SamplingSettings, sample_responses
+from .models import load_causal_lm, load_tokenizer, model_fingerprint, resolve_device
+from .scoring import METRICS, pass_at_1, truncate_code
+
+log = logging.getLogger(__name__)
+
+PRIMARY = {"text": "rougeL", "code": "pass@1"}
+
+
+def resolve_model(cfg: EvalConfig) -> tuple[str, dict[str, Any], Path]:
+    """(model spec, prompt settings, default report folder)."""
+    p = Path(cfg.model)
+    if (p / "run.json").exists():
+        run = json.loads((p / "run.json").read_text())
+        if not (p / "student" / "config.json").exists():
+            raise DskdError(f"run {p} has no final student yet (status: {run.get('status')})",
+                            hint="finish or resume the run first")
+        prompt = dict(run["prompt"])
+        if cfg.template is not None and cfg.template != prompt["template"]:
+            raise DskdError(f"run {p} was trained with template {prompt['template']!r}, not {cfg.template!r}",
+                            hint="drop --template: a run's own template is used")
+        if cfg.max_prompt_len is not None:
+            prompt["max_prompt_len"] = cfg.max_prompt_len
+        return str(p / "student"), prompt, p / "eval"
+    if not p.exists() and not cfg.model.startswith("pkg:") and "/" not in cfg.model:
+        raise DskdError(f"model not found: {cfg.model}")
+    prompt = {"template": cfg.template or "alpaca", "max_prompt_len": cfg.max_prompt_len or 256}
+    return cfg.model, prompt, Path("eval-out")
+
+
+def load_test_set(path: str, limit: int | None) -> tuple[str, list[dict[str, Any]]]:
+    """("text" | "code", rows with id, prompt fields and references)."""
+    p = Path(path)
+    if not p.exists():
+        raise DskdError(f"test set not found: {p}")
+    if p.suffix in (".jsonl", ".json"):
+        first = None
+        with p.open() as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        first = json.loads(line)
+                    except json.JSONDecodeError:
+                        break
+                    break
+        if isinstance(first, dict) and {"prompt", "test", "entry_point"} <= set(first):
+            rows = []
+            for i, line in enumerate(p.open()):
+                if line.strip():
+                    r = json.loads(line)
+                    missing = {"prompt", "test", "entry_point"} - set(r)
+                    if missing:
+                        raise DskdError(f"{p}:{i + 1}: a code problem needs {sorted(missing)}")
+                    rows.append({"id": r.get("task_id", str(i)), **r})
+            rows = rows[:limit] if limit else rows
+            if not rows:
+                raise DskdError(f"{p}: the test set is empty")
+            return "code", rows
+    examples = load_examples(p, limit=limit).examples
+    return "text", [{"id": ex.id, "example": ex, "references": [ex.response]} for ex in examples]
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    return {"per_seed": values, "mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0}
+
+
+def run(cfg: EvalConfig, *, progress: bool = True) -> Path:
+    spec, prompt, default_out = resolve_model(cfg)
+    out = Path(cfg.out) if cfg.out else default_out
+    sets = {}
+    for path in [s.strip() for s in cfg.data.split(",") if s.strip()]:
+        sets[Path(path).stem if Path(path).stem not in sets else path] = (path, *load_test_set(path, cfg.limit))
+    tok = load_tokenizer(spec)
+    device = resolve_device(cfg.device)
+    model = load_causal_lm(spec, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16, device=device)
+    seeds = cfg.seed_list if cfg.temperature > 0 else [cfg.seed_list[0]]
+    sampling = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.no_repeat_ngram_size)
+    report: dict[str, Any] = {
+        "model": cfg.model, "model_fingerprint": model_fingerprint(model), "prompt": prompt,
+        "settings": {"seeds": seeds, **sampling.__dict__, "batch_size": cfg.batch_size}, "sets": {},
+    }
+    pbar = None
+    total = sum(len(rows) for _, _, rows in sets.values()) * len(seeds)
+    if progress:
+        from tqdm import tqdm
+
+        pbar = tqdm(total=total, unit="ex", desc="evaluate", dynamic_ncols=True)
+    try:
+        for name, (path, kind, rows) in sets.items():
+            report["sets"][name] = _evaluate_set(model, tok, kind, rows, prompt, seeds, sampling, cfg, pbar)
+            report["sets"][name]["path"] = path
+    finally:
+        if pbar is not None:
+            pbar.close()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "report.json", report)
+    (out / "report.md").write_text(markdown_table([(cfg.model, report)]) + "\n")
+    return out
+
+
+def _prompt_ids(tok: Any, kind: str, row: dict[str, Any], prompt: dict[str, Any]) -> tuple[str, list[int]]:
+    if kind == "code":
+        text = row["prompt"]
+        return text, tok(text, add_special_tokens=False)["input_ids"]
+    text = render_prompt(row["example"], prompt["template"], tok)
+    ids = tok(text, add_special_tokens=prompt["template"] != "chat")["input_ids"][: prompt["max_prompt_len"]]
+    return text, ids
+
+
+def _evaluate_set(model: Any, tok: Any, kind: str, rows: list[dict[str, Any]], prompt: dict[str, Any], seeds: list[int],
+                  sampling: SamplingSettings, cfg: EvalConfig, pbar: Any) -> dict[str, Any]:
+    encoded = [_prompt_ids(tok, kind, r, prompt) for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: (-len(encoded[i][1]), i))
+    outputs: dict[int, list[str]] = {s: [""] * len(rows) for s in seeds}
+    for seed in seeds:
+        torch.manual_seed(seed)
+        for b in range(0, len(order), cfg.batch_size):
+            idx = order[b:b + cfg.batch_size]
+            new = sample_responses(model, [encoded[i][1] for i in idx], pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
+                                   settings=sampling)
+            for i, ids in zip(idx, new):
+                text = tok.decode(ids, skip_special_tokens=True)
+                outputs[seed][i] = truncate_code(text) if kind == "code" else text.strip()
+            if pbar is not None:
+                pbar.update(len(idx))
+    scores: dict[str, list[float]] = {}
+    per_example = []
+    for i, r in enumerate(rows):
+        ex_scores: dict[str, dict[int, float]] = {}
+        for seed in seeds:
+            pred = outputs[seed][i]
+            if kind == "code":
+                vals = {"pass@1": pass_at_1(r, pred, timeout=cfg.code_timeout)}
+            else:
+                vals = {m: fn(pred, r["references"]) for m, fn in METRICS.items()}
+            for m, v in vals.items():
+                ex_scores.setdefault(m, {})[seed] = v
+        per_example.append({"id": r["id"], "prompt": encoded[i][0],
+                            "references": r.get("references", [r.get("canonical_solution", "")]),
+                            "outputs": {str(s): outputs[s][i] for s in seeds}, "scores": ex_scores})
+    for m in per_example[0]["scores"]:
+        scores[m] = [statistics.fmean(e["scores"][m][s] for e in per_example) for s in seeds]
+    fp_rows = [r["example"] for r in rows] if kind == "text" else [Example(r["id"], r["prompt"], "", r["test"], "") for r in rows]
+    return {"kind": kind, "primary": PRIMARY[kind], "examples": len(rows), "data_fingerprint": data_fingerprint(fp_rows),
+            "metrics": {m: _stats(v) for m, v in scores.items()}, "generations": per_example}
+
+
+# -- report --------------------------------------------------------------------------------------
+
+def load_report(path: str | Path) -> tuple[str, dict[str, Any], Path | None]:
+    """(label, report, run folder or None) for a report.json, a report folder or a run folder."""
+    p = Path(path)
+    run_dir = p if (p / "run.json").exists() else None
+    for cand in (p, p / "report.json", p / "eval" / "report.json"):
+        if cand.is_file():
+            return (run_dir.name if run_dir else cand.parent.name), json.loads(cand.read_text()), run_dir
+    if run_dir is not None:
+        return run_dir.name, {"sets": {}}, run_dir
+    raise DskdError(f"no report found at {p} (looked for report.json and eval/report.json)",
+                    hint="run `dskd-batch evaluate --model RUN --data TEST` first")
+
+
+def markdown_table(items: list[tuple[str, dict[str, Any]]]) -> str:
+    sets: list[str] = []
+    for _, rep in items:
+        sets += [s for s in rep["sets"] if s not in sets]
+    head = "| run | " + " | ".join(sets) + " | average |\n|---|" + "---|" * (len(sets) + 1)
+    lines = [head]
+    for label, rep in items:
+        cells, means = [], []
+        for s in sets:
+            info = rep["sets"].get(s)
+            if info is None:
+                cells.append("–")
+                continue
+            st = info["metrics"][info["primary"]]
+            means.append(st["mean"])
+            cells.append(f"{st['mean']:.2f} ± {st['std']:.2f}")
+        avg = f"{statistics.fmean(means):.2f}" if means else "–"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {avg} |")
+    return "\n".join(lines)
+
+
+def plot_curves(runs: list[tuple[str, Path]], out: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = 0
+    for label, run_dir in runs:
+        mf = run_dir / "metrics.jsonl"
+        if not mf.exists():
+            continue
+        rows = [json.loads(x) for x in mf.read_text().splitlines() if x.strip()]
+        last: dict[int, float] = {}
+        for r in rows:  # a resumed run logs some steps twice: keep the latest
+            last[r["step"]] = r["loss"]
+        ax.plot(list(last), list(last.values()), label=label)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (per response token)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def report(paths: list[str], out: str | None) -> tuple[str, Path | None]:
+    items = [load_report(p) for p in paths]
+    table = markdown_table([(label, rep) for label, rep, _ in items])
+    png = None
+    if out:
+        o = Path(out)
+        o.parent.mkdir(parents=True, exist_ok=True)
+        o.write_text(table + "\n")
+        png = plot_curves([(label, r) for label, _, r in items if r is not None], o.with_suffix(".png"))
+    return table, png
