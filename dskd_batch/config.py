@@ -279,6 +279,8 @@ class DistillConfig:
             problems.append("weight_decay, grad_clip, save_steps and lora_rank must be >= 0")
         if self.only_student_space and self.only_teacher_space:
             problems.append("--only-student-space and --only-teacher-space exclude each other")
+        if self.max_len < self.max_prompt_len + 2:
+            problems.append(f"max_len ({self.max_len}) must be >= max_prompt_len + 2 ({self.max_prompt_len + 2})")
         if (self.only_student_space or self.only_teacher_space) and self.method != "dskd":
             problems.append("--only-student-space / --only-teacher-space are DSKD ablations (use --method dskd)")
         if self.limit is not None and self.limit < 1:

