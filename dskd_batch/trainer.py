@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .batches import MicroBatch, epoch_order, global_batches, response_tokens, step_loader
-from .cache.format import atomic_write_json, file_table, read_json, sha256_file, tmp_path
+from .cache.format import TMP_MARK, atomic_write_json, file_table, read_json, sha256_file, tmp_path
 from .distributed import DistContext
 from .errors import DskdError
 from .methods import Method, TeacherHead
@@ -156,7 +156,8 @@ def list_checkpoints(run: Path) -> list[Path]:
     d = run / CHECKPOINTS
     if not d.exists():
         return []
-    return sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE).exists())
+    return sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith("step-") and TMP_MARK not in p.name
+                  and (p / STATE).exists())
 
 
 def verify_checkpoint(ck: Path) -> dict[str, Any]:
@@ -214,6 +215,8 @@ class Trainer:
         else:
             rank_rng = [rng_state()]
         if self.ctx.is_main:
+            for old in (self.run_dir / CHECKPOINTS).glob(f"*{TMP_MARK}*"):  # leftovers of a killed run
+                shutil.rmtree(old, ignore_errors=True)
             tmp = tmp_path(final)
             tmp.mkdir(parents=True)
             save_student(self.module.student, tmp / "student")

@@ -260,3 +260,38 @@ def test_seqkd_generate_then_train(llama_teacher, corpus, gpt2_student, tmp_path
     assert len(metrics(out)) == 2
     with pytest.raises(DskdError, match="different settings"):
         cache_run(CacheConfig(out=str(a), **{**base, "gen_seed": 8}), progress=False)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume(fp32_cache, gpt2_student, tmp_path):
+    """A real SIGKILL of `dskd-batch distill` after a mid-epoch checkpoint; --resume ends with the
+    same weights as an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    student = dropout_student(gpt2_student, tmp_path / "student")
+    args = ["--cache", str(fp32_cache), "--student", str(student), "--method", "dskd", "--batch-size", "2",
+            "--max-steps", "40", "--save-steps", "2", "--lr", "1e-3", "--device", "cpu", "--keep-checkpoints", "50"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    full = tmp_path / "full"
+    p = subprocess.run([sys.executable, "-m", "dskd_batch", "distill", "--out", str(full), *args], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "dskd_batch", "distill", "--out", str(killed), *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (killed / "checkpoints" / "step-0000008").exists():
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "student").exists()  # it really died before the end
+    p = subprocess.run([sys.executable, "-m", "dskd_batch", "distill", "--out", str(killed), "--resume", *args],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "resumed from" in p.stderr
+    wa, wb = final_weights(full), final_weights(killed)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
