@@ -325,8 +325,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         problems: list[str] = []
         try:
-            seeds = [int(s) for s in self.seeds.split(",") if s.strip()]
-            if not seeds:
+            if not self.seed_list:
                 problems.append("--seeds names no seed")
         except ValueError:
             problems.append(f"--seeds must be comma-separated integers, got {self.seeds!r}")

@@ -252,27 +252,19 @@ def _wrapper(cfg: DistillConfig, ctx: DistContext, device: torch.device) -> Call
 
 
 def _write_final(out: Path, module: DistillModule, tok: Any, cfg: DistillConfig) -> None:
-    from .cache.format import tmp_path
+    from .cache.format import replace_dir, tmp_path
 
     student = module.student
     if cfg.lora_rank:
         tmp = tmp_path(out / "adapter")
         save_student(student, tmp, tok)
-        _replace(tmp, out / "adapter")
+        replace_dir(tmp, out / "adapter")
         student = student.merge_and_unload()
     tmp = tmp_path(out / "student")
     save_student(student, tmp, tok)
-    _replace(tmp, out / "student")
+    replace_dir(tmp, out / "student")
     if len(module.projectors):
         save_projectors(module.projectors, out)
-
-
-def _replace(tmp: Path, final: Path) -> None:
-    import shutil
-
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
 
 
 def _peak_memory(device: torch.device) -> dict[str, float]:

@@ -30,7 +30,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .batches import MicroBatch, epoch_order, global_batches, response_tokens, step_loader
-from .cache.format import TMP_MARK, atomic_write_json, file_table, read_json, sha256_file, tmp_path
+from .cache.format import (TMP_MARK, atomic_write_json, file_table, read_json, remove_stale_tmp, replace_dir,
+                           sha256_file, tmp_path)
 from .distributed import DistContext
 from .errors import DskdError
 from .methods import Method, TeacherHead
@@ -215,8 +216,7 @@ class Trainer:
         else:
             rank_rng = [rng_state()]
         if self.ctx.is_main:
-            for old in (self.run_dir / CHECKPOINTS).glob(f"*{TMP_MARK}*"):  # leftovers of a killed run
-                shutil.rmtree(old, ignore_errors=True)
+            remove_stale_tmp(self.run_dir / CHECKPOINTS)
             tmp = tmp_path(final)
             tmp.mkdir(parents=True)
             save_student(self.module.student, tmp / "student")
@@ -227,9 +227,7 @@ class Trainer:
                      "fingerprint": self.plan.fingerprint, "world_size": self.ctx.world_size,
                      "files": file_table(tmp), **self.plan.extra_state}
             atomic_write_json(tmp / STATE, state)
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
+            replace_dir(tmp, final)
             for old in list_checkpoints(self.run_dir)[:-self.plan.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         self.ctx.barrier()

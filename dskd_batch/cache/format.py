@@ -92,5 +92,12 @@ def remove_stale_tmp(folder: Path) -> None:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished temporary folder into place, replacing what was there."""
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
