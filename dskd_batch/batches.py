@@ -28,7 +28,7 @@ import torch
 
 from .cache.reader import TeacherCache
 from .data import Encoded
-from .methods import TeacherBatch
+from .methods import CrossBatch, TeacherBatch
 from .teacher import TeacherForward
 
 Record = dict[str, Any]
@@ -48,6 +48,30 @@ class CacheExamples:
 
     def records(self, idxs: list[int]) -> list[Record]:
         return [self.cache[i] for i in idxs]
+
+
+class AlignedExamples(CacheExamples):
+    """A cache seen by a student with another tokenizer: the student's token ids and the alignment
+    come from the cache's alignment sidecar, the teacher's record from the cache."""
+
+    def __init__(self, cache: TeacherCache, alignment: Any) -> None:
+        super().__init__(cache)
+        self.alignment = alignment
+        self.n_tokens = alignment.student_lengths()
+        self.prompt_len = alignment.student_prompt_len.tolist()
+
+    def records(self, idxs: list[int]) -> list[Record]:
+        out = []
+        for i in idxs:
+            rec = self.cache[i]
+            row = self.alignment.row(i)
+            rec["teacher_input_ids"] = rec.pop("input_ids")
+            rec["teacher_prompt_len"] = rec.pop("prompt_len")
+            rec["input_ids"] = torch.from_numpy(row.pop("student_ids").astype("int64"))
+            rec["prompt_len"] = int(self.alignment.student_prompt_len[i])
+            rec.update({k: torch.from_numpy(v.astype("int64")) for k, v in row.items()})
+            out.append(rec)
+        return out
 
 
 class CorpusExamples:
@@ -123,11 +147,12 @@ class MicroBatch:
     targets: torch.Tensor  # [N]
     teacher: TeacherBatch | None
     tokens: int  # real (unpadded) tokens
+    cross: CrossBatch | None = None
 
     def to(self, device: torch.device) -> "MicroBatch":
         return MicroBatch(self.input_ids.to(device), self.attention_mask.to(device), self.select.to(device),
                           self.targets.to(device), self.teacher.to(device) if self.teacher is not None else None,
-                          self.tokens)
+                          self.tokens, self.cross.to(device) if self.cross is not None else None)
 
 
 def collate(recs: list[Record], pad_id: int, with_teacher: bool) -> MicroBatch:
@@ -143,14 +168,48 @@ def collate(recs: list[Record], pad_id: int, with_teacher: bool) -> MicroBatch:
         mask[b, :n] = 1
         select[b, lo:n - 1] = True
         targets.append(x[lo + 1:n])
-        if with_teacher:
+        if with_teacher and "teacher_input_ids" not in r:
             for k in TEACHER_FIELDS:
                 if r.get(k) is not None:
                     parts[k].append(r[k][lo:n - 1])
     tb = None
-    if with_teacher:
+    if with_teacher and "teacher_input_ids" not in recs[0]:
         tb = TeacherBatch(**{k: (torch.cat(v) if v else None) for k, v in parts.items()})
-    return MicroBatch(ids, mask, select, torch.cat(targets), tb, int(mask.sum()))
+    mb = MicroBatch(ids, mask, select, torch.cat(targets), tb, int(mask.sum()))
+    if with_teacher and "teacher_input_ids" in recs[0]:
+        mb.teacher, mb.cross = _cross_part(recs)
+    return mb
+
+
+def _cross_part(recs: list[Record]) -> tuple[TeacherBatch, CrossBatch]:
+    """The teacher's response positions of records aligned to another tokenizer, and the alignment
+    as flat indices into the micro-batch's student (N) and teacher (M) positions."""
+    parts: dict[str, list] = {k: [] for k in TEACHER_FIELDS}
+    c: dict[str, list] = {k: [] for k in CrossBatch.__dataclass_fields__}
+    off_s = off_t = 0
+    for b, r in enumerate(recs):
+        x, t = r["input_ids"], r["teacher_input_ids"]
+        lo_s, lo_t = max(int(r["prompt_len"]), 1) - 1, max(int(r["teacher_prompt_len"]), 1) - 1
+        n_s, n_t = len(x) - 1 - lo_s, len(t) - 1 - lo_t
+        for k in TEACHER_FIELDS:
+            if r.get(k) is not None:
+                parts[k].append(r[k][lo_t:len(t) - 1])
+        c["eta_s"].append(r["eta_s"] + off_s)
+        c["eta_t"].append(r["eta_t"] + off_t)
+        c["eta_label"].append(r["eta_label"])
+        c["mined_t"].append(torch.where(r["mined_t"] >= 0, r["mined_t"] + off_t, r["mined_t"]))
+        k = torch.arange(min(n_s, n_t))
+        c["uld_s"].append(k + off_s)
+        c["uld_t"].append(k + off_t)
+        c["seg_s"].append(torch.full((n_s,), b))
+        c["seg_t"].append(torch.full((n_t,), b))
+        c["s_inputs"].append(x[lo_s:len(x) - 1])
+        c["t_inputs"].append(t[lo_t:len(t) - 1])
+        c["t_targets"].append(t[lo_t + 1:])
+        off_s += n_s
+        off_t += n_t
+    tb = TeacherBatch(**{k: (torch.cat(v) if v else None) for k, v in parts.items()})
+    return tb, CrossBatch(**{k: torch.cat(v).long() for k, v in c.items()})
 
 
 def prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:

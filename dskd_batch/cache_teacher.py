@@ -28,7 +28,7 @@ from .cache.format import (CODEC_FILE, FORMAT_VERSION, HEAD_FILE, MANIFEST, SETT
 from .cache.reader import LOSSLESS_HIDDEN, load_codec, verify_shard
 from .cache.writer import ShardWriter
 from .codecs import CompactCodec, HiddenCodec, codec_params, make_codec
-from .config import CacheConfig
+from .config import AlignConfig, CacheConfig
 from .data import Encoded, Example, data_fingerprint, encode, length_batches, load_examples, render_prompt, \
     template_fingerprint
 from .distributed import DistContext
@@ -216,9 +216,53 @@ def shard_done(out: Path, s: int) -> bool:
     return (out / SHARDS / shard_name(s) / SHARD_META).exists()
 
 
+class NormStats:
+    """Sums (float64) over the real response positions of every shard, for CMA's normalisation:
+    the teacher's hidden states, the input-token and the target-token embeddings."""
+
+    KEYS = ("hidden", "input_embed", "target_embed")
+
+    def __init__(self, embed: torch.Tensor | None) -> None:
+        self.embed = embed
+        self.sums = {k: [0, 0.0, 0.0] for k in self.KEYS}  # elements, sum, sum of squares
+
+    def _add(self, key: str, x: torch.Tensor) -> None:
+        x = x.double()
+        acc = self.sums[key]
+        acc[0] += x.numel()
+        acc[1] += float(x.sum())
+        acc[2] += float((x * x).sum())
+
+    def add(self, ids: list[int], prompt_len: int, hidden: torch.Tensor | None) -> None:
+        lo, n = max(prompt_len, 1) - 1, len(ids)
+        if hidden is not None:
+            self._add("hidden", hidden[lo:n - 1])
+        if self.embed is not None:
+            t = torch.as_tensor(ids)
+            self._add("input_embed", self.embed[t[lo:n - 1]])
+            self._add("target_embed", self.embed[t[lo + 1:n]])
+
+    @staticmethod
+    def merge(parts: list[dict[str, list]]) -> dict[str, Any]:
+        """Shard sums -> {key: {count, mean, std}} plus ``index_std`` (of [E(x); E(y)] together)."""
+        tot = {k: [0, 0.0, 0.0] for k in NormStats.KEYS}
+        for p in parts:
+            for k, v in p.items():
+                tot[k] = [a + b for a, b in zip(tot[k], v)]
+
+        def stat(n: float, s1: float, s2: float) -> dict[str, float]:
+            mean = s1 / n if n else 0.0
+            return {"count": n, "mean": mean, "std": math.sqrt(max(s2 / n - mean * mean, 0.0)) if n else 0.0}
+
+        out: dict[str, Any] = {k: stat(*v) for k, v in tot.items()}
+        both = [a + b for a, b in zip(tot["input_embed"], tot["target_embed"])]
+        out["index_embed"] = stat(*both)
+        return out
+
+
 def write_shard(out: Path, s: int, cfg: CacheConfig, settings: dict[str, Any], prep: Prepared, tf: TeacherForward,
                 codec: HiddenCodec | None, weight: torch.Tensor, bias: torch.Tensor | None, pbar: Any,
-                tok: Any = None) -> None:
+                tok: Any = None, embed: torch.Tensor | None = None) -> None:
     lo, hi = s * cfg.shard_size, min(len(prep.examples), (s + 1) * cfg.shard_size)
     members = list(range(lo, hi))
     responses = {i: prep.examples[i].response for i in members}
@@ -230,6 +274,7 @@ def write_shard(out: Path, s: int, cfg: CacheConfig, settings: dict[str, Any], p
                                      max_len=cfg.max_len, template=cfg.template)
     lengths = [len(prep.encoded[i].input_ids) for i in members]
     fid = FidelityAccumulator()
+    norm = NormStats(embed)
     specs = array_specs(settings, codec)
     with ShardWriter(out / SHARDS / shard_name(s), specs, compression_level=cfg.compression_level) as w:
         for batch in length_batches(lengths, cfg.batch_tokens):
@@ -259,6 +304,7 @@ def write_shard(out: Path, s: int, cfg: CacheConfig, settings: dict[str, Any], p
                         res["assembled_t1"] = kl_stats(rec["logits"], asm, 1.0)
                         res["assembled_t2"] = kl_stats(rec["logits"], asm, 2.0)
                     fid.add(res)
+                norm.add(enc.input_ids, enc.prompt_len, rec.get("hidden"))
                 ex = prep.examples[i]
                 w.add({"order": i, "id": ex.id, "instruction": ex.instruction, "input": ex.input,
                        "prompt": prep.prompts[i], "response": responses[i], "source": ex.source,
@@ -266,6 +312,7 @@ def write_shard(out: Path, s: int, cfg: CacheConfig, settings: dict[str, Any], p
                 if pbar is not None:
                     pbar.update(n)
         w.extra_meta["fidelity"] = fid.result()
+        w.extra_meta["norm_sums"] = norm.sums
 
 
 def generate_shard(model: Any, tok: Any, cfg: CacheConfig, prep: Prepared, members: list[int], *,
@@ -314,7 +361,7 @@ def finalize(out: Path, *, full_verify: bool = False) -> dict[str, Any]:
                         + (" ..." if len(missing) > 8 else ""),
                         hint="run cache-teacher for the missing --shard-index values (or again without it)")
     problems: list[str] = []
-    shards, fid = [], FidelityAccumulator()
+    shards, fid, norms = [], FidelityAccumulator(), []
     for s in range(n):
         sdir = out / SHARDS / shard_name(s)
         if full_verify:
@@ -323,6 +370,8 @@ def finalize(out: Path, *, full_verify: bool = False) -> dict[str, Any]:
         shards.append({"name": shard_name(s), "examples": meta["examples"], "tokens": meta["tokens"],
                        "bytes": dir_bytes(sdir), "meta_sha256": sha256_file(sdir / SHARD_META)})
         fid.merge(meta.get("fidelity", {}))
+        if "norm_sums" in meta:
+            norms.append(meta["norm_sums"])
     if problems:
         raise DskdError(problems, hint="delete the bad shard folders and re-run cache-teacher")
     total = sum(s["examples"] for s in shards)
@@ -340,6 +389,7 @@ def finalize(out: Path, *, full_verify: bool = False) -> dict[str, Any]:
         "fidelity": fidelity,
         "logits_reconstructable": reconstructable,
         "logits_source": source,
+        "norm_stats": NormStats.merge(norms) if len(norms) == n else None,
         "teacher_files": {rel: sha for rel, (_size, sha) in file_table(out / TEACHER).items()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -354,7 +404,12 @@ def run(cfg: CacheConfig, *, progress: bool = True) -> Path:
     """Write (or resume, or extend with this machine's shards) the cache at ``cfg.out``."""
     ctx = DistContext.from_env()
     try:
-        return _run(cfg, ctx, progress)
+        out = _run(cfg, ctx, progress)
+        if cfg.student_tokenizer and ctx.is_main and (out / MANIFEST).exists():
+            from .align import run as align
+
+            align(AlignConfig(cache=str(out), student_tokenizer=cfg.student_tokenizer))
+        return out
     finally:
         ctx.close()
 
@@ -366,6 +421,8 @@ def _run(cfg: CacheConfig, ctx: DistContext, progress: bool) -> Path:
     if out.is_dir() and any(out.iterdir()) and not (out / SETTINGS).exists():
         raise DskdError(f"--out {out} exists, is not empty and is not a dskd-batch cache", hint="choose another folder")
     tok = load_tokenizer(cfg.teacher)
+    for st in cfg.student_tokenizer:  # a bad --student-tokenizer fails now, not after the teacher ran
+        load_tokenizer(st)
     prep = prepare_corpus(cfg, tok)
     device = resolve_device(cfg.device)
     if ctx.enabled and device.type == "cuda":
@@ -424,7 +481,8 @@ def _run(cfg: CacheConfig, ctx: DistContext, progress: bool) -> Path:
         pbar = tqdm(total=tokens, unit="tok", unit_scale=True, desc="cache-teacher", dynamic_ncols=True)
     try:
         for s in todo:
-            write_shard(out, s, cfg, settings, prep, tf, codec, weight, bias, pbar, tok)
+            write_shard(out, s, cfg, settings, prep, tf, codec, weight, bias, pbar, tok,
+                        embed=head.get("embed_tokens.weight", weight))
     finally:
         if pbar is not None:
             pbar.close()

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import click
 
-from .config import CacheConfig, DistillConfig, EvalConfig, field_docs
+from .config import AlignConfig, CacheConfig, DistillConfig, EvalConfig, field_docs
 from .errors import DskdError
 
 
@@ -27,6 +27,8 @@ def _option_type(tp: Any) -> tuple[Any, bool]:
         tp = args[0]
     if tp is bool:
         return bool, True
+    if typing.get_origin(tp) is tuple:
+        return str, False
     if tp in (int, float, str):
         return tp, False
     return str, False
@@ -47,6 +49,8 @@ def config_options(cls: type, exclude: tuple[str, ...] = ()) -> Callable[[Callab
             kwargs: dict[str, Any] = {"help": docs.get(f.name, ""), "show_default": not required}
             if is_flag:
                 fn = click.option(name, is_flag=True, default=bool(f.default), **kwargs)(fn)
+            elif typing.get_origin(hints[f.name]) is tuple:
+                fn = click.option(name, type=tp, multiple=True, default=f.default, **kwargs)(fn)
             else:
                 default = None if required else f.default
                 fn = click.option(name, type=tp, required=required, default=default, **kwargs)(fn)
@@ -88,6 +92,19 @@ def cache_teacher_cmd(**kwargs: Any) -> None:
 
     out = run(CacheConfig(**kwargs))
     click.echo(f"cache: {out}")
+
+
+@main.command("align")
+@click.argument("cache")
+@config_options(AlignConfig, exclude=("cache",))
+def align_cmd(cache: str, **kwargs: Any) -> None:
+    """Align a cache for student tokenizers (for dskd-eta, dskd-cma, mined and uld); no teacher needed."""
+    from .align import run
+
+    for path, stats in run(AlignConfig(cache=cache, **kwargs)):
+        click.echo(f"alignment: {path}\n  ETA pairs cover {stats['eta_coverage']:.1%} of the student's response tokens "
+                   f"({stats['eta_label_coverage']:.1%} with a teacher top-1 that is one student token); MinED "
+                   f"{stats['mined_coverage']:.1%}; {stats['shared_vocab']} tokens shared by text")
 
 
 @main.command("distill")

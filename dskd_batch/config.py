@@ -92,6 +92,8 @@ class CacheConfig:
     "--generate: seed (each shard is seeded from it, so a resumed run regenerates identically)."
     gen_batch_size: int = 16
     "--generate: prompts sampled together."
+    student_tokenizer: tuple[str, ...] = ()
+    "Also align the cache for this student tokenizer (repeatable) once it is complete, as `dskd-batch align` would."
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -132,12 +134,31 @@ class CacheConfig:
             raise DskdError(problems)
 
 
-METHODS = ("sft", "seqkd", "kd", "dskd")
+SAME_VOCAB_METHODS = ("sft", "seqkd", "kd", "dskd")
+CROSS_VOCAB_METHODS = ("dskd-eta", "dskd-cma", "mined", "uld")
+METHODS = SAME_VOCAB_METHODS + CROSS_VOCAB_METHODS
+DSKD_METHODS = ("dskd", "dskd-eta", "dskd-cma")
 DISTANCE_NAMES = ("fkl", "rkl", "js", "skl", "srkl", "akl")
 SCHEDULES = ("cosine", "linear", "constant")
 PROJECTOR_INITS = ("random", "pinv")
 PRECISIONS = ("fp32", "bf16")
 PARALLEL = ("ddp", "fsdp")
+
+
+@dataclass
+class AlignConfig:
+    """Settings of `dskd-batch align`."""
+
+    cache: str
+    "A complete teacher cache."
+    student_tokenizer: tuple[str, ...] = ()
+    "Student tokenizer (or model folder, .gguf, pkg:NAME) to align the cache for; repeatable."
+    force: bool = False
+    "Recompute an alignment that is already stored."
+
+    def __post_init__(self) -> None:
+        if not self.student_tokenizer:
+            raise DskdError("give at least one --student-tokenizer")
 
 
 @dataclass
@@ -155,7 +176,7 @@ class DistillConfig:
     data: str | None = None
     "Corpus for training without a cache (--teacher, or --method sft)."
     method: str = "dskd"
-    "sft, seqkd (SFT on teacher-generated responses: a cache made with --generate), kd (vanilla KD) or dskd."
+    "sft, seqkd (SFT on teacher-generated responses: a cache made with --generate), kd (vanilla KD), dskd; for a student with another tokenizer (from an aligned cache): dskd-eta (exact token alignment), dskd-cma (cross-model attention), mined or uld."
     distance: str = "fkl"
     "Distance of the KD term: fkl, rkl, js, skl, srkl or akl."
     epochs: int = 1
@@ -257,7 +278,10 @@ class DistillConfig:
             problems.append("--cache already holds the training data; drop --data")
         if self.teacher is not None and self.cache is None and self.data is None:
             problems.append("a live --teacher needs --data")
-        if self.cache is None and self.teacher is None and self.method in ("kd", "dskd"):
+        if self.method in CROSS_VOCAB_METHODS and self.cache is None:
+            problems.append(f"--method {self.method} reads the teacher and the token alignment from a cache: give --cache "
+                            "(made with `cache-teacher --student-tokenizer STUDENT`, or aligned with `dskd-batch align`)")
+        elif self.cache is None and self.teacher is None and self.method in ("kd", "dskd"):
             problems.append(f"--method {self.method} needs a teacher: --cache CACHE or --teacher MODEL --data DATA")
         for name in ("epochs", "batch_size", "grad_accum", "keep_checkpoints", "log_steps"):
             if getattr(self, name) < 1:
@@ -281,8 +305,12 @@ class DistillConfig:
             problems.append("--only-student-space and --only-teacher-space exclude each other")
         if self.max_len < self.max_prompt_len + 2:
             problems.append(f"max_len ({self.max_len}) must be >= max_prompt_len + 2 ({self.max_prompt_len + 2})")
-        if (self.only_student_space or self.only_teacher_space) and self.method != "dskd":
-            problems.append("--only-student-space / --only-teacher-space are DSKD ablations (use --method dskd)")
+        if (self.only_student_space or self.only_teacher_space) and self.method not in DSKD_METHODS:
+            problems.append("--only-student-space / --only-teacher-space are DSKD ablations (use --method dskd, "
+                            "dskd-eta or dskd-cma)")
+        if self.projector_init == "pinv" and self.method == "dskd-cma":
+            problems.append("--projector-init pinv matches heads through h_T; CMA's value projector reads normalised "
+                            "embeddings + hidden states: use --projector-init random with dskd-cma")
         if self.limit is not None and self.limit < 1:
             problems.append(f"limit must be >= 1, got {self.limit}")
         if problems:

@@ -55,6 +55,7 @@ class Sources:
     fingerprints: dict[str, Any]
     live: LiveTeacher | None = None
     cache: Any = None
+    shared_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # pinv rows across vocabularies
 
 
 def _check_run_dir(cfg: DistillConfig, out: Path) -> None:
@@ -74,10 +75,16 @@ def _from_cache(cfg: DistillConfig, student_tok: Any, method: Any) -> Sources:
     cache = open_cache(cfg.cache, verify=cfg.verify, chunk_cache=256, max_open_shards=2)
     st = cache.settings
     problems = []
-    if tokenizer_fingerprint(student_tok) != st["tokenizer"]["fingerprint"]:
+    same_vocab = tokenizer_fingerprint(student_tok) == st["tokenizer"]["fingerprint"]
+    if not same_vocab and not method.cross_vocab:
         raise DskdError(f"the student's tokenizer ({cfg.student}) differs from the cache's teacher tokenizer "
                         f"(fingerprint {tokenizer_fingerprint(student_tok)} vs {st['tokenizer']['fingerprint']})",
                         hint=CROSS_VOCAB_HINT)
+    if same_vocab and method.cross_vocab:
+        raise DskdError(f"--method {method.name} is for a student with another tokenizer; {cfg.student} shares the "
+                        "teacher's", hint="use --method dskd (or kd)")
+    if method.name == "dskd-cma" and not cache.manifest.get("norm_stats"):
+        problems.append(f"cache {cfg.cache} records no normalisation statistics for CMA (made by an older dskd-batch)")
     if method.needs_hidden and st["storage"]["hidden"] == "none":
         problems.append(f"--method {method.name} needs the teacher's hidden states, and cache {cfg.cache} was "
                         "built with --hidden none")
@@ -93,6 +100,8 @@ def _from_cache(cfg: DistillConfig, student_tok: Any, method: Any) -> Sources:
     if method.name == "dskd" and st["storage"]["hidden"] not in ("fp32", "fp16", "bf16"):
         log.warning("cache %s stores hidden states lossily (%s): DSKD projects approximate teacher states",
                     cfg.cache, st["storage"]["hidden"])
+    if method.cross_vocab:
+        return _cross_vocab_sources(cfg, cache, student_tok, method)
     examples = CacheExamples(cache)
     if cfg.shuffle == "global":
         examples.groups = None
@@ -100,10 +109,42 @@ def _from_cache(cfg: DistillConfig, student_tok: Any, method: Any) -> Sources:
         examples = _limited(examples, cfg.limit)
     head = TeacherHead(cache.lm_head, cache.lm_head_bias, cache.logits_source) if method.needs_teacher else None
     return Sources(examples, head, int(st["teacher"]["hidden_size"]),
-                   {"template": st["template"]["name"], **st["limits"]},
-                   {"cache": cache.fingerprint, "cache_path": str(Path(cfg.cache).resolve()),
-                    "teacher": st["teacher"]["fingerprint"], "tokenizer": st["tokenizer"]["fingerprint"],
-                    "data": st["data"]["fingerprint"]}, cache=cache)
+                   {"template": st["template"]["name"], **st["limits"]}, _cache_fingerprints(cfg, cache), cache=cache)
+
+
+def _cache_fingerprints(cfg: DistillConfig, cache: Any) -> dict[str, Any]:
+    st = cache.settings
+    return {"cache": cache.fingerprint, "cache_path": str(Path(cfg.cache).resolve()),
+            "teacher": st["teacher"]["fingerprint"], "tokenizer": st["tokenizer"]["fingerprint"],
+            "data": st["data"]["fingerprint"]}
+
+
+def _cross_vocab_sources(cfg: DistillConfig, cache: Any, student_tok: Any, method: Any) -> Sources:
+    from .align import open_alignment
+    from .batches import AlignedExamples
+
+    al = open_alignment(cache, student_tok, cfg.student)
+    st = cache.settings
+    examples: CacheExamples = AlignedExamples(cache, al)
+    if cfg.shuffle == "global":
+        examples.groups = None
+    if cfg.limit is not None:
+        examples = _limited(examples, cfg.limit)
+    v_t = int(st["tokenizer"]["size"])
+    head = TeacherHead(cache.lm_head[:v_t], cache.lm_head_bias[:v_t] if cache.lm_head_bias is not None else None,
+                       cache.logits_source, embed=cache.input_embeddings[:v_t] if method.name == "dskd-cma" else None)
+    method.s2t_vocab = al.s2t
+    if method.name == "dskd-cma":
+        ns = cache.manifest["norm_stats"]
+        method.norm = {"index_std": ns["index_embed"]["std"], "target_std": ns["target_embed"]["std"],
+                       "hidden_std": ns["hidden"]["std"]}
+    stats = al.info["stats"]
+    log.info("alignment %s: ETA pairs cover %.1f%% of the student's response tokens (%.1f%% with a mapped teacher "
+             "top-1), MinED %.1f%%", al.path.name, 100 * stats["eta_coverage"], 100 * stats["eta_label_coverage"],
+             100 * stats["mined_coverage"])
+    fps = {**_cache_fingerprints(cfg, cache), "student_tokenizer": al.info["student_tokenizer"]["fingerprint"]}
+    return Sources(examples, head, int(st["teacher"]["hidden_size"]), {"template": st["template"]["name"], **st["limits"]},
+                   fps, cache=cache, shared_rows=al.shared_rows())
 
 
 def _limited(examples: CacheExamples, n: int) -> CacheExamples:
@@ -122,7 +163,8 @@ def _from_corpus(cfg: DistillConfig, student_tok: Any, method: Any, device: torc
         tok = load_tokenizer(cfg.teacher)
         if tokenizer_fingerprint(tok) != tokenizer_fingerprint(student_tok):
             raise DskdError(f"the student's tokenizer ({cfg.student}) differs from the teacher's ({cfg.teacher})",
-                            hint=CROSS_VOCAB_HINT)
+                            hint="cache the teacher first (`dskd-batch cache-teacher ... --student-tokenizer "
+                                 f"{cfg.student}`), then distil with a cross-vocabulary method from the cache")
     prep = prepare_corpus(cfg, tok)
     fps = {"data": data_fingerprint(prep.examples), "tokenizer": tokenizer_fingerprint(tok),
            "template": template_fingerprint(cfg.template, tok)}
@@ -189,13 +231,15 @@ def _run(cfg: DistillConfig, ctx: DistContext, on_step: Callable[[int], None] | 
     w_s = student.get_output_embeddings().weight
     if w_s.shape[0] < vocab:
         raise DskdError(f"the student's head has {w_s.shape[0]} rows, fewer than its tokenizer's {vocab} tokens")
-    if src.head is not None and src.head.weight.shape[0] < vocab:
+    if src.head is not None and not method.cross_vocab and src.head.weight.shape[0] < vocab:
         raise DskdError(f"the teacher's head has {src.head.weight.shape[0]} rows, fewer than the tokenizer's {vocab}")
     spec = method.projector_spec()
+    pinv = cfg.projector_init == "pinv" and src.head is not None
     projectors = build_projectors(int(w_s.shape[1]), src.d_teacher or 0, t2s=spec["t2s"], s2t=spec["s2t"],
-                                  init=cfg.projector_init, seed=cfg.seed,
-                                  student_head=w_s[:vocab] if cfg.projector_init == "pinv" else None,
-                                  teacher_head=src.head.weight[:vocab] if (src.head is not None and cfg.projector_init == "pinv") else None)
+                                  query=spec.get("query", False), init=cfg.projector_init, seed=cfg.seed,
+                                  student_head=w_s[:vocab] if pinv else None,
+                                  teacher_head=(src.head.weight if method.cross_vocab else src.head.weight[:vocab])
+                                  if pinv else None, rows=src.shared_rows if pinv else None)
     if cfg.lora_rank:
         student = _attach_lora(student, cfg)
     student.train()

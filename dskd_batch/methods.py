@@ -16,10 +16,33 @@ Same-vocabulary methods (teacher and student share the tokenizer; see ``../share
   KD_student = D(p_t2s || q_S) with p_t2s detached (optionally only where argmax t2s equals the
   teacher's argmax), KD_teacher = FKL(p_T || q_s2t), s2t logits = P_s2t(h_S) W_T^T with W_T
   frozen; the teacher-space term is a forward KL whatever D is, as in the reference.
+
+Cross-vocabulary methods (the student has another tokenizer; the teacher batch holds the M
+teacher response positions of the same examples and a :class:`CrossBatch` says how they align,
+from the cache's alignment sidecar, see :mod:`dskd_batch.align`). CE is always on the student's
+own ground truth at every student position; sums are normalised by the student's response tokens.
+
+- ``dskd-eta``: DSKD on ETA pairs (same text at the same offset) whose teacher top-1 token is a
+  single student token; the t2s CE targets that mapped top-1 and ``--agreement-mask`` compares the
+  t2s argmax with it (DSKDv2's exact-token alignment).
+- ``dskd-cma``: DSKD with cross-model attention (first paper, section 3.2). Queries
+  P_q([E_S(x); E_S(y)]), keys [E_T(x); E_T(y)] / std, values P_t2s(E_T(y) / std + h_T / std);
+  attention is restricted to the same example's response positions. The stds are over real
+  tokens of the whole corpus, recorded in the cache (the reference takes them over the padded
+  batch). Student space: CE_t2s on the targets and D(p_t2s || q_S) (with ``--agreement-mask``,
+  only where the t2s argmax is the target); teacher space: the transposed attention aligns
+  P_s2t(h_S) to the teacher positions, FKL(p_T || q_s2t).
+- ``mined``: FuseLLM's minimum-edit-distance alignment; at a student position matched one-to-one
+  to a teacher position with the same text, the teacher's logits mapped into the student
+  vocabulary through the token map (tokens without a counterpart get no mass); elsewhere the
+  one-hot ground truth, as in the reference. Forward KL, whatever ``--distance`` says.
+- ``uld``: Universal Logit Distillation: the k-th response position of the student with the k-th
+  of the teacher, both distributions sorted, zero-padded to one length, L1 distance.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,18 +70,43 @@ class TeacherBatch:
         return TeacherBatch(**{k: (v.to(device, non_blocking=True) if v is not None else None)
                                for k, v in self.__dict__.items()})
 
+    def rows(self, idx: Tensor) -> "TeacherBatch":
+        """The record at the positions ``idx``."""
+        return TeacherBatch(**{k: (v[idx] if v is not None else None) for k, v in self.__dict__.items()})
+
+
+@dataclass
+class CrossBatch:
+    """How a micro-batch's N student and M teacher response positions align (flat indices)."""
+
+    eta_s: Tensor  # [P] student positions of ETA pairs
+    eta_t: Tensor  # [P] teacher positions of ETA pairs
+    eta_label: Tensor  # [P] student id of the teacher's top-1 (-1: no single student token)
+    mined_t: Tensor  # [N] teacher position matched by MinED (-1: none)
+    uld_s: Tensor  # [Q] k-th student response position of each example ...
+    uld_t: Tensor  # [Q] ... with the k-th teacher one
+    seg_s: Tensor  # [N] example of each student position
+    seg_t: Tensor  # [M] example of each teacher position
+    s_inputs: Tensor  # [N] student input token at each student position
+    t_inputs: Tensor  # [M] teacher input token at each teacher position
+    t_targets: Tensor  # [M] teacher target token at each teacher position
+
+    def to(self, device: torch.device) -> "CrossBatch":
+        return CrossBatch(**{k: v.to(device, non_blocking=True) for k, v in self.__dict__.items()})
+
 
 class TeacherHead:
     """The frozen teacher head W_T (and bias) and the rule that turns a batch into full logits."""
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, logits_source: str) -> None:
+    def __init__(self, weight: Tensor, bias: Tensor | None, logits_source: str, embed: Tensor | None = None) -> None:
         self.weight = weight.detach().float()  # frozen: never part of the autograd graph
         self.bias = bias.detach().float() if bias is not None else None
         self.logits_source = logits_source
+        self.embed = embed.detach().float() if embed is not None else None  # E_T, for CMA
 
     def to(self, device: torch.device) -> "TeacherHead":
         return TeacherHead(self.weight.to(device), self.bias.to(device) if self.bias is not None else None,
-                           self.logits_source)
+                           self.logits_source, self.embed.to(device) if self.embed is not None else None)
 
     def project(self, h: Tensor) -> Tensor:
         """h @ W_T^T (+ b): logits of teacher-space states (gradient flows into h only)."""
@@ -101,6 +149,7 @@ class Method:
     name = "sft"
     needs_teacher = False
     needs_hidden = False
+    cross_vocab = False
 
     def __init__(self, ls: LossSettings) -> None:
         self.ls = ls
@@ -109,7 +158,8 @@ class Method:
         return {"t2s": False, "s2t": False}
 
     def losses(self, s: Tensor, h_s: Tensor, targets: Tensor, tb: TeacherBatch | None, head: TeacherHead | None,
-               projectors: nn.ModuleDict, student_head: Tensor, vocab: int) -> dict[str, Tensor]:
+               projectors: nn.ModuleDict, student_head: Tensor, vocab: int, cross: CrossBatch | None = None,
+               student_embed: Tensor | None = None) -> dict[str, Tensor]:
         ce = token_ce(s[:, :vocab], targets).sum()
         return {"objective": ce, "ce": ce.detach()}
 
@@ -122,7 +172,8 @@ class VanillaKD(Method):
     name = "kd"
     needs_teacher = True
 
-    def losses(self, s, h_s, targets, tb, head, projectors, student_head, vocab):  # type: ignore[override]
+    def losses(self, s, h_s, targets, tb, head, projectors, student_head, vocab, cross=None,  # type: ignore[override]
+               student_embed=None):
         r = self.ls.kd_rate
         ce = token_ce(s[:, :vocab], targets).sum()
         kd = self.ls.dist(s[:, :vocab], head.logits(tb)[:, :vocab]).sum()
@@ -162,7 +213,8 @@ class DSKD(Method):
     def projector_spec(self) -> dict[str, bool]:
         return {"t2s": self.ls.student_space, "s2t": self.ls.teacher_space}
 
-    def losses(self, s, h_s, targets, tb, head, projectors, student_head, vocab):  # type: ignore[override]
+    def losses(self, s, h_s, targets, tb, head, projectors, student_head, vocab, cross=None,  # type: ignore[override]
+               student_embed=None):
         r = self.ls.kd_rate
         s = s[:, :vocab]
         ce = token_ce(s, targets).sum()
@@ -181,7 +233,142 @@ def _sliced(head: TeacherHead, vocab: int) -> TeacherHead:
     return TeacherHead(head.weight[:vocab], head.bias[:vocab] if head.bias is not None else None, head.logits_source)
 
 
-METHOD_CLASSES: dict[str, type[Method]] = {"sft": Method, "seqkd": SeqKD, "kd": VanillaKD, "dskd": DSKD}
+class CrossVocabMethod(Method):
+    """Base of the methods for a student with another tokenizer (see the module docstring)."""
+
+    needs_teacher = True
+    cross_vocab = True
+
+    def __init__(self, ls: LossSettings) -> None:
+        super().__init__(ls)
+        self.s2t_vocab: Tensor | None = None  # [V_S] teacher id of the same text, -1 if none
+        self.norm: dict[str, float] = {}  # CMA: stds of the teacher's embeddings and hidden states
+
+    def losses(self, s, h_s, targets, tb, head, projectors, student_head, vocab, cross=None,  # type: ignore[override]
+               student_embed=None):
+        r = self.ls.kd_rate
+        s = s[:, :vocab]
+        ce = token_ce(s, targets).sum()
+        terms = self.kd_terms(s, h_s, targets, tb, head, projectors, student_head[:vocab], cross, student_embed)
+        kd = terms.pop("kd")
+        return {"objective": (1 - r) * ce + r * kd, "ce": ce.detach(), "kd": kd.detach(), **terms}
+
+    def kd_terms(self, s: Tensor, h_s: Tensor, targets: Tensor, tb: TeacherBatch, head: TeacherHead,
+                 projectors: nn.ModuleDict, student_head: Tensor, cross: CrossBatch,
+                 student_embed: Tensor | None) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+
+def _get(projectors: nn.ModuleDict, name: str) -> nn.Module | None:
+    return projectors[name] if name in projectors else None
+
+
+class DSKDETA(CrossVocabMethod):
+    name = "dskd-eta"
+    needs_hidden = True
+
+    def projector_spec(self) -> dict[str, bool]:
+        return {"t2s": self.ls.student_space, "s2t": self.ls.teacher_space}
+
+    def kd_terms(self, s, h_s, targets, tb, head, projectors, student_head, cross, student_embed):
+        keep = cross.eta_label >= 0
+        ps, pt, label = cross.eta_s[keep], cross.eta_t[keep], cross.eta_label[keep]
+        tp = tb.rows(pt)
+        terms = dskd_terms(s[ps], h_s[ps], label, head.logits(tp), tp.hidden, label, _get(projectors, "t2s"),
+                           _get(projectors, "s2t"), student_head, head, self.ls)
+        terms["aligned"] = torch.tensor(float(len(ps)), device=s.device)
+        return terms
+
+
+class DSKDCMA(CrossVocabMethod):
+    name = "dskd-cma"
+    needs_hidden = True
+
+    def projector_spec(self) -> dict[str, bool]:
+        return {"t2s": self.ls.student_space, "s2t": self.ls.teacher_space, "query": True}
+
+    def attention_scores(self, q_proj: nn.Module, e_s: Tensor, e_t: Tensor, cross: CrossBatch,
+                         targets: Tensor) -> Tensor:
+        """[N, M] scores Q K^T / sqrt(2 d_T), -inf across examples."""
+        q = q_proj(torch.cat([e_s[cross.s_inputs], e_s[targets]], -1).to(q_proj.weight.dtype)).float()
+        k = torch.cat([e_t[cross.t_inputs], e_t[cross.t_targets]], -1) / self.norm["index_std"]
+        scores = q @ k.T / math.sqrt(k.shape[-1])
+        return scores.masked_fill(cross.seg_s[:, None] != cross.seg_t[None, :], float("-inf"))
+
+    def kd_terms(self, s, h_s, targets, tb, head, projectors, student_head, cross, student_embed):
+        if head.embed is None or student_embed is None:
+            raise ValueError("dskd-cma needs the teacher's and the student's input embeddings")
+        e_s, e_t = student_embed.detach().float(), head.embed
+        scores = self.attention_scores(projectors["query"], e_s, e_t, cross, targets)
+        out: dict[str, Tensor] = {}
+        kd = s.new_zeros((), dtype=torch.float32)
+        t2s, s2t = _get(projectors, "t2s"), _get(projectors, "s2t")
+        if t2s is not None:
+            v_in = e_t[cross.t_targets] / self.norm["target_std"] + tb.hidden.float() / self.norm["hidden_std"]
+            v = t2s(v_in.to(t2s.weight.dtype)).float()
+            t2s_logits = (torch.softmax(scores, -1) @ v) @ student_head.detach().float().T
+            t2s_ce = token_ce(t2s_logits, targets).sum()
+            pred = t2s_logits.argmax(-1)
+            keep = pred == targets if self.ls.agreement_mask else torch.ones_like(targets, dtype=torch.bool)
+            t2s_kd = masked_sum(self.ls.dist(s, t2s_logits.detach()), keep)
+            kd = kd + t2s_ce + t2s_kd
+            out.update(t2s_ce=t2s_ce.detach(), t2s_kd=t2s_kd.detach(), t2s_acc=(pred == targets).sum().float())
+        if s2t is not None:
+            aligned = torch.softmax(scores.T, -1) @ s2t(h_s).float()
+            s2t_logits = head.project(aligned)
+            s2t_kd = fkl(s2t_logits, head.logits(tb), temperature=self.ls.temperature).sum()
+            kd = kd + s2t_kd
+            out.update(s2t_kd=s2t_kd.detach(), s2t_acc=(s2t_logits.argmax(-1) == cross.t_targets).sum().float())
+        out["kd"] = kd
+        return out
+
+
+NEG = -1e4  # logit of "no mass": exp underflows to exactly 0 in fp32 at any temperature >= 0.1
+
+
+def mined_teacher_logits(t_logits: Tensor, s2t_vocab: Tensor, v_s: int) -> Tensor:
+    """Teacher logits [A, V_T] carried into the student vocabulary [A, V_S] through the token map."""
+    out = t_logits.new_full((t_logits.shape[0], v_s), NEG)
+    cols = torch.nonzero(s2t_vocab[:v_s] >= 0).flatten()
+    out[:, cols] = t_logits[:, s2t_vocab[cols]]
+    return out
+
+
+class MinED(CrossVocabMethod):
+    name = "mined"
+
+    def kd_terms(self, s, h_s, targets, tb, head, projectors, student_head, cross, student_embed):
+        aligned = cross.mined_t >= 0
+        teacher = torch.full_like(s, NEG).float()
+        teacher[torch.arange(len(targets), device=s.device), targets] = 0.0  # one-hot ground truth
+        if aligned.any():
+            t_logits = head.logits(tb.rows(cross.mined_t[aligned]))
+            teacher[aligned] = mined_teacher_logits(t_logits, self.s2t_vocab.to(s.device), s.shape[-1])
+        kd = fkl(s, teacher, temperature=self.ls.temperature).sum()
+        return {"kd": kd, "aligned": aligned.sum().float()}
+
+
+def uld_distance(s: Tensor, t: Tensor, temperature: float) -> Tensor:
+    """Per-row L1 distance between the sorted probability vectors, zero-padded to one length."""
+    q = torch.softmax(s.float() / temperature, -1).sort(-1, descending=True).values
+    p = torch.softmax(t.float() / temperature, -1).sort(-1, descending=True).values
+    width = max(q.shape[-1], p.shape[-1])
+    q = torch.nn.functional.pad(q, (0, width - q.shape[-1]))
+    p = torch.nn.functional.pad(p, (0, width - p.shape[-1]))
+    return (q - p).abs().sum(-1)
+
+
+class ULD(CrossVocabMethod):
+    name = "uld"
+
+    def kd_terms(self, s, h_s, targets, tb, head, projectors, student_head, cross, student_embed):
+        t_logits = head.logits(tb.rows(cross.uld_t))
+        kd = uld_distance(s[cross.uld_s], t_logits, self.ls.temperature).sum()
+        return {"kd": kd, "aligned": torch.tensor(float(len(cross.uld_s)), device=s.device)}
+
+
+METHOD_CLASSES: dict[str, type[Method]] = {"sft": Method, "seqkd": SeqKD, "kd": VanillaKD, "dskd": DSKD,
+                                           "dskd-eta": DSKDETA, "dskd-cma": DSKDCMA, "mined": MinED, "uld": ULD}
 
 
 def make_method(name: str, ls: LossSettings) -> Method:

@@ -2,6 +2,7 @@
 
 ``t2s`` maps teacher hidden states [.., d_T] into the student's space [.., d_S]; ``s2t`` maps the
 student's into the teacher's. Both are affine maps (``nn.Linear`` with bias), as in the papers.
+CMA adds ``query`` [2 d_S -> 2 d_T], the query projector of the cross-model attention.
 
 Initialisation:
 
@@ -27,7 +28,7 @@ def lstsq_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.lstsq(a.double(), b.double()).solution.float()
 
 
-def build_projectors(d_s: int, d_t: int, *, t2s: bool, s2t: bool, init: str, seed: int,
+def build_projectors(d_s: int, d_t: int, *, t2s: bool, s2t: bool, init: str, seed: int, query: bool = False,
                      student_head: torch.Tensor | None = None, teacher_head: torch.Tensor | None = None,
                      rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.ModuleDict:
     """The projectors a method needs, initialised as asked (see the module docstring)."""
@@ -39,6 +40,8 @@ def build_projectors(d_s: int, d_t: int, *, t2s: bool, s2t: bool, init: str, see
             mods["t2s"] = nn.Linear(d_t, d_s)
         if s2t:
             mods["s2t"] = nn.Linear(d_s, d_t)
+        if query:
+            mods["query"] = nn.Linear(2 * d_s, 2 * d_t)
     finally:
         torch.random.set_rng_state(gen_state)
     if init == "pinv" and len(mods):

@@ -78,7 +78,9 @@ class DistillModule(nn.Module):
         s, h = out.logits, self._h
         self._h = None
         w_s = self.student.get_output_embeddings().weight
-        return self.method.losses(s.float(), h, mb.targets, mb.teacher, head, self.projectors, w_s, self.vocab)
+        e_s = self.student.get_input_embeddings().weight if mb.cross is not None else None
+        return self.method.losses(s.float(), h, mb.targets, mb.teacher, head, self.projectors, w_s, self.vocab,
+                                  cross=mb.cross, student_embed=e_s)
 
 
 @dataclass

@@ -83,12 +83,13 @@ def file_table(root: Path, skip: tuple[str, ...] = ()) -> dict[str, list]:
     return out
 
 
-def remove_stale_tmp(folder: Path) -> None:
-    """Delete temporary leftovers of killed runs (never a completed file or shard)."""
+def remove_stale_tmp(folder: Path, prefix: str = "") -> None:
+    """Delete temporary leftovers of killed runs (never a completed file or shard); with ``prefix``,
+    only those of the entry of that name."""
     if not folder.exists():
         return
     for p in folder.iterdir():
-        if TMP_MARK in p.name:
+        if TMP_MARK in p.name and p.name.startswith(prefix):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 

@@ -110,10 +110,19 @@ class _Shard:
         lo = start - first * self.chunk
         return data[lo:lo + n]
 
-    def example(self, j: int) -> dict[str, Any]:
-        off, n = int(self.index["offset"][j]), int(self.index["n_tokens"][j])
+    def texts(self, j: int) -> dict[str, Any]:
         rec: dict[str, Any] = {k: self.index[k][j] for k in ("id", "instruction", "input", "prompt", "response", "source")}
         rec["prompt_len"] = int(self.index["prompt_len"][j])
+        return rec
+
+    def token_arrays(self, j: int, names: tuple[str, ...]) -> dict[str, Any]:
+        """Example j's texts and the named per-token arrays (raw numpy, nothing decoded)."""
+        off, n = int(self.index["offset"][j]), int(self.index["n_tokens"][j])
+        return {**self.texts(j), **{k: self.read(k, off, n) for k in names}}
+
+    def example(self, j: int) -> dict[str, Any]:
+        off, n = int(self.index["offset"][j]), int(self.index["n_tokens"][j])
+        rec = self.texts(j)
         rec["input_ids"] = torch.from_numpy(self.read("input_ids", off, n).astype(np.int64))
         rec["logsumexp"] = torch.from_numpy(self.read("logsumexp", off, n).astype(np.float32))
         rec["argmax"] = torch.from_numpy(self.read("argmax", off, n).astype(np.int64))
@@ -178,6 +187,10 @@ class TeacherCache(Sequence):
         return int(self._cum[-1])
 
     def __getitem__(self, i: int) -> dict[str, Any]:  # type: ignore[override]
+        s, j = self._locate(i)
+        return self._shard(s).example(j)
+
+    def _locate(self, i: int) -> tuple[int, int]:
         if not isinstance(i, (int, np.integer)):
             raise TypeError("cache indices are integers")
         if i < 0:
@@ -185,7 +198,12 @@ class TeacherCache(Sequence):
         if not 0 <= i < len(self):
             raise IndexError(i)
         s = bisect.bisect_right(self._cum, i) - 1
-        return self._shard(s).example(i - self._cum[s])
+        return s, int(i - self._cum[s])
+
+    def token_arrays(self, i: int, names: tuple[str, ...] = ("input_ids", "argmax")) -> dict[str, Any]:
+        """Example i's texts, prompt_len and the named per-token arrays, without decoding hidden states."""
+        s, j = self._locate(i)
+        return self._shard(s).token_arrays(j, names)
 
     def _shard(self, s: int) -> _Shard:
         with self._lock:

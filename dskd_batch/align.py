@@ -1,0 +1,472 @@
+"""Cross-tokenizer alignment: which student token sits where a teacher token sits, computed from the
+cached texts and the teacher's argmax alone (no teacher model), and stored beside the cache.
+
+Every token is turned into the **bytes** it stands for (byte-level BPE: the GPT-2 byte alphabet
+undone; SentencePiece: ``▁`` is a space and ``<0x0A>`` the byte 0x0A; added tokens: their
+content). A response tokenized by either tokenizer then covers byte spans of the response text, so
+"the same text at the same offset" is a comparison of spans: newlines (``Ċ`` vs ``<0x0A>``),
+leading-space conventions (``Ġ`` vs ``▁``), byte-fallback pieces and non-ASCII text all reduce to
+bytes. SentencePiece's dummy leading space is not part of the text (the decoder strips it), and a
+normaliser that changed the text (NFC) is handled by matching the concatenated bytes to the text.
+
+What is stored per example (indices count response positions: position k predicts response
+token k, the last one being EOS):
+
+- ``eta_s``, ``eta_t``: ETA pairs, student and teacher positions whose target tokens are the same
+  bytes at the same offset (the two EOS tokens pair when both responses end at the same offset);
+- ``eta_label``: the student id of the teacher's top-1 token at ``eta_t`` (the token of the same
+  bytes; EOS maps to EOS), or -1 where no single student token has that text;
+- ``mined_t``: per student position, the teacher position MinED pairs it with (edit-distance DTW
+  over the token texts, one-to-one and identical text, as FuseLLM's "hard" mode), or -1.
+
+Once per student tokenizer: ``t2s``/``s2t`` vocabulary maps (token of the same bytes in the other
+vocabulary, or -1), which give ETA's label, MinED's teacher-to-student logit map and the
+``pinv`` projector rows.
+
+Layout: ``CACHE/alignments/<student tokenizer fingerprint>/`` holding ``examples.parquet`` (one
+row per cache example, in cache order), ``vocab_map.safetensors`` and ``alignment.json`` (written
+last, by renaming the finished folder into place: it is there or it is not).
+"""
+
+from __future__ import annotations
+
+import bisect
+import difflib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from .cache.format import atomic_write_json, read_json, remove_stale_tmp, replace_dir, tmp_path
+from .data import Example, encode, render_prompt
+from .errors import DskdError
+from .models import tokenizer_fingerprint
+
+log = logging.getLogger(__name__)
+
+ALIGN_DIR = "alignments"
+ALIGN_FILE = "alignment.json"
+ALIGN_EXAMPLES = "examples.parquet"
+VOCAB_MAP = "vocab_map.safetensors"
+ALIGN_VERSION = 1
+_LIST_COLUMNS = ("student_ids", "eta_s", "eta_t", "eta_label", "mined_t")
+
+
+# -- the bytes of every token ------------------------------------------------------------------------
+
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's byte -> printable character table."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = list(keep)
+    n = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(keep, chars)}
+
+
+def _decoder_kinds(tok: Any) -> set[str]:
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        return set()
+    dec = json.loads(backend.to_str()).get("decoder") or {}
+    kinds: set[str] = set()
+
+    def walk(d: dict) -> None:
+        kinds.add(d.get("type", ""))
+        if d.get("type") == "Replace" and (d.get("pattern") or {}).get("String") == "▁":
+            kinds.add("ReplaceMetaspace")
+        for sub in d.get("decoders") or []:
+            walk(sub)
+
+    walk(dec)
+    return kinds
+
+
+@dataclass
+class TokenTable:
+    """The bytes each token id stands for (None: a special token, which stands for no text)."""
+
+    texts: list[bytes | None]
+    byte_fallback: np.ndarray  # bool [V]: SentencePiece <0xNN> pieces (a regular piece is preferred)
+    eos: int
+    scheme: str
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def token_table(tok: Any) -> TokenTable:
+    kinds = _decoder_kinds(tok)
+    if "ByteLevel" in kinds:
+        scheme = "byte-level"
+    elif kinds & {"ByteFallback", "Metaspace", "ReplaceMetaspace"}:
+        scheme = "sentencepiece"
+    else:
+        scheme = "plain"
+    n = len(tok)
+    pieces = tok.convert_ids_to_tokens(list(range(n)))
+    added = {i: t for i, t in getattr(tok, "added_tokens_decoder", {}).items()}
+    special = set(getattr(tok, "all_special_ids", []))
+    texts: list[bytes | None] = []
+    fallback = np.zeros(n, dtype=bool)
+    bd = _gpt2_byte_decoder() if scheme == "byte-level" else {}
+    for i, p in enumerate(pieces):
+        if i in special or p is None or (i in added and getattr(added[i], "special", False)):
+            texts.append(None)
+        elif i in added:
+            texts.append(str(added[i].content).encode("utf-8"))
+        elif scheme == "byte-level":
+            texts.append(bytes(bd[c] for c in p) if all(c in bd for c in p) else p.encode("utf-8"))
+        elif scheme == "sentencepiece":
+            if len(p) == 6 and p.startswith("<0x") and p.endswith(">"):
+                try:
+                    texts.append(bytes([int(p[3:5], 16)]))
+                    fallback[i] = True
+                    continue
+                except ValueError:
+                    pass
+            texts.append(p.replace("▁", " ").encode("utf-8"))
+        else:
+            texts.append(tok.convert_tokens_to_string([p]).encode("utf-8"))
+    if tok.eos_token_id is None:
+        raise DskdError("the tokenizer has no EOS token", hint="use a tokenizer with eos_token set")
+    return TokenTable(texts, fallback, int(tok.eos_token_id), scheme)
+
+
+def vocab_map(src: TokenTable, dst: TokenTable) -> np.ndarray:
+    """For each token of ``src``, the ``dst`` token with the same bytes (-1 if none); EOS -> EOS.
+    Where ``dst`` has several (a regular piece and a byte-fallback piece), the regular one."""
+    index: dict[bytes, int] = {}
+    for j, b in enumerate(dst.texts):
+        if not b:
+            continue
+        if b not in index or (dst.byte_fallback[index[b]] and not dst.byte_fallback[j]):
+            index[b] = j
+    out = np.full(len(src), -1, dtype=np.int64)
+    for i, b in enumerate(src.texts):
+        if b:
+            out[i] = index.get(b, -1)
+    out[src.eos] = dst.eos
+    return out
+
+
+# -- spans, ETA and MinED for one example ---------------------------------------------------------
+
+Span = tuple[int, int]
+
+
+def content_spans(ids: list[int], table: TokenTable, text: bytes) -> list[Span | None]:
+    """The byte span of ``text`` each token covers (None: special tokens, and tokens whose bytes
+    are not found in the text, e.g. after a normaliser changed it)."""
+    pieces = [table.texts[i] or b"" for i in ids]
+    starts, pos = [], 0
+    for p in pieces:
+        starts.append(pos)
+        pos += len(p)
+    joined = b"".join(pieces)
+    shift = 1 if joined.startswith(b" ") and not text.startswith(b" ") else 0  # SentencePiece's dummy prefix
+    body = joined[shift:]
+    raw = [(max(s - shift, 0), s + len(p) - shift) for s, p in zip(starts, pieces)]
+    if text.startswith(body):  # the usual case (a truncated response covers a prefix of its text)
+        mapped: list[Span | None] = list(raw)
+    else:
+        blocks = [b for b in difflib.SequenceMatcher(None, body, text, autojunk=False).get_matching_blocks() if b.size]
+        heads = [b.a for b in blocks]
+        mapped = []
+        for a, e in raw:
+            k = bisect.bisect_right(heads, a) - 1
+            if k >= 0 and e <= blocks[k].a + blocks[k].size:
+                mapped.append((a - blocks[k].a + blocks[k].b, e - blocks[k].a + blocks[k].b))
+            else:
+                mapped.append(None)
+    return [sp if (sp is not None and sp[1] > sp[0] and table.texts[i]) else None for sp, i in zip(mapped, ids)]
+
+
+def response_targets(ids: list[int], prompt_len: int) -> list[int]:
+    """Target tokens of the response positions (the last one is EOS)."""
+    return list(ids[max(prompt_len, 1):])
+
+
+def eta_pairs(t_spans: list[Span | None], s_spans: list[Span | None], t_ends_eos: bool,
+              s_ends_eos: bool) -> tuple[list[int], list[int]]:
+    """(student positions, teacher positions) whose targets are the same bytes at the same offset;
+    the final EOS targets pair when both responses end at the same offset."""
+    where = {sp: i for i, sp in enumerate(t_spans) if sp is not None}
+    ps, pt = [], []
+    for j, sp in enumerate(s_spans):
+        if sp is not None and sp in where:
+            ps.append(j)
+            pt.append(where[sp])
+    if t_ends_eos and s_ends_eos:
+        t_end = max((sp[1] for sp in t_spans if sp is not None), default=0)
+        s_end = max((sp[1] for sp in s_spans if sp is not None), default=0)
+        if t_end == s_end:
+            ps.append(len(s_spans) - 1)
+            pt.append(len(t_spans) - 1)
+    return ps, pt
+
+
+@lru_cache(maxsize=1 << 18)
+def levenshtein(a: bytes, b: bytes) -> int:
+    if len(a) < len(b):
+        a, b = b, a
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def dtw_path(cost: np.ndarray) -> list[tuple[int, int]]:
+    """Minimum-cost monotone path from (0, 0) to (n-1, m-1) with steps (1,0), (0,1), (1,1)."""
+    n, m = cost.shape
+    d = np.full((n + 1, m + 1), np.inf)
+    d[0, 0] = 0.0
+    for i in range(1, n + 1):
+        row, prev, c = d[i], d[i - 1], cost[i - 1]
+        best = np.minimum(prev[:-1], prev[1:])  # diagonal or from above, for columns 1..m
+        acc = np.inf
+        for j in range(1, m + 1):
+            acc = c[j - 1] + min(best[j - 1], acc)
+            row[j] = acc
+    path, i, j = [], n, m
+    while i > 0 and j > 0:
+        path.append((i - 1, j - 1))
+        moves = ((d[i - 1, j - 1], i - 1, j - 1), (d[i - 1, j], i - 1, j), (d[i, j - 1], i, j - 1))
+        _, i, j = min(moves, key=lambda t: t[0])  # ties: the diagonal first
+    return path[::-1]
+
+
+def _texts_in_context(ids: list[int], spans: list[Span | None], table: TokenTable, text: bytes) -> list[bytes]:
+    out = []
+    for i, sp in zip(ids, spans):
+        if i == table.eos:
+            out.append(b"\x00eos")
+        elif sp is not None:
+            out.append(text[sp[0]:sp[1]])
+        else:
+            out.append(table.texts[i] or b"")
+    return out
+
+
+def mined_alignment(t_texts: list[bytes], s_texts: list[bytes]) -> list[int]:
+    """MinED: per student position, the teacher position it is matched with one-to-one by the
+    edit-distance DTW over the token texts (leading spaces ignored) with identical text, else -1."""
+    if not t_texts or not s_texts:
+        return [-1] * len(s_texts)
+    t_norm = [t.lstrip(b" ") for t in t_texts]
+    s_norm = [s.lstrip(b" ") for s in s_texts]
+    cost = np.array([[levenshtein(a, b) for b in s_norm] for a in t_norm], dtype=np.float64)
+    matched: dict[int, list[int]] = {}
+    for i, j in dtw_path(cost):
+        matched.setdefault(j, []).append(i)
+    out = []
+    for j in range(len(s_texts)):
+        ts = matched.get(j, [])
+        out.append(ts[0] if len(ts) == 1 and t_texts[ts[0]] == s_texts[j] else -1)
+    return out
+
+
+@dataclass
+class ExampleAlignment:
+    student_ids: list[int]
+    student_prompt_len: int
+    eta_s: list[int]
+    eta_t: list[int]
+    eta_label: list[int]
+    mined_t: list[int]
+
+
+def align_example(response: str, t_ids: list[int], t_prompt_len: int, t_argmax: np.ndarray, s_enc: Any,
+                  t_table: TokenTable, s_table: TokenTable, t2s: np.ndarray) -> ExampleAlignment:
+    """Align one example. ``t_argmax`` is the teacher's argmax at every position of ``t_ids``."""
+    text = response.encode("utf-8")
+    t_tg = response_targets(t_ids, t_prompt_len)
+    s_tg = response_targets(s_enc.input_ids, s_enc.prompt_len)
+    t_sp = content_spans(t_tg, t_table, text)
+    s_sp = content_spans(s_tg, s_table, text)
+    ps, pt = eta_pairs(t_sp, s_sp, bool(t_tg) and t_tg[-1] == t_table.eos, bool(s_tg) and s_tg[-1] == s_table.eos)
+    lo = max(t_prompt_len, 1) - 1
+    labels = [int(t2s[int(t_argmax[lo + k])]) for k in pt]
+    mined = mined_alignment(_texts_in_context(t_tg, t_sp, t_table, text), _texts_in_context(s_tg, s_sp, s_table, text))
+    return ExampleAlignment(list(s_enc.input_ids), s_enc.prompt_len, ps, pt, labels, mined)
+
+
+# -- building and reading the sidecar --------------------------------------------------------------
+
+def alignment_dir(cache_path: str | Path, student_fp: str) -> Path:
+    return Path(cache_path) / ALIGN_DIR / student_fp
+
+
+def align_command(cache_path: str | Path, student_tokenizer: str) -> str:
+    return f"dskd-batch align {cache_path} --student-tokenizer {student_tokenizer}"
+
+
+def build_alignment(cache: Any, student_tok: Any, student_source: str, *, force: bool = False,
+                    progress: bool = False) -> Path:
+    """Compute and store the alignment of every cache example for one student tokenizer."""
+    from safetensors.torch import save_file
+
+    fp = tokenizer_fingerprint(student_tok)
+    final = alignment_dir(cache.path, fp)
+    if (final / ALIGN_FILE).exists() and not force:
+        info = read_json(final / ALIGN_FILE)
+        if info.get("cache_fingerprint") == cache.fingerprint and info.get("version") == ALIGN_VERSION:
+            log.info("alignment for %s already in %s", student_source, final)
+            return final
+    (cache.path / ALIGN_DIR).mkdir(exist_ok=True)
+    remove_stale_tmp(cache.path / ALIGN_DIR, prefix=fp)
+    st = cache.settings
+    template, limits = st["template"]["name"], st["limits"]
+    t_tok = cache.tokenizer()
+    if tokenizer_fingerprint(t_tok) == fp:
+        raise DskdError(f"{student_source} is the teacher's own tokenizer: same-vocabulary methods need no alignment")
+    t0 = time.perf_counter()
+    t_table, s_table = token_table(t_tok), token_table(student_tok)
+    t2s, s2t = vocab_map(t_table, s_table), vocab_map(s_table, t_table)
+    cols: dict[str, list] = {k: [] for k in (*_LIST_COLUMNS, "student_prompt_len")}
+    totals = {"examples": 0, "student_positions": 0, "teacher_positions": 0, "eta_pairs": 0, "eta_labelled": 0,
+              "mined_pairs": 0}
+    it: Iterable[int] = range(len(cache))
+    pbar = None
+    if progress:
+        from tqdm import tqdm
+
+        pbar = tqdm(total=len(cache), unit="ex", desc="align", dynamic_ncols=True)
+    for i in it:
+        rec = cache.token_arrays(i, ("input_ids", "argmax"))
+        ex = Example(rec["id"], rec["instruction"], rec["input"], rec["response"], rec["source"])
+        s_prompt = render_prompt(ex, template, student_tok)
+        s_enc = encode(student_tok, s_prompt, rec["response"], max_prompt_len=limits["max_prompt_len"],
+                       max_len=limits["max_len"], template=template)
+        a = align_example(rec["response"], rec["input_ids"].tolist(), rec["prompt_len"], rec["argmax"], s_enc,
+                          t_table, s_table, t2s)
+        for k in _LIST_COLUMNS:
+            cols[k].append(getattr(a, k))
+        cols["student_prompt_len"].append(a.student_prompt_len)
+        totals["examples"] += 1
+        totals["student_positions"] += len(a.mined_t)
+        totals["teacher_positions"] += len(rec["input_ids"]) - max(rec["prompt_len"], 1)
+        totals["eta_pairs"] += len(a.eta_s)
+        totals["eta_labelled"] += sum(1 for x in a.eta_label if x >= 0)
+        totals["mined_pairs"] += sum(1 for x in a.mined_t if x >= 0)
+        if pbar is not None:
+            pbar.update(1)
+    if pbar is not None:
+        pbar.close()
+    n_pos = max(totals["student_positions"], 1)
+    stats = {**totals, "eta_coverage": totals["eta_pairs"] / n_pos,
+             "eta_label_coverage": totals["eta_labelled"] / n_pos,
+             "mined_coverage": totals["mined_pairs"] / n_pos,
+             "shared_vocab": int((s2t >= 0).sum()), "student_vocab": len(s_table), "teacher_vocab": len(t_table),
+             "seconds": round(time.perf_counter() - t0, 2)}
+    tmp = tmp_path(final)
+    tmp.mkdir(parents=True)
+    try:
+        table = pa.table({**{k: pa.array(cols[k], type=pa.list_(pa.int32())) for k in _LIST_COLUMNS},
+                          "student_prompt_len": pa.array(cols["student_prompt_len"], type=pa.int32())})
+        pq.write_table(table, tmp / ALIGN_EXAMPLES)
+        save_file({"t2s": torch.from_numpy(t2s), "s2t": torch.from_numpy(s2t)}, str(tmp / VOCAB_MAP))
+        student_tok.save_pretrained(str(tmp / "tokenizer"))
+        atomic_write_json(tmp / ALIGN_FILE, {
+            "version": ALIGN_VERSION, "cache_fingerprint": cache.fingerprint,
+            "student_tokenizer": {"fingerprint": fp, "source": str(student_source), "size": len(student_tok),
+                                  "eos_token_id": student_tok.eos_token_id, "scheme": s_table.scheme},
+            "teacher_tokenizer": {"fingerprint": st["tokenizer"]["fingerprint"], "scheme": t_table.scheme},
+            "template": template, "limits": limits, "stats": stats,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        replace_dir(tmp, final)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("aligned %d examples for %s: ETA covers %.1f%% of student response tokens (%.1f%% with a mapped "
+             "teacher top-1), MinED %.1f%%, %d shared tokens, %.1fs", totals["examples"], student_source,
+             100 * stats["eta_coverage"], 100 * stats["eta_label_coverage"], 100 * stats["mined_coverage"],
+             stats["shared_vocab"], stats["seconds"])
+    return final
+
+
+class Alignment:
+    """A stored alignment, read lazily: ``row(i)`` gives example i's lists as numpy arrays."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        self.path = path
+        self.info = read_json(path / ALIGN_FILE)
+        table = pq.read_table(path / ALIGN_EXAMPLES)
+        self._lists = {}
+        for k in _LIST_COLUMNS:
+            col = table.column(k).combine_chunks()
+            self._lists[k] = (col.offsets.to_numpy(), col.values.to_numpy())
+        self.student_prompt_len = table.column("student_prompt_len").to_numpy()
+        maps = load_file(str(path / VOCAB_MAP))
+        self.t2s, self.s2t = maps["t2s"], maps["s2t"]
+
+    def __len__(self) -> int:
+        return len(self.student_prompt_len)
+
+    def row(self, i: int) -> dict[str, np.ndarray]:
+        out = {}
+        for k, (off, vals) in self._lists.items():
+            out[k] = vals[off[i]:off[i + 1]]
+        return out
+
+    def student_lengths(self) -> list[int]:
+        off = self._lists["student_ids"][0]
+        return np.diff(off).tolist()
+
+    def shared_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(student ids, teacher ids) of the tokens both vocabularies share by text."""
+        s = torch.nonzero(self.s2t >= 0).flatten()
+        return s, self.s2t[s]
+
+
+def open_alignment(cache: Any, student_tok: Any, student_source: str) -> Alignment:
+    """The cache's alignment for this student tokenizer, or one clear refusal naming the command."""
+    fp = tokenizer_fingerprint(student_tok)
+    path = alignment_dir(cache.path, fp)
+    if not (path / ALIGN_FILE).exists():
+        have = sorted(p.name for p in (cache.path / ALIGN_DIR).iterdir() if (p / ALIGN_FILE).exists()) \
+            if (cache.path / ALIGN_DIR).is_dir() else []
+        raise DskdError(f"cache {cache.path} has no alignment for the student tokenizer {student_source} "
+                        f"(fingerprint {fp}; the cache has alignments for: {', '.join(have) or 'none'})",
+                        hint=f"run `{align_command(cache.path, student_source)}`")
+    info = read_json(path / ALIGN_FILE)
+    if info.get("cache_fingerprint") != cache.fingerprint or info.get("version") != ALIGN_VERSION:
+        raise DskdError(f"the alignment in {path} was made for another cache or version",
+                        hint=f"run `{align_command(cache.path, student_source)} --force`")
+    al = Alignment(path)
+    if len(al) != len(cache):
+        raise DskdError(f"the alignment in {path} has {len(al)} rows, the cache {len(cache)} examples",
+                        hint=f"run `{align_command(cache.path, student_source)} --force`")
+    return al
+
+
+def run(cfg: Any) -> list[tuple[Path, dict[str, Any]]]:
+    """`dskd-batch align`: align a complete cache for each student tokenizer of ``cfg``."""
+    from .cache.reader import open_cache
+    from .models import load_tokenizer
+
+    cache = open_cache(cfg.cache, verify="lazy")
+    toks = [(src, load_tokenizer(src)) for src in cfg.student_tokenizer]  # every tokenizer loads before any work
+    out = []
+    for src, tok in toks:
+        path = build_alignment(cache, tok, src, force=cfg.force, progress=True)
+        out.append((path, read_json(path / ALIGN_FILE)["stats"]))
+    return out
