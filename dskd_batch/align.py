@@ -36,7 +36,6 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -217,17 +216,20 @@ def eta_pairs(t_spans: list[Span | None], s_spans: list[Span | None], t_ends_eos
     return ps, pt
 
 
-@lru_cache(maxsize=1 << 18)
 def levenshtein(a: bytes, b: bytes) -> int:
-    if len(a) < len(b):
-        a, b = b, a
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
+    """Edit distance between two byte strings (rapidfuzz; latin-1 maps each byte to one character)."""
+    from rapidfuzz.distance import Levenshtein
+
+    return int(Levenshtein.distance(a.decode("latin-1"), b.decode("latin-1")))
+
+
+def edit_distances(a: list[bytes], b: list[bytes]) -> np.ndarray:
+    """[len(a), len(b)] matrix of edit distances."""
+    from rapidfuzz import process
+    from rapidfuzz.distance import Levenshtein
+
+    return process.cdist([x.decode("latin-1") for x in a], [y.decode("latin-1") for y in b],
+                         scorer=Levenshtein.distance, dtype=np.int32).astype(np.float64)
 
 
 def dtw_path(cost: np.ndarray) -> list[tuple[int, int]]:
@@ -235,13 +237,16 @@ def dtw_path(cost: np.ndarray) -> list[tuple[int, int]]:
     n, m = cost.shape
     d = np.full((n + 1, m + 1), np.inf)
     d[0, 0] = 0.0
+    inf = float("inf")
     for i in range(1, n + 1):
-        row, prev, c = d[i], d[i - 1], cost[i - 1]
-        best = np.minimum(prev[:-1], prev[1:])  # diagonal or from above, for columns 1..m
-        acc = np.inf
-        for j in range(1, m + 1):
-            acc = c[j - 1] + min(best[j - 1], acc)
-            row[j] = acc
+        prev = d[i - 1]
+        best = np.minimum(prev[:-1], prev[1:]).tolist()  # diagonal or from above, for columns 1..m
+        c = cost[i - 1].tolist()
+        row, acc = [inf] * (m + 1), inf
+        for j in range(m):
+            acc = c[j] + (best[j] if best[j] < acc else acc)
+            row[j + 1] = acc
+        d[i] = row
     path, i, j = [], n, m
     while i > 0 and j > 0:
         path.append((i - 1, j - 1))
@@ -269,7 +274,7 @@ def mined_alignment(t_texts: list[bytes], s_texts: list[bytes]) -> list[int]:
         return [-1] * len(s_texts)
     t_norm = [t.lstrip(b" ") for t in t_texts]
     s_norm = [s.lstrip(b" ") for s in s_texts]
-    cost = np.array([[levenshtein(a, b) for b in s_norm] for a in t_norm], dtype=np.float64)
+    cost = edit_distances(t_norm, s_norm)
     matched: dict[int, list[int]] = {}
     for i, j in dtw_path(cost):
         matched.setdefault(j, []).append(i)

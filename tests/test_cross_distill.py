@@ -1,0 +1,130 @@
+"""End to end across tokenizers: two tiny random models on two real tokenizers (teacher: SmolLM2's,
+student: GPT-2's), a cache made with one and aligned for the other, and each cross-vocabulary
+method trained from it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SHARED
+
+from dskd_batch.errors import DskdError
+
+pytestmark = pytest.mark.skipif(not (SHARED / "tokenizers").is_dir(), reason="needs ../shared/tokenizers")
+TOK = SHARED / "tokenizers"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from dskd_batch.cache_teacher import run
+    from dskd_batch.config import CacheConfig
+
+    root = tmp_path_factory.mktemp("xvocab")
+    tt, st = AutoTokenizer.from_pretrained(str(TOK / "smollm2")), AutoTokenizer.from_pretrained(str(TOK / "gpt2"))
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=len(tt), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                                           eos_token_id=tt.eos_token_id))
+    torch.nn.init.normal_(teacher.lm_head.weight, std=1.0)  # a confident teacher, so there is something to learn
+    teacher.save_pretrained(root / "teacher")
+    tt.save_pretrained(root / "teacher")
+    student = GPT2LMHeadModel(GPT2Config(vocab_size=len(st), n_embd=24, n_layer=2, n_head=2, resid_pdrop=0.0,
+                                         embd_pdrop=0.0, attn_pdrop=0.0, eos_token_id=st.eos_token_id,
+                                         bos_token_id=st.eos_token_id))
+    student.save_pretrained(root / "student")
+    st.save_pretrained(root / "student")
+    rows = [json.loads(x) for x in (SHARED / "data" / "t0_mix" / "train.jsonl").read_text().splitlines()[:24]]
+    (root / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    run(CacheConfig(teacher=str(root / "teacher"), data=str(root / "train.jsonl"), out=str(root / "cache"),
+                    hidden="fp32", top_k=8, shard_size=10, max_len=128, max_prompt_len=96,
+                    student_tokenizer=(str(root / "student"),)), progress=False)
+    return {"root": root, "cache": root / "cache", "student": root / "student"}
+
+
+def test_cache_teacher_aligned_for_the_student(setup) -> None:
+    from dskd_batch.align import ALIGN_DIR, ALIGN_FILE
+    from dskd_batch.cache.reader import open_cache
+
+    dirs = [p for p in (setup["cache"] / ALIGN_DIR).iterdir() if (p / ALIGN_FILE).exists()]
+    assert len(dirs) == 1
+    stats = json.loads((dirs[0] / ALIGN_FILE).read_text())["stats"]
+    assert stats["examples"] == 24 and stats["eta_coverage"] >= 0.7
+    # the alignment's student ids are what the student's tokenizer makes of the cached texts
+    from transformers import AutoTokenizer
+
+    from dskd_batch.align import Alignment
+    from dskd_batch.data import encode
+
+    al, cache, st = Alignment(dirs[0]), open_cache(setup["cache"]), AutoTokenizer.from_pretrained(str(setup["student"]))
+    rec = cache.token_arrays(3)
+    enc = encode(st, rec["prompt"], rec["response"], max_prompt_len=96, max_len=128, template="alpaca")
+    assert al.row(3)["student_ids"].tolist() == enc.input_ids
+
+
+def test_norm_stats_are_over_real_response_tokens(setup) -> None:
+    from dskd_batch.cache.reader import open_cache
+
+    cache = open_cache(setup["cache"])
+    hs = []
+    for i in range(len(cache)):
+        r = cache[i]
+        lo = max(r["prompt_len"], 1) - 1
+        hs.append(r["hidden"][lo:len(r["input_ids"]) - 1])
+    h = torch.cat(hs).double()
+    ns = cache.manifest["norm_stats"]["hidden"]
+    assert ns["count"] == h.numel()
+    assert abs(ns["std"] - float(h.std(unbiased=False))) < 1e-6 * float(h.std())
+
+
+def test_align_adds_a_second_student_side_by_side(setup, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from dskd_batch.align import ALIGN_DIR
+    from dskd_batch.cli import main
+
+    r = CliRunner().invoke(main, ["align", str(setup["cache"]), "--student-tokenizer", str(TOK / "llama2")])
+    assert r.exit_code == 0, r.output
+    assert "ETA pairs cover" in r.output
+    assert len([p for p in (setup["cache"] / ALIGN_DIR).iterdir()]) == 2  # the first one is still there
+    again = CliRunner().invoke(main, ["align", str(setup["cache"]), "--student-tokenizer", str(TOK / "llama2")])
+    assert again.exit_code == 0  # already there: nothing recomputed
+
+
+def test_distill_without_alignment_prints_the_align_command(setup, tmp_path) -> None:
+    from dskd_batch.config import DistillConfig
+    from dskd_batch.distill import run
+
+    with pytest.raises(DskdError) as e:
+        run(DistillConfig(student=str(TOK / "llama3"), out=str(tmp_path / "r"), cache=str(setup["cache"]),
+                          method="dskd-eta", verify="none"))
+    text = e.value.render()
+    assert f"dskd-batch align {setup['cache']} --student-tokenizer {TOK / 'llama3'}" in text
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(DskdError, match="another tokenizer"):  # a same-vocabulary method on another tokenizer
+        run(DistillConfig(student=str(setup["student"]), out=str(tmp_path / "r2"), cache=str(setup["cache"]),
+                          method="dskd", verify="none"))
+
+
+@pytest.mark.parametrize("method,extra", [("dskd-eta", {"projector_init": "pinv", "agreement_mask": False}),
+                                          ("dskd-cma", {}), ("mined", {}), ("uld", {})])
+def test_each_cross_vocab_method_lowers_its_loss(setup, tmp_path, method, extra) -> None:
+    from dskd_batch.config import DistillConfig
+    from dskd_batch.distill import run
+
+    out = run(DistillConfig(student=str(setup["student"]), out=str(tmp_path / method), cache=str(setup["cache"]),
+                            method=method, batch_size=4, epochs=6, lr=3e-3, projector_lr=3e-3, verify="lazy", **extra))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    per_epoch = len(rows) // 6
+    first = sum(r["kd"] for r in rows[:per_epoch]) / per_epoch
+    last = sum(r["kd"] for r in rows[-per_epoch:]) / per_epoch
+    assert last < first, (method, first, last)
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "done" and "student_tokenizer" in info["fingerprints"]
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(str(out / "student")).config.vocab_size == 50257

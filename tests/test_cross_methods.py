@@ -1,0 +1,182 @@
+"""The cross-vocabulary losses against naive per-example, per-position float64 implementations."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dskd_batch.batches import _cross_part
+from dskd_batch.methods import (DSKDCMA, DSKDETA, ULD, CrossBatch, LossSettings, MinED, TeacherBatch, TeacherHead,
+                                uld_distance)
+from dskd_batch.projectors import build_projectors
+
+torch.manual_seed(0)
+V_S, V_T, D_S, D_T = 11, 13, 6, 8
+
+
+def batch(lengths=((5, 4), (3, 6))):
+    """Two examples: (student response positions, teacher response positions) each."""
+    g = torch.Generator().manual_seed(1)
+    recs = []
+    for b, (n_s, n_t) in enumerate(lengths):
+        s_ids = torch.randint(0, V_S, (2 + n_s,), generator=g)
+        t_ids = torch.randint(0, V_T, (3 + n_t,), generator=g)
+        k = min(n_s, n_t)
+        eta_s = torch.arange(0, k, 2)
+        eta_t = torch.arange(k - 1, -1, -2)[: len(eta_s)]
+        label = torch.randint(-1, V_S, (len(eta_s),), generator=g)
+        mined = torch.randint(-1, n_t, (n_s,), generator=g)
+        recs.append({"input_ids": s_ids, "prompt_len": 2, "teacher_input_ids": t_ids, "teacher_prompt_len": 3,
+                     "hidden": torch.randn(len(t_ids), D_T, generator=g), "argmax": torch.zeros(len(t_ids), dtype=torch.long),
+                     "topk_values": None, "topk_indices": None, "logsumexp": None, "logits": None,
+                     "eta_s": eta_s, "eta_t": eta_t, "eta_label": label, "mined_t": mined})
+    return recs
+
+
+def parts():
+    recs = batch()
+    tb, cross = _cross_part(recs)
+    n = len(cross.seg_s)
+    targets = torch.cat([r["input_ids"][2:] for r in recs])
+    s = torch.randn(n, V_S, dtype=torch.float64, requires_grad=True)
+    h_s = torch.randn(n, D_S, dtype=torch.float64)
+    w_t = torch.randn(V_T, D_T)
+    return recs, tb, cross, targets, s, h_s, TeacherHead(w_t, None, "hidden", embed=torch.randn(V_T, D_T))
+
+
+def test_cross_part_flattens_indices_per_example() -> None:
+    recs, tb, cross, *_ = parts()
+    assert len(cross.seg_s) == 5 + 3 and len(cross.seg_t) == 4 + 6 and tb.hidden.shape == (10, D_T)
+    # the teacher hidden row at flat position eta_t is the record's row at prompt_len - 1 + eta_t
+    off_s = off_t = 0
+    for b, r in enumerate(recs):
+        sel = cross.seg_s[cross.eta_s] == b
+        assert torch.equal(cross.eta_t[sel] - off_t, r["eta_t"])
+        assert torch.equal(tb.hidden[cross.eta_t[sel]], r["hidden"][2 + r["eta_t"]])
+        assert torch.equal(cross.s_inputs[cross.seg_s == b], r["input_ids"][1:-1])
+        assert torch.equal(cross.t_targets[cross.seg_t == b], r["teacher_input_ids"][3:])
+        n_s, n_t = len(r["input_ids"]) - 2, len(r["teacher_input_ids"]) - 3
+        k = min(n_s, n_t)
+        assert torch.equal(cross.uld_s[(cross.uld_s >= off_s) & (cross.uld_s < off_s + n_s)], torch.arange(k) + off_s)
+        off_s, off_t = off_s + n_s, off_t + n_t
+
+
+def naive_fkl(s_row, t_row, T):
+    p = torch.softmax(t_row.double() / T, -1)
+    lq = torch.log_softmax(s_row.double() / T, -1)
+    return sum(float(p[v]) * (math.log(float(p[v])) - float(lq[v])) for v in range(len(p)) if p[v] > 0)
+
+
+def test_mined_matches_a_naive_loop() -> None:
+    recs, tb, cross, targets, s, h_s, head = parts()
+    m = MinED(LossSettings(temperature=2.0))
+    s2t = torch.randint(-1, V_T, (V_S,))
+    m.s2t_vocab = s2t
+    got = m.kd_terms(s.float(), h_s, targets, tb, head, nn.ModuleDict(), None, cross, None)["kd"]
+    t_logits = tb.hidden.double() @ head.weight.double().T
+    want = 0.0
+    for j in range(len(targets)):
+        i = int(cross.mined_t[j])
+        if i >= 0:  # teacher logits in the student vocabulary; tokens without a counterpart get no mass
+            row = torch.tensor([float(t_logits[i, s2t[v]]) if s2t[v] >= 0 else -1e4 for v in range(V_S)])
+        else:  # one-hot ground truth
+            row = torch.tensor([0.0 if v == targets[j] else -1e4 for v in range(V_S)])
+        want += naive_fkl(s[j].detach(), row, 2.0)
+    assert abs(float(got) - want) < 1e-4 * max(1, abs(want))
+
+
+def test_uld_matches_a_naive_loop() -> None:
+    recs, tb, cross, targets, s, h_s, head = parts()
+    got = ULD(LossSettings(temperature=1.0)).kd_terms(s, h_s, targets, tb, head, nn.ModuleDict(), None, cross, None)["kd"]
+    want = 0.0
+    t_logits = tb.hidden.double() @ head.weight.double().T
+    for js, it in zip(cross.uld_s.tolist(), cross.uld_t.tolist()):
+        q = sorted(torch.softmax(s[js].detach().double(), -1).tolist(), reverse=True)
+        p = sorted(torch.softmax(t_logits[it], -1).tolist(), reverse=True)
+        width = max(len(q), len(p))
+        q, p = q + [0.0] * (width - len(q)), p + [0.0] * (width - len(p))
+        want += sum(abs(a - b) for a, b in zip(q, p))
+    assert abs(float(got) - want) < 1e-5
+    # zero for identical distributions over vocabularies of different sizes, padded
+    x = torch.tensor([[2.0, 1.0, 0.0]])
+    assert float(uld_distance(torch.cat([x, torch.tensor([[-1e4]])], -1), x, 1.0)) < 1e-6
+
+
+def test_eta_matches_a_naive_loop_and_skips_unmapped_tops() -> None:
+    recs, tb, cross, targets, s, h_s, head = parts()
+    ls = LossSettings(temperature=2.0, agreement_mask=True)
+    proj = build_projectors(D_S, D_T, t2s=True, s2t=True, init="random", seed=0).double()
+    w_s = torch.randn(V_S, D_S, dtype=torch.float64)
+    out = DSKDETA(ls).kd_terms(s, h_s, targets, tb, head, proj, w_s, cross, None)
+    t2s_ce = t2s_kd = s2t_kd = 0.0
+    n = 0
+    for j, i, lab in zip(cross.eta_s.tolist(), cross.eta_t.tolist(), cross.eta_label.tolist()):
+        if lab < 0:
+            continue
+        n += 1
+        t2s_logits = proj["t2s"](tb.hidden[i].double()) @ w_s.T
+        t2s_ce += float(-torch.log_softmax(t2s_logits, -1)[lab])
+        if int(t2s_logits.argmax()) == lab:
+            t2s_kd += naive_fkl(s[j].detach(), t2s_logits.detach(), 2.0)
+        s2t_logits = proj["s2t"](h_s[j]) @ head.weight.double().T
+        s2t_kd += naive_fkl(s2t_logits.detach(), tb.hidden[i].double() @ head.weight.double().T, 2.0)
+    assert n < len(cross.eta_s)  # some tops had no single student token
+    assert float(out["aligned"]) == n
+    assert abs(float(out["t2s_ce"]) - t2s_ce) < 1e-5
+    assert abs(float(out["t2s_kd"]) - t2s_kd) < 1e-5
+    assert abs(float(out["s2t_kd"]) - s2t_kd) < 1e-4
+
+
+def test_cma_matches_per_example_attention() -> None:
+    """The batched, masked attention equals attention computed example by example (each student
+    position attends only to its own example's teacher positions), for both directions."""
+    recs, tb, cross, targets, s, h_s, head = parts()
+    ls = LossSettings(temperature=2.0)
+    m = DSKDCMA(ls)
+    m.norm = {"index_std": 0.7, "target_std": 0.9, "hidden_std": 1.3}
+    proj = build_projectors(D_S, D_T, t2s=True, s2t=True, query=True, init="random", seed=0)
+    w_s = torch.randn(V_S, D_S)
+    e_s = torch.randn(V_S, D_S)
+    out = m.kd_terms(s.float(), h_s.float(), targets, tb, head, proj, w_s, cross, e_s)
+    t2s_ce = s2t_kd = 0.0
+    for b in range(2):
+        js, it = torch.nonzero(cross.seg_s == b).flatten(), torch.nonzero(cross.seg_t == b).flatten()
+        q = proj["query"](torch.cat([e_s[cross.s_inputs[js]], e_s[targets[js]]], -1))
+        k = torch.cat([head.embed[cross.t_inputs[it]], head.embed[cross.t_targets[it]]], -1) / 0.7
+        a = torch.softmax(q @ k.T / math.sqrt(2 * D_T), -1)
+        v = proj["t2s"](head.embed[cross.t_targets[it]] / 0.9 + tb.hidden[it] / 1.3)
+        logits = (a @ v) @ w_s.T
+        t2s_ce += float(F.cross_entropy(logits, targets[js], reduction="sum"))
+        a2 = torch.softmax(k @ q.T / math.sqrt(2 * D_T), -1)
+        s2t_logits = (a2 @ proj["s2t"](h_s[js].float())) @ head.weight.T
+        for r, i in enumerate(it.tolist()):
+            s2t_kd += naive_fkl(s2t_logits[r].detach(), tb.hidden[i] @ head.weight.T, 2.0)
+    assert abs(float(out["t2s_ce"]) - t2s_ce) < 1e-3
+    assert abs(float(out["s2t_kd"]) - s2t_kd) < 1e-3
+    # gradients reach the query projector and both projectors, never the teacher's weights
+    sum(v for k, v in out.items() if k == "kd").backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in proj.parameters())
+
+
+def test_cross_batch_moves_between_devices() -> None:
+    _, _, cross, *_ = parts()
+    moved = cross.to(torch.device("cpu"))
+    assert isinstance(moved, CrossBatch) and torch.equal(moved.eta_s, cross.eta_s)
+    assert isinstance(TeacherBatch(hidden=torch.zeros(3, 2)).rows(torch.tensor([2])).hidden, torch.Tensor)
+
+
+def test_pinv_across_vocabularies_uses_shared_rows() -> None:
+    """With rows (student ids, teacher ids) of shared tokens, the t2s projector solves the normal
+    equations of W_S[rows_s] X = W_T[rows_t] only over those rows."""
+    w_s, w_t = torch.randn(40, D_S), torch.randn(50, D_T)
+    rs, rt = torch.arange(0, 40, 2), torch.arange(5, 45, 2)
+    proj = build_projectors(D_S, D_T, t2s=True, s2t=True, init="pinv", seed=0, student_head=w_s, teacher_head=w_t,
+                            rows=(rs, rt))
+    a, b = w_s[rs].double(), w_t[rt].double()
+    x = proj["t2s"].weight.double()
+    assert torch.allclose(a.T @ (a @ x - b), torch.zeros(D_S, D_T, dtype=torch.float64), atol=1e-3)
+    y = proj["s2t"].weight.double()
+    assert torch.allclose(b.T @ (b @ y - a), torch.zeros(D_T, D_S, dtype=torch.float64), atol=1e-3)
