@@ -100,14 +100,18 @@ class LiveTeacher:
         self.calls = 0
         self.seconds = 0.0
 
-    def fill(self, recs: list[Record]) -> list[Record]:
+    def run(self, sequences: list[list[int]]) -> list[Record]:
+        """The teacher's records for token-id sequences (timed and counted)."""
         import time
 
         t0 = time.perf_counter()
-        out = self.tf([r["input_ids"].tolist() for r in recs], keep_logits=self.keep_logits)
+        out = self.tf(sequences, keep_logits=self.keep_logits)
         self.seconds += time.perf_counter() - t0
         self.calls += 1
-        for r, t in zip(recs, out):
+        return out
+
+    def fill(self, recs: list[Record]) -> list[Record]:
+        for r, t in zip(recs, self.run([r["input_ids"].tolist() for r in recs])):
             r.update(t)
         return recs
 
@@ -148,11 +152,14 @@ class MicroBatch:
     teacher: TeacherBatch | None
     tokens: int  # real (unpadded) tokens
     cross: CrossBatch | None = None
+    on_policy: "MicroBatch | None" = None  # the student's samples for these prompts, scored by the live teacher
+    kd_scale: float = 1.0  # on-policy steps: ground-truth response tokens / sampled response tokens of the step
 
     def to(self, device: torch.device) -> "MicroBatch":
         return MicroBatch(self.input_ids.to(device), self.attention_mask.to(device), self.select.to(device),
                           self.targets.to(device), self.teacher.to(device) if self.teacher is not None else None,
-                          self.tokens, self.cross.to(device) if self.cross is not None else None)
+                          self.tokens, self.cross.to(device) if self.cross is not None else None,
+                          self.on_policy.to(device) if self.on_policy is not None else None, self.kd_scale)
 
 
 def collate(recs: list[Record], pad_id: int, with_teacher: bool) -> MicroBatch:
@@ -244,17 +251,23 @@ def prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
 
 def step_loader(examples: Any, steps: list[tuple[int, int, list[int]]], *, batch_size: int, world: int, rank: int,
                 pad_id: int, live: LiveTeacher | None, with_teacher: bool,
-                background: bool) -> Iterator[tuple[int, int, list[int], list[MicroBatch]]]:
-    """(epoch, step-in-epoch, global batch, this process's micro-batches) for each listed step."""
+                background: bool, on_policy: Any = None) -> Iterator[tuple[int, int, list[int], list[MicroBatch]]]:
+    """(epoch, step-in-epoch, global batch, this process's micro-batches) for each listed step.
+    On an on-policy step each micro-batch carries the student's samples scored by the live
+    teacher (``on_policy``, an :class:`~dskd_batch.onpolicy.OnPolicy`)."""
 
     def gen() -> Iterator[tuple[int, int, list[int], list[MicroBatch]]]:
         for epoch, k, batch in steps:
             micro = []
-            for idxs in micro_batches(batch, examples.n_tokens, batch_size, world, rank):
+            active = on_policy is not None and on_policy.active(epoch, k)
+            for m, idxs in enumerate(micro_batches(batch, examples.n_tokens, batch_size, world, rank)):
                 recs = examples.records(idxs)
                 if live is not None:
                     recs = live.fill(recs)
-                micro.append(collate(recs, pad_id, with_teacher))
+                mb = collate(recs, pad_id, with_teacher)
+                if active:
+                    mb.on_policy = collate(on_policy.records(recs, epoch, k, rank, m), pad_id, True)
+                micro.append(mb)
             yield epoch, k, batch, micro
 
     return prefetch(gen()) if background else gen()

@@ -252,9 +252,15 @@ class DistillConfig:
     shuffle: str = "shard"
     "Data order per epoch: `shard` (shuffle the cache's shards, then the examples inside each: each chunk is read once) or `global` (one permutation of all examples; the only order for --data)."
     teacher_device: str = "auto"
-    "Device of a live teacher."
+    "Device of a live teacher: auto (the student's), cpu, cuda:1, ..., or `map` (spread over the GPUs with device_map=auto)."
     teacher_top_k: int = 64
     "Top-k kept by a live teacher (as stage one would store)."
+    on_policy: bool = False
+    "On-policy KD (with --cache and --teacher): on a share of the batches the student samples the responses and the live teacher scores them; CE stays on the ground truth."
+    student_gen_ratio: float = 0.5
+    "--on-policy: probability that a batch is on-policy (0: never, exactly cache-only training; 1: every batch)."
+    on_policy_after_epochs: int = 0
+    "--on-policy: start on-policy batches after this many epochs."
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -313,6 +319,18 @@ class DistillConfig:
                             "embeddings + hidden states: use --projector-init random with dskd-cma")
         if self.limit is not None and self.limit < 1:
             problems.append(f"limit must be >= 1, got {self.limit}")
+        if self.on_policy:
+            if self.cache is None or self.teacher is None:
+                problems.append("--on-policy needs --cache (off-policy batches) and --teacher (the live teacher that "
+                                "scores the student's samples)")
+            if self.method in ("sft", "seqkd"):
+                problems.append(f"--on-policy distils from the teacher; --method {self.method} has no KD term")
+            if not 0.0 <= self.student_gen_ratio <= 1.0:
+                problems.append(f"student_gen_ratio must be in [0, 1], got {self.student_gen_ratio}")
+            if self.on_policy_after_epochs < 0:
+                problems.append(f"on_policy_after_epochs must be >= 0, got {self.on_policy_after_epochs}")
+        elif self.cache is not None and self.teacher is not None:
+            problems.append("--cache and --teacher together are for --on-policy; give one of them otherwise")
         if problems:
             raise DskdError(problems)
 

@@ -172,21 +172,61 @@ def _from_corpus(cfg: DistillConfig, student_tok: Any, method: Any, device: torc
     examples = CorpusExamples(prep.encoded)
     if cfg.teacher is None or not method.needs_teacher:
         return Sources(examples, None, None, template, fps)
+    live, weights, fps["teacher"] = _live_teacher(cfg, tok, device, prep.encoded[0].input_ids)
+    return Sources(examples, TeacherHead(weights["lm_head.weight"], weights.get("lm_head.bias"), "hidden"),
+                   int(weights["lm_head.weight"].shape[1]), template, fps, live=live)
+
+
+def _live_teacher(cfg: DistillConfig, tok: Any, device: torch.device, probe_ids: list[int],
+                  expect: str | None = None) -> tuple[LiveTeacher, dict[str, torch.Tensor], str]:
+    """Load the live teacher on ``--teacher-device`` (``map``: spread with device_map=auto) and
+    check once whether its logits are h @ W.T (if not, its real logits are passed on)."""
     from .models import resolve_dtype
     from .teacher import TeacherForward, reconstruction_check
 
-    tdev = resolve_device(cfg.teacher_device) if cfg.teacher_device != "auto" else device
-    model = load_causal_lm(cfg.teacher, dtype=resolve_dtype("auto", tdev), device=tdev)
+    if cfg.teacher_device == "map":
+        model = load_causal_lm(cfg.teacher, dtype=resolve_dtype("auto", torch.device("cuda" if torch.cuda.is_available()
+                                                                                       else "cpu")), device="map")
+    else:
+        tdev = resolve_device(cfg.teacher_device) if cfg.teacher_device != "auto" else device
+        model = load_causal_lm(cfg.teacher, dtype=resolve_dtype("auto", tdev), device=tdev)
+    fp = model_fingerprint(model)
+    if expect is not None and fp != expect:
+        raise DskdError(f"--teacher {cfg.teacher} is not the teacher cache {cfg.cache} was made with "
+                        f"(fingerprint {fp} vs {expect})", hint="give the cache's teacher (see `dskd-batch cache-info`)")
     weights = head_and_embeddings(model)
     tf = TeacherForward(model, cfg.teacher_top_k, tok.pad_token_id)
-    probe = tf([prep.encoded[0].input_ids], keep_logits=True)[0]
+    probe = tf([probe_ids], keep_logits=True)[0]
     chk = reconstruction_check(probe["logits"], probe["hidden"], None, weights["lm_head.weight"], weights.get("lm_head.bias"))
     exact = chk["exact_rel_err"] < 1e-4
     if not exact:
         log.info("the live teacher's logits are not h @ W.T; its real logits are used")
-    fps["teacher"] = model_fingerprint(model)
-    return Sources(examples, TeacherHead(weights["lm_head.weight"], weights.get("lm_head.bias"), "hidden"),
-                   int(weights["lm_head.weight"].shape[1]), template, fps, live=LiveTeacher(tf, keep_logits=not exact))
+    return LiveTeacher(tf, keep_logits=not exact), weights, fp
+
+
+def _on_policy(cfg: DistillConfig, src: Sources, student: nn.Module, student_tok: Any, method: Any,
+               device: torch.device) -> Any:
+    """The live stage of --on-policy: the cache's teacher, loaded, and the sampling settings."""
+    from .onpolicy import CrossTokenizer, OnPolicy, OnPolicySettings
+
+    cache = src.cache
+    st = cache.settings
+    t_tok = cache.tokenizer()
+    if tokenizer_fingerprint(load_tokenizer(cfg.teacher)) != st["tokenizer"]["fingerprint"]:
+        raise DskdError(f"--teacher {cfg.teacher} has another tokenizer than the cache {cfg.cache}",
+                        hint="give the cache's teacher (see `dskd-batch cache-info`)")
+    live, _, _ = _live_teacher(cfg, t_tok, device, cache.token_arrays(0)["input_ids"].tolist(),
+                               expect=st["teacher"]["fingerprint"])
+    cross = None
+    if method.cross_vocab:
+        from .align import token_table, vocab_map
+
+        t_table, s_table = token_table(t_tok), token_table(student_tok)
+        cross = CrossTokenizer(t_tok, t_table, s_table, vocab_map(t_table, s_table))
+    lim = st["limits"]
+    settings = OnPolicySettings(cfg.student_gen_ratio, cfg.on_policy_after_epochs, int(lim["max_len"]),
+                                int(lim["max_prompt_len"]), st["template"]["name"], cfg.seed)
+    return OnPolicy(student, student_tok, live, settings, cross)
 
 
 def _attach_lora(student: nn.Module, cfg: DistillConfig) -> nn.Module:
@@ -249,9 +289,10 @@ def _run(cfg: DistillConfig, ctx: DistContext, on_step: Callable[[int], None] | 
                      cfg.weight_decay, cfg.warmup_ratio, cfg.lr_schedule, cfg.grad_clip, cfg.save_steps,
                      cfg.keep_checkpoints, cfg.log_steps, cfg.precision,
                      plan_fingerprint(cfg, src.fingerprints, student_fp, ctx.world_size))
+    on_policy = _on_policy(cfg, src, module.student, student_tok, method, device) if cfg.on_policy else None
     trainer = Trainer(module, plan, src.examples, run_dir=out, ctx=ctx, device=device, pad_id=student_tok.pad_token_id,
                       head=src.head, live=src.live, tokenizer=student_tok, wrap=_wrapper(cfg, ctx, device),
-                      on_step=on_step)
+                      on_step=on_step, on_policy=on_policy)
     cks = list_checkpoints(out)
     if cfg.resume and cks:
         trainer.load_checkpoint(cks[-1])
@@ -271,11 +312,12 @@ def _run(cfg: DistillConfig, ctx: DistContext, on_step: Callable[[int], None] | 
              f"/{cfg.distance}" if method.needs_teacher else "", len(src.examples), trainer.total_steps,
              trainer.global_batch, device, ctx.world_size)
     final = trainer.train(out / "metrics.jsonl") if trainer.step < trainer.total_steps else {}
-    if src.live is not None:
-        src.live.tf.close()
+    for live in (src.live, on_policy.live if on_policy is not None else None):
+        if live is not None:
+            live.tf.close()
     if ctx.is_main:
         _write_final(out, module, student_tok, cfg)
-        run_info.update(status="done", final_metrics=final, peak_memory=_peak_memory(device))
+        run_info.update(status="done", final_metrics=final, peak_memory=_peak_memory(device, on_policy))
         atomic_write_json(out / RUN_FILE, run_info)
     ctx.barrier()
     return out
@@ -311,10 +353,15 @@ def _write_final(out: Path, module: DistillModule, tok: Any, cfg: DistillConfig)
         save_projectors(module.projectors, out)
 
 
-def _peak_memory(device: torch.device) -> dict[str, float]:
+def _peak_memory(device: torch.device, on_policy: Any = None) -> dict[str, float]:
     import resource
 
     mem = {"cpu_max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if device.type == "cuda":
         mem["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    if on_policy is not None:
+        tdevs = {p.device for p in on_policy.live.tf.model.parameters()}
+        for d in sorted((d for d in tdevs if d.type == "cuda"), key=str):
+            mem[f"teacher_{d}_max_allocated_mib"] = torch.cuda.max_memory_allocated(d) / 2**20
+        mem["teacher_devices"] = ", ".join(sorted(str(d) for d in tdevs))
     return mem

@@ -53,6 +53,7 @@ from .losses import distance, fkl, masked_sum, token_ce
 from .teacher import assemble_logits
 
 Tensor = torch.Tensor
+KD_GRAD = "_kd"  # the KD sum with its graph (on-policy steps combine it with CE from another batch); not logged
 
 
 @dataclass
@@ -177,7 +178,7 @@ class VanillaKD(Method):
         r = self.ls.kd_rate
         ce = token_ce(s[:, :vocab], targets).sum()
         kd = self.ls.dist(s[:, :vocab], head.logits(tb)[:, :vocab]).sum()
-        return {"objective": (1 - r) * ce + r * kd, "ce": ce.detach(), "kd": kd.detach()}
+        return {"objective": (1 - r) * ce + r * kd, "ce": ce.detach(), "kd": kd.detach(), KD_GRAD: kd}
 
 
 def dskd_terms(s: Tensor, h_s: Tensor, targets: Tensor, t_logits: Tensor, h_t: Tensor, t_argmax: Tensor,
@@ -224,7 +225,7 @@ class DSKD(Method):
                            projectors["s2t"] if "s2t" in projectors else None,
                            student_head[:vocab], _sliced(head, vocab), self.ls)
         kd = terms.pop("kd")
-        return {"objective": (1 - r) * ce + r * kd, "ce": ce.detach(), "kd": kd.detach(), **terms}
+        return {"objective": (1 - r) * ce + r * kd, "ce": ce.detach(), "kd": kd.detach(), KD_GRAD: kd, **terms}
 
 
 def _sliced(head: TeacherHead, vocab: int) -> TeacherHead:
@@ -251,7 +252,7 @@ class CrossVocabMethod(Method):
         ce = token_ce(s, targets).sum()
         terms = self.kd_terms(s, h_s, targets, tb, head, projectors, student_head[:vocab], cross, student_embed)
         kd = terms.pop("kd")
-        return {"objective": (1 - r) * ce + r * kd, "ce": ce.detach(), "kd": kd.detach(), **terms}
+        return {"objective": (1 - r) * ce + r * kd, "ce": ce.detach(), "kd": kd.detach(), KD_GRAD: kd, **terms}
 
     def kd_terms(self, s: Tensor, h_s: Tensor, targets: Tensor, tb: TeacherBatch, head: TeacherHead,
                  projectors: nn.ModuleDict, student_head: Tensor, cross: CrossBatch,

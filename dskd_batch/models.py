@@ -108,11 +108,13 @@ def load_causal_lm(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float3
     from transformers import AutoModelForCausalLM
 
     src = resolve_source(spec)
+    extra = {"device_map": "auto"} if device == "map" else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, **src.kwargs)
+        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, **src.kwargs, **extra)
     except Exception as e:  # noqa: BLE001
         raise _hub_error(str(spec), e) from e
-    model.to(device)
+    if device != "map":
+        model.to(device)
     model.eval()
     return model
 

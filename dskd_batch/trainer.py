@@ -34,7 +34,8 @@ from .cache.format import (TMP_MARK, atomic_write_json, file_table, read_json, r
                            sha256_file, tmp_path)
 from .distributed import DistContext
 from .errors import DskdError
-from .methods import Method, TeacherHead
+from .losses import token_ce
+from .methods import KD_GRAD, Method, TeacherHead
 from .projectors import PROJECTOR_FILE
 
 log = logging.getLogger(__name__)
@@ -69,14 +70,30 @@ class DistillModule(nn.Module):
         self._h = h
         return (h, *args[1:])
 
-    def forward(self, mb: MicroBatch, head: TeacherHead | None) -> dict[str, torch.Tensor]:
+    def _student(self, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Student logits and head inputs at the micro-batch's response positions."""
         self._select = mb.select
         try:
             out = self.student(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
         finally:
             self._select = None
-        s, h = out.logits, self._h
-        self._h = None
+        h, self._h = self._h, None
+        return out.logits, h
+
+    def forward(self, mb: MicroBatch, head: TeacherHead | None) -> dict[str, torch.Tensor]:
+        if mb.on_policy is None:
+            return self._losses(mb, head)
+        # on-policy: CE on the ground truth, the method's KD on the student's own samples
+        s, _ = self._student(mb)
+        ce = token_ce(s.float()[:, :self.vocab], mb.targets).sum()
+        op = self._losses(mb.on_policy, head)
+        r, scale = self.method.ls.kd_rate, mb.kd_scale
+        out = {k: v * scale for k, v in op.items() if k not in ("objective", "ce", KD_GRAD)}
+        out.update(objective=(1 - r) * ce + r * scale * op[KD_GRAD], ce=ce.detach())
+        return out
+
+    def _losses(self, mb: MicroBatch, head: TeacherHead | None) -> dict[str, torch.Tensor]:
+        s, h = self._student(mb)
         w_s = self.student.get_output_embeddings().weight
         e_s = self.student.get_input_embeddings().weight if mb.cross is not None else None
         return self.method.losses(s.float(), h, mb.targets, mb.teacher, head, self.projectors, w_s, self.vocab,
@@ -184,8 +201,9 @@ class Trainer:
     def __init__(self, module: DistillModule, plan: TrainPlan, examples: Any, *, run_dir: Path, ctx: DistContext,
                  device: torch.device, pad_id: int, head: TeacherHead | None, live: Any = None,
                  tokenizer: Any = None, wrap: Callable[[DistillModule], nn.Module] | None = None,
-                 on_step: Callable[[int], None] | None = None) -> None:
+                 on_step: Callable[[int], None] | None = None, on_policy: Any = None) -> None:
         self.module = module
+        self.on_policy = on_policy
         self.plan = plan
         self.examples = examples
         self.run_dir = run_dir
@@ -208,6 +226,7 @@ class Trainer:
         self.sched = make_scheduler(self.opt, plan, self.total_steps)
         self.step = 0
         self.with_teacher = module.method.needs_teacher
+        self._op_prev: dict[str, float] = {}
 
     # -- state ------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -280,7 +299,7 @@ class Trainer:
         steps = self._plan_steps()
         loader = step_loader(ex, steps, batch_size=self.plan.batch_size, world=self.ctx.world_size, rank=self.ctx.rank,
                              pad_id=self.pad_id, live=self.live, with_teacher=self.with_teacher,
-                             background=self.live is None)
+                             background=self.live is None and self.on_policy is None, on_policy=self.on_policy)
         params = [p for p in self.module.parameters() if p.requires_grad]
         last: dict[str, float] = {}
         t_last, tok_last, steps_since = time.perf_counter(), 0, 0
@@ -288,6 +307,7 @@ class Trainer:
         try:
             for epoch, k, batch, micro in loader:
                 n_resp = sum(response_tokens(ex.n_tokens[i], ex.prompt_len[i]) for i in batch)
+                self._scale_on_policy(micro, n_resp)
                 sums: dict[str, float] = {}
                 tokens = 0
                 for m, mb in enumerate(micro):
@@ -299,7 +319,8 @@ class Trainer:
                         loss = terms["objective"] * (self.ctx.world_size / n_resp)
                     loss.backward()
                     for name, v in terms.items():
-                        sums[name] = sums.get(name, 0.0) + float(v.detach())
+                        if not name.startswith("_"):
+                            sums[name] = sums.get(name, 0.0) + float(v.detach())
                     tokens += mb.tokens
                 gnorm = (torch.nn.utils.clip_grad_norm_(params, self.plan.grad_clip) if self.plan.grad_clip > 0
                          else torch.tensor(float("nan")))
@@ -322,6 +343,28 @@ class Trainer:
                 mf.close()
         return last
 
+    def _scale_on_policy(self, micro: list[MicroBatch], n_resp: int) -> None:
+        """Normalise the KD of an on-policy step by its sampled response tokens (all processes)."""
+        ops = [mb.on_policy for mb in micro if mb.on_policy is not None]
+        if self.on_policy is None:
+            return
+        n_op = torch.tensor(float(sum(int(op.select.sum()) for op in ops)), dtype=torch.float64)
+        if self.ctx.enabled:
+            dist.all_reduce(n_op)
+        self.on_policy.stats.steps += bool(ops)
+        for mb in micro:
+            mb.kd_scale = n_resp / max(float(n_op), 1.0)
+
+    def _on_policy_metrics(self, steps_since: int) -> dict[str, float]:
+        st, prev = self.on_policy.stats, self._op_prev
+        d = {k: getattr(st, k) - prev.get(k, 0) for k in ("steps", "samples", "sample_tokens", "teacher_seconds",
+                                                          "sample_seconds")}
+        self._op_prev = {k: getattr(st, k) for k in d}
+        return {"on_policy_share": d["steps"] / max(steps_since, 1),
+                "sample_len": d["sample_tokens"] / d["samples"] if d["samples"] else 0.0,
+                "teacher_s_per_batch": d["teacher_seconds"] / d["steps"] if d["steps"] else 0.0,
+                "sample_s_per_batch": d["sample_seconds"] / d["steps"] if d["steps"] else 0.0}
+
     def _log(self, mf: Any, sums: dict[str, float], n_resp: int, tokens: int, epoch: int, gnorm: torch.Tensor,
              t_last: float, tok_last: int, steps_since: int) -> dict[str, float]:
         names = sorted(sums)
@@ -340,6 +383,8 @@ class Trainer:
             rec["projector_lr"] = self.opt.param_groups[1]["lr"]
         if self.live is not None:
             rec["teacher_s"] = self.live.seconds
+        if self.on_policy is not None:
+            rec.update(self._on_policy_metrics(steps_since))
         if mf is not None:
             mf.write(json.dumps(rec) + "\n")
             mf.flush()

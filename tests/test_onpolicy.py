@@ -1,0 +1,111 @@
+"""On-policy distillation: ratio 0 is cache-only training exactly; ratio 1 runs the live teacher on
+the student's own samples every batch (checked by watching both); after N epochs; refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dskd_batch.config import DistillConfig
+from dskd_batch.distill import run
+from dskd_batch.errors import DskdError
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def cfg(student: Path, out: Path, **kw) -> DistillConfig:
+    base = dict(student=str(student), out=str(out), batch_size=2, grad_accum=2, lr=1e-3, projector_lr=1e-3,
+                max_steps=3, verify="lazy", device="cpu", lr_schedule="constant")
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "student" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("method", ["kd", "dskd"])
+def test_ratio_zero_is_cache_only_training(method, fp32_cache, llama_teacher, gpt2_student, tmp_path):
+    a = run(cfg(gpt2_student, tmp_path / "cache", cache=str(fp32_cache), method=method))
+    b = run(cfg(gpt2_student, tmp_path / "op0", cache=str(fp32_cache), teacher=str(llama_teacher), method=method,
+                on_policy=True, student_gen_ratio=0.0))
+    wa, wb = weights(a), weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert [r["loss"] for r in metrics(a)] == [r["loss"] for r in metrics(b)]
+    assert all(r["on_policy_share"] == 0.0 for r in metrics(b))
+
+
+def test_ratio_one_scores_the_students_samples_every_batch(fp32_cache, llama_teacher, gpt2_student, tmp_path,
+                                                           monkeypatch):
+    import dskd_batch.onpolicy as op
+    from dskd_batch.teacher import TeacherForward
+
+    sampled: list[list[list[int]]] = []
+    scored: list[list[list[int]]] = []
+    real_sample, real_call = op.sample_responses, TeacherForward.__call__
+
+    def spy_sample(model, prompts, **kw):
+        new = real_sample(model, prompts, **kw)
+        sampled.append([p + n for p, n in zip(prompts, new)])
+        return new
+
+    def spy_call(self, sequences, **kw):
+        scored.append([list(s) for s in sequences])
+        return real_call(self, sequences, **kw)
+
+    monkeypatch.setattr(op, "sample_responses", spy_sample)
+    monkeypatch.setattr(TeacherForward, "__call__", spy_call)
+    out = run(cfg(gpt2_student, tmp_path / "op1", cache=str(fp32_cache), teacher=str(llama_teacher), method="dskd",
+                  on_policy=True, student_gen_ratio=1.0))
+    # one probe call when the teacher loads, then one call per micro-batch: 3 steps x 2 micro-batches
+    assert len(sampled) == 6 and len(scored) == 7
+    eos = 0
+    for s, t in zip(sampled, scored[1:]):
+        assert t == [x + [eos] for x in s]  # the teacher read exactly the student's samples (+ EOS)
+    from dskd_batch.cache.reader import open_cache
+
+    cache = open_cache(fp32_cache)
+    truth = {tuple(cache[i]["input_ids"].tolist()) for i in range(len(cache))}
+    assert any(tuple(x) not in truth for batch in scored[1:] for x in batch)  # samples, not the cached texts
+    m = metrics(out)
+    assert all(r["on_policy_share"] == 1.0 and r["sample_len"] > 0 and r["teacher_s_per_batch"] > 0 for r in m)
+    assert all(r["kd"] > 0 and r["ce"] > 0 for r in m)
+    info = json.loads((out / "run.json").read_text())
+    assert info["peak_memory"]["teacher_devices"] == "cpu"
+
+
+def test_on_policy_after_epochs(fp32_cache, llama_teacher, gpt2_student, tmp_path):
+    # 13 examples, global batch 4: 3 steps per epoch; 2 epochs, on-policy from the second
+    out = run(cfg(gpt2_student, tmp_path / "after", cache=str(fp32_cache), teacher=str(llama_teacher), method="kd",
+                  on_policy=True, student_gen_ratio=1.0, on_policy_after_epochs=1, max_steps=None, epochs=2))
+    share = [r["on_policy_share"] for r in metrics(out)]
+    assert share == [0.0] * 3 + [1.0] * 3
+
+
+def test_half_ratio_mixes_and_resumes_the_same_choices(fp32_cache, llama_teacher, gpt2_student, tmp_path):
+    from dskd_batch.onpolicy import OnPolicy, OnPolicySettings
+
+    op = OnPolicy(None, None, None, OnPolicySettings(0.5, 0, 96, 64, "alpaca", seed=3))
+    picks = [op.active(e, k) for e in range(4) for k in range(50)]
+    assert 60 < sum(picks) < 140  # about half
+    assert picks == [op.active(e, k) for e in range(4) for k in range(50)]  # a pure function of (seed, epoch, step)
+
+
+def test_on_policy_refusals(fp32_cache, gpt2_teacher, llama_teacher, gpt2_student, tmp_path):
+    with pytest.raises(DskdError, match="not the teacher cache"):
+        run(cfg(gpt2_student, tmp_path / "r1", cache=str(fp32_cache), teacher=str(gpt2_teacher), method="kd",
+                on_policy=True))
+    with pytest.raises(DskdError, match="--on-policy needs --cache"):
+        cfg(gpt2_student, tmp_path / "r2", cache=str(fp32_cache), method="kd", on_policy=True)
+    with pytest.raises(DskdError, match="no KD term"):
+        cfg(gpt2_student, tmp_path / "r3", cache=str(fp32_cache), teacher=str(llama_teacher), method="sft",
+            on_policy=True)
+    with pytest.raises(DskdError, match="together are for --on-policy"):
+        cfg(gpt2_student, tmp_path / "r4", cache=str(fp32_cache), teacher=str(llama_teacher), method="kd")
