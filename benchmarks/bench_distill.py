@@ -8,10 +8,12 @@ in each setting, one after another in this run, each in its own process (so peak
 
 - ``sft-plain``: SFT from the corpus file (no cache, no teacher): the student alone;
 - ``sft-cache``, ``kd-cache``, ``dskd-cache``: from the cache (the teacher is never loaded);
-- ``kd-live``, ``dskd-live``: the live teacher runs every batch (the same forward stage one uses).
+- ``kd-live``, ``dskd-live``: the live teacher runs every batch (the same forward stage one uses);
+- ``kd-onpolicy-0.5``, ``dskd-onpolicy-0.5``: from the cache, and on half of the steps the student
+  samples the responses and the live teacher scores them (sample lengths and teacher time printed).
 
-Steps/s is the mean over the logged steps after the first ``--skip`` (warm-up); each distill
-setting is divided by sft-plain. Prints a Markdown table; writes JSON to ``--out``.
+Steps/s is steps over wall time for the logged steps after the first ``--skip`` (warm-up); each
+distill setting is divided by sft-plain. Prints a Markdown table; writes JSON to ``--out``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ SETTINGS = {
     "dskd-cache": ["--method", "dskd", "--cache", "{cache}"],
     "kd-live": ["--method", "kd", "--teacher", "{teacher}", "--data", "{data}", "--limit", "{examples}"],
     "dskd-live": ["--method", "dskd", "--teacher", "{teacher}", "--data", "{data}", "--limit", "{examples}"],
+    "kd-onpolicy-0.5": ["--method", "kd", "--cache", "{cache}", "--teacher", "{teacher}", "--on-policy",
+                        "--student-gen-ratio", "0.5"],
+    "dskd-onpolicy-0.5": ["--method", "dskd", "--cache", "{cache}", "--teacher", "{teacher}", "--on-policy",
+                          "--student-gen-ratio", "0.5"],
 }
 
 
@@ -77,12 +83,22 @@ def main() -> None:
         m = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         info = json.loads((run / "run.json").read_text())
         tail = m[a.skip:]
+        secs = [1.0 / r["steps_per_s"] for r in tail]  # one line per step: each step's wall time
         results[name] = {
-            "steps_per_s": sum(r["steps_per_s"] for r in tail) / len(tail),
-            "tokens_per_s": sum(r["tokens_per_s"] for r in tail) / len(tail),
+            "steps_per_s": len(tail) / sum(secs),
+            "tokens_per_s": sum(r["tokens_per_s"] * t for r, t in zip(tail, secs)) / sum(secs),
             "peak_rss_mib": info["peak_memory"]["cpu_max_rss_mib"],
             "first_loss": m[0]["loss"], "last_loss": m[-1]["loss"],
         }
+        if "on_policy_share" in m[0]:
+            on = [r for r in m if r["on_policy_share"] > 0]
+            results[name].update(on_policy_share=sum(r["on_policy_share"] for r in m) / len(m),
+                                 sample_len=sum(r["sample_len"] for r in on) / max(len(on), 1),
+                                 teacher_s_per_batch=sum(r["teacher_s_per_batch"] for r in on) / max(len(on), 1),
+                                 sample_s_per_batch=sum(r["sample_s_per_batch"] for r in on) / max(len(on), 1))
+            print(f"  on-policy share {results[name]['on_policy_share']:.2f}, sample length "
+                  f"{results[name]['sample_len']:.1f}, teacher {results[name]['teacher_s_per_batch']:.2f} s and "
+                  f"sampling {results[name]['sample_s_per_batch']:.2f} s per on-policy batch", flush=True)
         print(f"{name}: {results[name]['steps_per_s']:.3f} steps/s, peak {results[name]['peak_rss_mib']:.0f} MiB", flush=True)
     base = results.get("sft-plain", {}).get("steps_per_s")
     print("\n| setting | steps/s | ÷ sft-plain | tokens/s | peak RSS MiB |\n|---|---|---|---|---|")

@@ -94,6 +94,18 @@ def cache_teacher_cmd(**kwargs: Any) -> None:
     click.echo(f"cache: {out}")
 
 
+@main.command("run")
+@click.argument("pipeline", type=click.Path(path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Check the file and list what would run or be reused; run nothing.")
+def run_cmd(pipeline: Path, dry_run: bool) -> None:
+    """Run an experiment pipeline (pipelines/*.toml): cache, align, student, distill runs, evaluate, report;
+    stages already done with the same settings are reused."""
+    from .pipeline import run_pipeline
+
+    for line in run_pipeline(pipeline, dry_run=dry_run):
+        click.echo(line)
+
+
 @main.command("align")
 @click.argument("cache")
 @config_options(AlignConfig, exclude=("cache",))

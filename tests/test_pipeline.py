@@ -1,0 +1,138 @@
+"""Pipeline files: every file in pipelines/ parses into valid configs; a tiny pipeline runs every
+stage, a rerun reuses them all, a new run only adds itself, and changed settings are refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dskd_batch.errors import DskdError
+from dskd_batch.pipeline import load_pipeline, run_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+FILES = sorted((ROOT / "pipelines").glob("*.toml"))
+
+
+def test_there_are_pipelines_for_the_papers_settings() -> None:
+    names = {f.stem for f in FILES}
+    assert {"demo", "gpt2-1.5b_to_gpt2-120m", "qwen1.5-1.8b_to_gpt2-120m", "llama2-7b_to_tinyllama-1.1b_lora",
+            "mistral-7b_to_tinyllama-1.1b_lora"} <= names
+
+
+@pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
+def test_every_pipeline_file_parses(path: Path) -> None:
+    p = load_pipeline(path)
+    assert p.runs and len(p.runs) == len(p.run_names)
+    for cfg in p.runs:
+        assert cfg.cache == p.cache.out and Path(cfg.out).parent == p.out
+    if "lora" in path.stem:
+        assert all(c.lora_rank == 256 and c.lora_alpha == 8.0 for c in p.runs)
+    if any(c.method in ("dskd-eta", "dskd-cma", "mined", "uld") for c in p.runs):
+        assert p.cache.student_tokenizer  # cross-vocabulary runs need the cache aligned for the student
+    lines = run_pipeline(path, dry_run=True)
+    assert any(line.startswith("cache:") for line in lines)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def tiny(tmp: Path, teacher: Path, corpus: Path, student: Path, runs: str) -> Path:
+    return write(tmp / "p.toml", f"""
+name = "tiny"
+out = "{tmp / 'out'}"
+[cache]
+teacher = "{teacher}"
+data = "{corpus}"
+hidden = "fp32"
+top_k = 8
+shard_size = 5
+max_len = 96
+max_prompt_len = 64
+batch_tokens = 512
+[student]
+path = "{student}"
+[distill]
+batch_size = 4
+max_steps = 2
+lr = 1e-3
+verify = "lazy"
+{runs}
+[evaluate]
+data = "{corpus}"
+seeds = "1"
+max_new_tokens = 4
+limit = 2
+[report]
+out = "report.md"
+""")
+
+
+RUN = '[[runs]]\nname = "{name}"\nmethod = "{method}"\n{extra}\n'
+
+
+def test_pipeline_runs_then_reuses_every_stage(llama_teacher, corpus, gpt2_student, tmp_path, monkeypatch) -> None:
+    runs = RUN.format(name="kd", method="kd", extra="") + RUN.format(name="dskd", method="dskd", extra="")
+    p = tiny(tmp_path, llama_teacher, corpus, gpt2_student, runs)
+    lines = run_pipeline(p)
+    assert [x.split(":")[0] for x in lines[:-1]] == ["cache", "distill kd", "evaluate kd", "distill dskd",
+                                                     "evaluate dskd"]
+    assert all("ran" in x for x in lines[:-1])
+    out = tmp_path / "out"
+    assert (out / "report.md").exists() and "kd" in (out / "report.md").read_text()
+    first = {f: f.stat().st_mtime_ns for f in out.rglob("*") if f.is_file() and ".stages" not in f.parts}
+
+    # a rerun does no repeated work: nothing but the report is touched, and nothing heavy is called
+    import dskd_batch.cache_teacher
+    import dskd_batch.distill
+    import dskd_batch.evaluate
+
+    def boom(*a, **k):
+        raise AssertionError("a finished stage ran again")
+
+    monkeypatch.setattr(dskd_batch.cache_teacher, "run", boom)
+    monkeypatch.setattr(dskd_batch.distill, "run", boom)
+    monkeypatch.setattr(dskd_batch.evaluate, "run", boom)
+    again = run_pipeline(p)
+    assert all("reused" in x for x in again[:-1])
+    after = {f: f.stat().st_mtime_ns for f in first}
+    assert {f for f in first if after[f] != first[f]} <= {out / "report.md", out / "report.png"}
+    monkeypatch.undo()
+
+    # a new run is the only new work; a changed one is refused, naming its folder
+    p = tiny(tmp_path, llama_teacher, corpus, gpt2_student, runs + RUN.format(name="sft", method="sft", extra=""))
+    lines = run_pipeline(p)
+    assert [x.split(":")[0] for x in lines if "ran" in x] == ["distill sft", "evaluate sft"]
+    p = tiny(tmp_path, llama_teacher, corpus, gpt2_student, runs.replace('method = "kd"', 'method = "kd"\ntemperature = 1.0'))
+    with pytest.raises(DskdError, match=r"distill kd: .*kd was made with other settings"):
+        run_pipeline(p)
+
+
+def test_interrupted_distill_resumes(llama_teacher, corpus, gpt2_student, tmp_path) -> None:
+    p = tiny(tmp_path, llama_teacher, corpus, gpt2_student, RUN.format(name="kd", method="kd", extra="save_steps = 1"))
+    run_pipeline(p)
+    run_json = tmp_path / "out" / "kd" / "run.json"
+    info = json.loads(run_json.read_text())
+    info["status"] = "training"  # as if killed after its last checkpoint
+    run_json.write_text(json.dumps(info))
+    lines = run_pipeline(p)
+    assert any(x.startswith("distill kd: resumed") for x in lines)
+    assert json.loads(run_json.read_text())["status"] == "done"
+
+
+@pytest.mark.parametrize("body,match", [
+    ('name = "x"\nout = "o"\n[cache]\nteacher = "t"\ndata = "d"\nhiden = "fp16"\n[student]\npath = "s"\n'
+     '[[runs]]\nname = "a"\n', r"\[cache\]: unknown setting\(s\) hiden"),
+    ('name = "x"\nout = "o"\n[cache]\nteacher = "t"\ndata = "d"\n[student]\npath = "s"\n'
+     '[[runs]]\nname = "a"\nmethod = "dskdd"\n', r"\[\[runs\]\] #1:"),
+    ('name = "x"\nout = "o"\n[cache]\nteacher = "t"\ndata = "d"\n[student]\npath = "s"\n', r"at least one \[\[runs\]\]"),
+    ('name = "x"\nout = "o"\n[cache\n', "not valid TOML"),
+    ('name = "x"\nout = "o"\n[cache]\nteacher = "t"\ndata = "d"\n[student]\nfrom = "t"\n[[runs]]\nname = "a"\n',
+     "needs `layers`"),
+])
+def test_bad_pipeline_files_name_the_problem(tmp_path, body, match) -> None:
+    with pytest.raises(DskdError, match=match):
+        load_pipeline(write(tmp_path / "bad.toml", body))
