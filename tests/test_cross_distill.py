@@ -93,6 +93,8 @@ def test_align_adds_a_second_student_side_by_side(setup, tmp_path) -> None:
     assert len([p for p in (setup["cache"] / ALIGN_DIR).iterdir()]) == 2  # the first one is still there
     again = CliRunner().invoke(main, ["align", str(setup["cache"]), "--student-tokenizer", str(TOK / "llama2")])
     assert again.exit_code == 0  # already there: nothing recomputed
+    info = CliRunner().invoke(main, ["cache-info", str(setup["cache"])])
+    assert info.exit_code == 0 and info.output.count("alignment    ") == 2 and "llama2" in info.output
 
 
 def test_distill_without_alignment_prints_the_align_command(setup, tmp_path) -> None:

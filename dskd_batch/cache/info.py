@@ -35,8 +35,22 @@ def cache_summary(cache: TeacherCache) -> dict[str, Any]:
         "logits_source": cache.logits_source,
         "logits_reconstructable": cache.manifest["logits_reconstructable"],
         "fidelity": cache.manifest["fidelity"],
-        "alignments": sorted(p.name for p in (cache.path / "alignments").glob("*")) if (cache.path / "alignments").exists() else [],
+        "alignments": _alignments(cache.path),
+        "norm_stats": cache.manifest.get("norm_stats"),
     }
+
+
+def _alignments(path: Path) -> list[dict[str, Any]]:
+    """The complete alignment sidecars of a cache (see :mod:`dskd_batch.align`)."""
+    from ..align import ALIGN_DIR, ALIGN_FILE
+    from .format import read_json
+
+    out = []
+    for d in sorted((path / ALIGN_DIR).glob("*")) if (path / ALIGN_DIR).is_dir() else []:
+        if (d / ALIGN_FILE).exists():
+            info = read_json(d / ALIGN_FILE)
+            out.append({"fingerprint": d.name, "source": info["student_tokenizer"]["source"], **info["stats"]})
+    return out
 
 
 def render_summary(info: dict[str, Any]) -> str:
@@ -62,8 +76,10 @@ def render_summary(info: dict[str, Any]) -> str:
             f = fid[key]
             lines.append(f"fidelity     {key:<13} KL mean {f['kl_mean']:.2e} max {f['kl_max']:.2e} "
                          f"top-1 {100 * f['top1_agreement']:.2f}% ({fid['tokens']} tokens)")
-    if info["alignments"]:
-        lines.append("alignments   " + ", ".join(info["alignments"]))
+    for a in info["alignments"]:
+        lines.append(f"alignment    {a['source']} (tokenizer {a['fingerprint']}): ETA {100 * a['eta_coverage']:.1f}% of "
+                     f"student response tokens ({100 * a['eta_label_coverage']:.1f}% with a mapped teacher top-1), "
+                     f"MinED {100 * a['mined_coverage']:.1f}%, {a['shared_vocab']} shared tokens")
     return "\n".join(lines)
 
 
