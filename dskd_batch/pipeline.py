@@ -220,10 +220,12 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False) -> list[str]:
         cache_run(p.cache)
 
     st.stage("cache", cache_dir, cache_fp, lambda: (cache_dir / MANIFEST).exists(), do_cache)
-    if p.cache.student_tokenizer and not dry_run:  # idempotent: an existing alignment is kept
-        from .align import run as align_run
+    if p.cache.student_tokenizer:  # idempotent: an existing alignment is kept
+        st.done.append(f"align: {', '.join(p.cache.student_tokenizer)} (an alignment already there is kept)")
+        if not dry_run:
+            from .align import run as align_run
 
-        align_run(AlignConfig(cache=str(cache_dir), student_tokenizer=p.cache.student_tokenizer))
+            align_run(AlignConfig(cache=str(cache_dir), student_tokenizer=p.cache.student_tokenizer))
 
     student_fp = _fingerprint({"path": p.student_path} if p.student_path else
                               {"from": p.student_from, "layers": p.student_layers})
