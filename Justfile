@@ -62,3 +62,7 @@ bench-distill: teacher
 # quality only: Rouge-L of SFT, KD and DSKD on the t0_mix dev set (pipelines/bench-quality.toml)
 bench-quality: teacher
     {{py}} -m dskd_batch run pipelines/bench-quality.toml
+
+# cross-tokenizer stage two on the quality cache: align cost/coverage and each method's steps/s
+bench-cross: bench-quality
+    {{py}} benchmarks/bench_cross.py --cache bench-out/quality/cache --tokenizer ../shared/tokenizers/gpt2
