@@ -110,8 +110,8 @@ class OnPolicy:
         from .align import align_example
 
         c = self.cross
-        texts = [self.tok.decode(n, skip_special_tokens=True) for n in new]
-        t_encs = [encode(c.teacher_tok, r["prompt"], t or " ", max_prompt_len=self.s.max_prompt_len,
+        texts = [self.tok.decode(n, skip_special_tokens=True) or " " for n in new]
+        t_encs = [encode(c.teacher_tok, r["prompt"], t, max_prompt_len=self.s.max_prompt_len,
                          max_len=self.s.max_len, template=self.s.template) for r, t in zip(recs, texts)]
         teacher = self.live.run([e.input_ids for e in t_encs])
         out = []
