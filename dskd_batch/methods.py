@@ -164,6 +164,12 @@ class Method:
         ce = token_ce(s[:, :vocab], targets).sum()
         return {"objective": ce, "ce": ce.detach()}
 
+    def combine(self, ce: Tensor, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+        """(1 - r) CE + r KD, and every term for logging (``terms["kd"]`` is the KD sum)."""
+        r = self.ls.kd_rate
+        kd = terms.pop("kd")
+        return {"objective": (1 - r) * ce + r * kd, "ce": ce.detach(), "kd": kd.detach(), KD_GRAD: kd, **terms}
+
 
 class SeqKD(Method):
     name = "seqkd"
@@ -175,10 +181,8 @@ class VanillaKD(Method):
 
     def losses(self, s, h_s, targets, tb, head, projectors, student_head, vocab, cross=None,  # type: ignore[override]
                student_embed=None):
-        r = self.ls.kd_rate
         ce = token_ce(s[:, :vocab], targets).sum()
-        kd = self.ls.dist(s[:, :vocab], head.logits(tb)[:, :vocab]).sum()
-        return {"objective": (1 - r) * ce + r * kd, "ce": ce.detach(), "kd": kd.detach(), KD_GRAD: kd}
+        return self.combine(ce, {"kd": self.ls.dist(s[:, :vocab], head.logits(tb)[:, :vocab]).sum()})
 
 
 def dskd_terms(s: Tensor, h_s: Tensor, targets: Tensor, t_logits: Tensor, h_t: Tensor, t_argmax: Tensor,
@@ -206,6 +210,10 @@ def dskd_terms(s: Tensor, h_s: Tensor, targets: Tensor, t_logits: Tensor, h_t: T
     return out
 
 
+def _get(projectors: nn.ModuleDict, name: str) -> nn.Module | None:
+    return projectors[name] if name in projectors else None
+
+
 class DSKD(Method):
     name = "dskd"
     needs_teacher = True
@@ -216,16 +224,12 @@ class DSKD(Method):
 
     def losses(self, s, h_s, targets, tb, head, projectors, student_head, vocab, cross=None,  # type: ignore[override]
                student_embed=None):
-        r = self.ls.kd_rate
         s = s[:, :vocab]
         ce = token_ce(s, targets).sum()
         t_logits = head.logits(tb)[:, :vocab]
-        terms = dskd_terms(s, h_s, targets, t_logits, tb.hidden, tb.argmax,
-                           projectors["t2s"] if "t2s" in projectors else None,
-                           projectors["s2t"] if "s2t" in projectors else None,
-                           student_head[:vocab], _sliced(head, vocab), self.ls)
-        kd = terms.pop("kd")
-        return {"objective": (1 - r) * ce + r * kd, "ce": ce.detach(), "kd": kd.detach(), KD_GRAD: kd, **terms}
+        terms = dskd_terms(s, h_s, targets, t_logits, tb.hidden, tb.argmax, _get(projectors, "t2s"),
+                           _get(projectors, "s2t"), student_head[:vocab], _sliced(head, vocab), self.ls)
+        return self.combine(ce, terms)
 
 
 def _sliced(head: TeacherHead, vocab: int) -> TeacherHead:
@@ -247,21 +251,15 @@ class CrossVocabMethod(Method):
 
     def losses(self, s, h_s, targets, tb, head, projectors, student_head, vocab, cross=None,  # type: ignore[override]
                student_embed=None):
-        r = self.ls.kd_rate
         s = s[:, :vocab]
         ce = token_ce(s, targets).sum()
         terms = self.kd_terms(s, h_s, targets, tb, head, projectors, student_head[:vocab], cross, student_embed)
-        kd = terms.pop("kd")
-        return {"objective": (1 - r) * ce + r * kd, "ce": ce.detach(), "kd": kd.detach(), KD_GRAD: kd, **terms}
+        return self.combine(ce, terms)
 
     def kd_terms(self, s: Tensor, h_s: Tensor, targets: Tensor, tb: TeacherBatch, head: TeacherHead,
                  projectors: nn.ModuleDict, student_head: Tensor, cross: CrossBatch,
                  student_embed: Tensor | None) -> dict[str, Tensor]:
         raise NotImplementedError
-
-
-def _get(projectors: nn.ModuleDict, name: str) -> nn.Module | None:
-    return projectors[name] if name in projectors else None
 
 
 class DSKDETA(CrossVocabMethod):

@@ -14,7 +14,7 @@ cache) and aligned exactly as ``dskd-batch align`` does.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -52,7 +52,6 @@ class OnPolicyStats:
     sample_tokens: int = 0
     teacher_seconds: float = 0.0
     sample_seconds: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 class OnPolicy:

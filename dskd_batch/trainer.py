@@ -87,10 +87,9 @@ class DistillModule(nn.Module):
         s, _ = self._student(mb)
         ce = token_ce(s.float()[:, :self.vocab], mb.targets).sum()
         op = self._losses(mb.on_policy, head)
-        r, scale = self.method.ls.kd_rate, mb.kd_scale
-        out = {k: v * scale for k, v in op.items() if k not in ("objective", "ce", KD_GRAD)}
-        out.update(objective=(1 - r) * ce + r * scale * op[KD_GRAD], ce=ce.detach())
-        return out
+        terms = {k: v * mb.kd_scale for k, v in op.items() if k not in ("objective", "ce", "kd")}
+        terms["kd"] = terms.pop(KD_GRAD)
+        return self.method.combine(ce, terms)
 
     def _losses(self, mb: MicroBatch, head: TeacherHead | None) -> dict[str, torch.Tensor]:
         s, h = self._student(mb)
@@ -346,12 +345,12 @@ class Trainer:
     def _scale_on_policy(self, micro: list[MicroBatch], n_resp: int) -> None:
         """Normalise the KD of an on-policy step by its sampled response tokens (all processes)."""
         ops = [mb.on_policy for mb in micro if mb.on_policy is not None]
-        if self.on_policy is None:
+        if not ops:  # an off-policy step (every process makes the same choice)
             return
         n_op = torch.tensor(float(sum(int(op.select.sum()) for op in ops)), dtype=torch.float64)
         if self.ctx.enabled:
             dist.all_reduce(n_op)
-        self.on_policy.stats.steps += bool(ops)
+        self.on_policy.stats.steps += 1
         for mb in micro:
             mb.kd_scale = n_resp / max(float(n_op), 1.0)
 
