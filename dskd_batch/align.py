@@ -455,7 +455,11 @@ def open_alignment(cache: Any, student_tok: Any, student_source: str) -> Alignme
     if info.get("cache_fingerprint") != cache.fingerprint or info.get("version") != ALIGN_VERSION:
         raise DskdError(f"the alignment in {path} was made for another cache or version",
                         hint=f"run `{align_command(cache.path, student_source)} --force`")
-    al = Alignment(path)
+    try:
+        al = Alignment(path)
+    except Exception as e:  # noqa: BLE001 - parquet / safetensors raise many kinds
+        raise DskdError(f"the alignment in {path} cannot be read ({e})",
+                        hint=f"run `{align_command(cache.path, student_source)} --force`") from e
     if len(al) != len(cache):
         raise DskdError(f"the alignment in {path} has {len(al)} rows, the cache {len(cache)} examples",
                         hint=f"run `{align_command(cache.path, student_source)} --force`")

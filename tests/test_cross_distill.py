@@ -145,3 +145,20 @@ def test_cross_tokenizer_on_policy(setup, tmp_path) -> None:
     assert len(rows) == 3
     assert all(r["on_policy_share"] == 1.0 and r["sample_len"] > 0 and r["teacher_s_per_batch"] > 0 for r in rows)
     assert all(r["aligned"] > 0 and r["kd"] > 0 for r in rows)  # ETA pairs found on the samples
+
+
+def test_corrupt_alignment_is_one_clear_error(setup, tmp_path) -> None:
+    import shutil
+
+    from dskd_batch.align import ALIGN_DIR, ALIGN_EXAMPLES
+    from dskd_batch.config import DistillConfig
+    from dskd_batch.distill import run
+
+    cache = tmp_path / "cache"
+    shutil.copytree(setup["cache"], cache)
+    for d in (cache / ALIGN_DIR).iterdir():
+        (d / ALIGN_EXAMPLES).write_bytes(b"not parquet")
+    with pytest.raises(DskdError, match="cannot be read") as e:
+        run(DistillConfig(student=str(setup["student"]), out=str(tmp_path / "r"), cache=str(cache),
+                          method="uld", verify="none"))
+    assert "--force" in e.value.render() and not (tmp_path / "r").exists()
