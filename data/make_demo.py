@@ -83,8 +83,9 @@ def main() -> None:
     rows = make(random.Random(0))
     out = Path(__file__).resolve().parent / "demo"
     out.mkdir(exist_ok=True)
-    n_test = 60
-    for name, part in (("test", rows[:n_test]), ("train", rows[n_test:])):
+    n_test, n_dev = 60, 40
+    splits = (("test", rows[:n_test]), ("dev", rows[n_test:n_test + n_dev]), ("train", rows[n_test + n_dev:]))
+    for name, part in splits:
         with open(out / f"{name}.jsonl", "w") as f:
             for r in part:
                 f.write(json.dumps(r) + "\n")

@@ -261,6 +261,12 @@ class DistillConfig:
     "--on-policy: probability that a batch is on-policy (0: never, exactly cache-only training; 1: every batch)."
     on_policy_after_epochs: int = 0
     "--on-policy: start on-policy batches after this many epochs."
+    eval_data: str | None = None
+    "Held-out data evaluated during training: a corpus (read with the run's template and limits; logs eval_ce) or a teacher cache of held-out data from the same teacher (also eval_kl and eval_top1)."
+    eval_steps: int = 0
+    "Evaluate --eval-data every N optimizer steps (0: at the end of each epoch); always at the end of training."
+    keep_best: str | None = None
+    "Keep the student with the best value of this --eval-data metric (eval_ce, eval_kl or eval_top1) in RUN/best/ and export it as RUN/student/ (the last weights go to RUN/student-last/)."
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -331,6 +337,13 @@ class DistillConfig:
                 problems.append(f"on_policy_after_epochs must be >= 0, got {self.on_policy_after_epochs}")
         elif self.cache is not None and self.teacher is not None:
             problems.append("--cache and --teacher together are for --on-policy; give one of them otherwise")
+        if self.eval_steps < 0:
+            problems.append(f"eval_steps must be >= 0, got {self.eval_steps}")
+        if self.keep_best is not None:
+            if self.keep_best not in ("eval_ce", "eval_kl", "eval_top1"):
+                problems.append(f"keep_best must be one of eval_ce, eval_kl, eval_top1; got {self.keep_best!r}")
+            if self.eval_data is None:
+                problems.append("--keep-best picks a checkpoint by an --eval-data metric: give --eval-data DEV")
         if problems:
             raise DskdError(problems)
 

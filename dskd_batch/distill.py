@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .batches import CacheExamples, CorpusExamples, LiveTeacher
-from .cache.format import atomic_write_json
+from .cache.format import atomic_write_json, read_json
 from .config import DistillConfig, to_dict
 from .distributed import DistContext
 from .errors import DskdError
@@ -121,6 +121,60 @@ def _from_cache(cfg: DistillConfig, student_tok: Any, method: Any) -> Sources:
         examples = _limited(examples, cfg.limit)
     return Sources(examples, head, int(st["teacher"]["hidden_size"]), {"template": st["template"]["name"], **st["limits"]},
                    fps, cache=cache, shared_rows=al.shared_rows() if al is not None else None)
+
+
+def _validation(cfg: DistillConfig, student_tok: Any, src: Sources, method: Any) -> Any:
+    """The held-out set of --eval-data: a teacher cache (eval_ce, eval_kl, eval_top1) or a corpus
+    encoded like the training data (eval_ce). Checked before any model loads."""
+    from types import SimpleNamespace
+
+    from .cache.format import SETTINGS
+    from .validation import Validation
+
+    if cfg.eval_data is None:
+        return None
+    path = Path(cfg.eval_data)
+    if not path.exists():
+        raise DskdError(f"--eval-data {path} not found")
+    if (path / SETTINGS).exists():
+        from .cache.reader import open_cache
+
+        dev = open_cache(path, verify=cfg.verify)
+        st = dev.settings
+        problems = []
+        if method.cross_vocab:
+            problems.append(f"--eval-data {path} is a teacher cache in the teacher's tokenization; a student with "
+                            "another tokenizer is evaluated on a corpus: give the held-out corpus file")
+        elif tokenizer_fingerprint(student_tok) != st["tokenizer"]["fingerprint"]:
+            problems.append(f"--eval-data {path} was cached with another tokenizer than the student's")
+        if src.fingerprints.get("teacher") not in (None, st["teacher"]["fingerprint"]):
+            problems.append(f"--eval-data {path} was cached with another teacher (fingerprint "
+                            f"{st['teacher']['fingerprint']}) than the training data ({src.fingerprints['teacher']})")
+        mine = {"template": src.template["template"], "max_prompt_len": src.template["max_prompt_len"],
+                "max_len": src.template["max_len"]}
+        theirs = {"template": st["template"]["name"], "max_prompt_len": st["limits"]["max_prompt_len"],
+                  "max_len": st["limits"]["max_len"]}
+        for k in mine:
+            if str(mine[k]) != str(theirs[k]):
+                problems.append(f"--eval-data {path}: {k} is {theirs[k]!r}, the training data's is {mine[k]!r}")
+        if problems:
+            raise DskdError(problems, hint="cache the held-out split with the training cache's settings, or give the "
+                                           "held-out corpus file (eval_ce only)")
+        examples: Any = CacheExamples(dev)
+        head = TeacherHead(dev.lm_head, dev.lm_head_bias, dev.logits_source)
+        val = Validation(examples, True, cfg.batch_size, cfg.eval_steps, cfg.keep_best, str(path), head)
+    else:
+        from .cache_teacher import prepare_corpus
+
+        t = src.template
+        spec = SimpleNamespace(data=str(path), template=t["template"], max_prompt_len=int(t["max_prompt_len"]),
+                               max_len=int(t["max_len"]), limit=None, split=None)
+        examples = CorpusExamples(prepare_corpus(spec, student_tok).encoded)
+        val = Validation(examples, False, cfg.batch_size, cfg.eval_steps, cfg.keep_best, str(path))
+    if cfg.keep_best is not None and cfg.keep_best not in val.metrics:
+        raise DskdError(f"--keep-best {cfg.keep_best} needs the teacher's record: --eval-data {path} is a corpus "
+                        "(it gives eval_ce)", hint="use --keep-best eval_ce, or give a teacher cache of the held-out data")
+    return val
 
 
 def _cross_vocab_head(cache: Any, method: Any, al: Any) -> TeacherHead:
@@ -259,6 +313,7 @@ def _run(cfg: DistillConfig, ctx: DistContext, on_step: Callable[[int], None] | 
         device = torch.device("cuda", ctx.local_rank)
     src = _from_cache(cfg, student_tok, method) if cfg.cache else _from_corpus(cfg, student_tok, method, device)
     vocab = len(student_tok)
+    validation = _validation(cfg, student_tok, src, method)
 
     seed_everything(cfg.seed)
     student = load_causal_lm(cfg.student, dtype=torch.float32, device="cpu")
@@ -287,7 +342,7 @@ def _run(cfg: DistillConfig, ctx: DistContext, on_step: Callable[[int], None] | 
     on_policy = _on_policy(cfg, src, module.student, student_tok, method, device) if cfg.on_policy else None
     trainer = Trainer(module, plan, src.examples, run_dir=out, ctx=ctx, device=device, pad_id=student_tok.pad_token_id,
                       head=src.head, live=src.live, tokenizer=student_tok, wrap=_wrapper(cfg, ctx, device),
-                      on_step=on_step, on_policy=on_policy)
+                      on_step=on_step, on_policy=on_policy, validation=validation)
     cks = list_checkpoints(out)
     if cfg.resume and cks:
         trainer.load_checkpoint(cks[-1])
@@ -311,7 +366,7 @@ def _run(cfg: DistillConfig, ctx: DistContext, on_step: Callable[[int], None] | 
         if live is not None:
             live.tf.close()
     if ctx.is_main:
-        _write_final(out, module, student_tok, cfg)
+        run_info["exported"] = _write_final(out, module, student_tok, cfg, trainer)
         run_info.update(status="done", final_metrics=final, peak_memory=_peak_memory(device, on_policy))
         atomic_write_json(out / RUN_FILE, run_info)
     ctx.barrier()
@@ -332,9 +387,25 @@ def _wrapper(cfg: DistillConfig, ctx: DistContext, device: torch.device) -> Call
     return lambda m: DDP(m, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def _write_final(out: Path, module: DistillModule, tok: Any, cfg: DistillConfig) -> None:
+def _write_final(out: Path, module: DistillModule, tok: Any, cfg: DistillConfig, trainer: Trainer) -> dict[str, Any]:
+    """Write RUN/student (and RUN/adapter for LoRA): the last weights, or with --keep-best the best
+    ones (the last then go to RUN/student-last); returns which was exported."""
     from .cache.format import replace_dir, tmp_path
+    from .trainer import load_student_weights
+    from .validation import BEST_INFO
 
+    exported: dict[str, Any] = {"which": "last", "step": trainer.step}
+    best = trainer.best
+    if best is not None and best.info is not None and (best.dir / "student").exists():
+        tmp = tmp_path(out / "student-last")
+        save_student(module.student, tmp, tok)
+        replace_dir(tmp, out / "student-last")
+        load_student_weights(module.student, best.dir / "student")
+        info = read_json(best.dir / BEST_INFO)
+        exported = {"which": "best", "step": info["step"], "metric": info["metric"], "value": info["value"],
+                    "last": str(out / "student-last")}
+        log.info("exported the best student (%s %.4f at step %d); the last one is in %s", info["metric"],
+                 info["value"], info["step"], out / "student-last")
     student = module.student
     if cfg.lora_rank:
         tmp = tmp_path(out / "adapter")
@@ -346,6 +417,7 @@ def _write_final(out: Path, module: DistillModule, tok: Any, cfg: DistillConfig)
     replace_dir(tmp, out / "student")
     if len(module.projectors):
         save_projectors(module.projectors, out)
+    return exported
 
 
 def _peak_memory(device: torch.device, on_policy: Any = None) -> dict[str, float]:

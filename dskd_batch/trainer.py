@@ -30,13 +30,14 @@ import torch.distributed as dist
 from torch import nn
 
 from .batches import MicroBatch, epoch_order, global_batches, response_tokens, step_loader
-from .cache.format import (TMP_MARK, atomic_write_json, file_table, read_json, remove_stale_tmp, replace_dir,
+from .cache.format import (TMP_MARK, atomic_write_bytes, atomic_write_json, file_table, read_json, remove_stale_tmp, replace_dir,
                            sha256_file, tmp_path)
 from .distributed import DistContext
 from .errors import DskdError
-from .losses import token_ce
+from .losses import fkl, token_ce
 from .methods import KD_GRAD, Method, TeacherHead
 from .projectors import PROJECTOR_FILE
+from .validation import BestKeeper, Validation
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,9 @@ class DistillModule(nn.Module):
         h, self._h = self._h, None
         return out.logits, h
 
-    def forward(self, mb: MicroBatch, head: TeacherHead | None) -> dict[str, torch.Tensor]:
+    def forward(self, mb: MicroBatch, head: TeacherHead | None, evaluate: bool = False) -> dict[str, torch.Tensor]:
+        if evaluate:
+            return self._eval_sums(mb, head)
         if mb.on_policy is None:
             return self._losses(mb, head)
         # on-policy: CE on the ground truth, the method's KD on the student's own samples
@@ -90,6 +93,18 @@ class DistillModule(nn.Module):
         terms = {k: v * mb.kd_scale for k, v in op.items() if k not in ("objective", "ce", "kd")}
         terms["kd"] = terms.pop(KD_GRAD)
         return self.method.combine(ce, terms)
+
+    def _eval_sums(self, mb: MicroBatch, head: TeacherHead | None) -> dict[str, torch.Tensor]:
+        """Held-out sums at the response positions: CE of the targets, and with a teacher record
+        KL(p_T || q_S) at T = 1 and the count of positions where both argmaxes agree."""
+        s, _ = self._student(mb)
+        s = s.float()[:, :self.vocab]
+        out = {"ce": token_ce(s, mb.targets).sum(), "tokens": torch.tensor(float(mb.targets.numel()))}
+        if mb.teacher is not None and head is not None:
+            t = head.logits(mb.teacher)[:, :self.vocab]
+            out["kl"] = fkl(s, t, temperature=1.0).sum()
+            out["top1"] = (s.argmax(-1) == t.argmax(-1)).sum().float()
+        return out
 
     def _losses(self, mb: MicroBatch, head: TeacherHead | None) -> dict[str, torch.Tensor]:
         s, h = self._student(mb)
@@ -200,8 +215,12 @@ class Trainer:
     def __init__(self, module: DistillModule, plan: TrainPlan, examples: Any, *, run_dir: Path, ctx: DistContext,
                  device: torch.device, pad_id: int, head: TeacherHead | None, live: Any = None,
                  tokenizer: Any = None, wrap: Callable[[DistillModule], nn.Module] | None = None,
-                 on_step: Callable[[int], None] | None = None, on_policy: Any = None) -> None:
+                 on_step: Callable[[int], None] | None = None, on_policy: Any = None,
+                 validation: Validation | None = None) -> None:
         self.module = module
+        self.validation = validation
+        self.best = (BestKeeper(run_dir, validation.keep_best) if validation is not None and validation.keep_best
+                     else None)
         self.on_policy = on_policy
         self.plan = plan
         self.examples = examples
@@ -273,6 +292,8 @@ class Trainer:
         self.sched.load_state_dict(optim["scheduler"])
         set_rng_state(torch.load(ck / "rng.pt", weights_only=False)[self.ctx.rank])
         self.step = int(state["step"])
+        if self.best is not None:
+            self.best.load(self.step)
         log.info("resumed from %s (step %d of %d)", ck, self.step, self.total_steps)
 
     # -- loop -------------------------------------------------------------------------------------
@@ -302,6 +323,10 @@ class Trainer:
         params = [p for p in self.module.parameters() if p.requires_grad]
         last: dict[str, float] = {}
         t_last, tok_last, steps_since = time.perf_counter(), 0, 0
+        if self.ctx.is_main:
+            trim_metrics(metrics_path, self.step)
+            if self.best is not None and self.step == 0:
+                self.best.load(0)
         mf = metrics_path.open("a") if self.ctx.is_main else None
         try:
             for epoch, k, batch, micro in loader:
@@ -332,6 +357,10 @@ class Trainer:
                 if self.step % self.plan.log_steps == 0 or self.step == self.total_steps:
                     last = self._log(mf, sums, n_resp, tokens, epoch, gnorm, t_last, tok_last, steps_since)
                     t_last, tok_last, steps_since = time.perf_counter(), 0, 0
+                if self.validation is not None and self.validation.due(
+                        self.step, k == self.steps_per_epoch - 1, self.step == self.total_steps):
+                    self._validate(mf, epoch)
+                    t_last = time.perf_counter()  # evaluation time is not training throughput
                 if (self.plan.save_steps and self.step % self.plan.save_steps == 0) or \
                         (k == self.steps_per_epoch - 1) or self.step == self.total_steps:
                     self.save_checkpoint()
@@ -341,6 +370,22 @@ class Trainer:
             if mf is not None:
                 mf.close()
         return last
+
+    def _validate(self, mf: Any, epoch: int) -> dict[str, float]:
+        assert self.validation is not None
+        t0 = time.perf_counter()
+        ev = self.validation.run(self.wrapped, pad_id=self.pad_id, device=self.device, rank=self.ctx.rank,
+                                 world=self.ctx.world_size)
+        rec = {"step": self.step, "epoch": epoch, **ev, "eval_s": time.perf_counter() - t0}
+        if self.best is not None and self.ctx.is_main:
+            rec["best"] = self.best.offer(self.step, ev, lambda folder: save_student(self.module.student, folder))
+        if mf is not None:
+            mf.write(json.dumps(rec) + "\n")
+            mf.flush()
+            log.info("step %d/%d %s", self.step, self.total_steps,
+                     " ".join(f"{k} {ev[k]:.4f}" for k in self.validation.metrics))
+        self.ctx.barrier()
+        return ev
 
     def _scale_on_policy(self, micro: list[MicroBatch], n_resp: int) -> None:
         """Normalise the KD of an on-policy step by its sampled response tokens (all processes)."""
@@ -390,6 +435,21 @@ class Trainer:
             log.info("step %d/%d loss %.4f %s", self.step, self.total_steps, rec["loss"],
                      " ".join(f"{n} {rec[n]:.4f}" for n in ("ce", "kd") if n in rec))
         return rec
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the lines of steps after ``step`` (a resumed run logs them again), so every step
+    appears once in metrics.jsonl."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+    atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
 
 
 def load_student_weights(student: nn.Module, folder: Path) -> None:

@@ -78,8 +78,8 @@ def test_pipeline_runs_then_reuses_every_stage(llama_teacher, corpus, gpt2_stude
     runs = RUN.format(name="kd", method="kd", extra="") + RUN.format(name="dskd", method="dskd", extra="")
     p = tiny(tmp_path, llama_teacher, corpus, gpt2_student, runs)
     lines = run_pipeline(p)
-    assert [x.split(":")[0] for x in lines[:-1]] == ["cache", "distill kd", "evaluate kd", "distill dskd",
-                                                     "evaluate dskd"]
+    assert [x.split(":")[0] for x in lines[:-1]] == ["cache", "evaluate teacher", "distill kd", "evaluate kd",
+                                                     "distill dskd", "evaluate dskd"]
     assert all("ran" in x for x in lines[:-1])
     out = tmp_path / "out"
     assert (out / "report.md").exists() and "kd" in (out / "report.md").read_text()
