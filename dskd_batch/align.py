@@ -473,8 +473,11 @@ def run(cfg: Any) -> list[tuple[Path, dict[str, Any]]]:
 
     cache = open_cache(cfg.cache, verify="lazy")
     toks = [(src, load_tokenizer(src)) for src in cfg.student_tokenizer]  # every tokenizer loads before any work
+    from .locks import folder_lock
+
     out = []
-    for src, tok in toks:
-        path = build_alignment(cache, tok, src, force=cfg.force, progress=True)
-        out.append((path, read_json(path / ALIGN_FILE)["stats"]))
+    with folder_lock(Path(cfg.cache), "align", "the alignments of cache"):
+        for src, tok in toks:
+            path = build_alignment(cache, tok, src, force=cfg.force, progress=True)
+            out.append((path, read_json(path / ALIGN_FILE)["stats"]))
     return out

@@ -280,6 +280,7 @@ def write_shard(out: Path, s: int, cfg: CacheConfig, settings: dict[str, Any], p
         for batch in length_batches(lengths, cfg.batch_tokens):
             rows = [members[j] for j in batch]
             recs = tf([prep.encoded[i].input_ids for i in rows], keep_logits=[j < cfg.fidelity_sample for j in batch])
+            check_finite(rows, recs, prep)
             for i, rec in zip(rows, recs):
                 enc = prep.encoded[i]
                 n = len(enc.input_ids)
@@ -415,11 +416,81 @@ def run(cfg: CacheConfig, *, progress: bool = True) -> Path:
 
 
 def _run(cfg: CacheConfig, ctx: DistContext, progress: bool) -> Path:
+    from .locks import folder_lock, is_lock_file
+
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise DskdError(f"--out {out} exists and is a file")
-    if out.is_dir() and any(out.iterdir()) and not (out / SETTINGS).exists():
+    if out.is_dir() and any(not is_lock_file(p) for p in out.iterdir()) and not (out / SETTINGS).exists():
         raise DskdError(f"--out {out} exists, is not empty and is not a dskd-batch cache", hint="choose another folder")
+    # one writer per (machine share, rank): a second identical command stops here, before it touches anything
+    with folder_lock(out, f"cache-{cfg.shard_index}of{cfg.num_shards}-rank{ctx.rank}of{ctx.world_size}", "cache"):
+        try:
+            return _run_locked(cfg, ctx, progress, out)
+        except Exception as e:  # noqa: BLE001 - a full disk becomes one clear error; anything else goes on
+            full = disk_full_error(e, out, cfg)
+            if full is None:
+                raise
+            raise full from e
+
+
+def disk_full_error(e: BaseException, out: Path, cfg: CacheConfig) -> DskdError | None:
+    """One clear error for "no space left on device" (an OSError, or safetensors' own error), with
+    roughly how much space the shards still to write need. The shard being written was removed."""
+    import errno
+
+    if not ((isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e)):
+        return None
+    need = ""
+    try:
+        settings = read_json(out / SETTINGS)
+        n = settings["num_shards"]
+        left = sum(not shard_done(out, s) for s in range(n))
+        done = [out / SHARDS / shard_name(s) for s in range(n) if shard_done(out, s)]
+        per_shard = (sum(dir_bytes(d) for d in done) / len(done)) if done else None
+        if per_shard is None:
+            d = int(settings["teacher"]["hidden_size"])
+            per_value = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "compact": 0.75, "none": 0.0}[cfg.hidden]
+            per_token = d * per_value + cfg.top_k * 8 + 12
+            per_shard = per_token * cfg.max_len * cfg.shard_size * 0.5
+        need = f"; the {left} shard(s) still to write need roughly {left * per_shard / 2**20:,.0f} MiB more"
+    except Exception:  # noqa: BLE001 - the estimate is a courtesy
+        pass
+    return DskdError(f"no space left on the device holding {out}{need}",
+                     hint="free space (or choose an --out on a larger disk) and run the same command again: "
+                          "finished shards are kept and the cache resumes")
+
+
+def check_finite(rows: list[int], recs: list[dict[str, Any]], prep: Prepared) -> None:
+    """Refuse to store a teacher output that is NaN or infinite, naming the examples and the first
+    bad token position of each."""
+    bad = []
+    for i, rec in zip(rows, recs):
+        for key in ("hidden", "logsumexp", "topk_values", "logits"):
+            t = rec.get(key)
+            if t is None or bool(torch.isfinite(t).all()):
+                continue
+            flat = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(-1)
+            pos = int(flat.nonzero()[0, 0])
+            bad.append(f"example {prep.examples[i].id} ({prep.examples[i].source}): the teacher's {key} is not finite "
+                       f"from token position {pos} of {len(prep.encoded[i].input_ids)} "
+                       f"({int(flat.sum())} position(s))")
+            break
+    if bad:
+        raise DskdError(["the teacher produced NaN or infinite values; nothing of this shard was stored:"] + bad[:8]
+                        + ([f"... and {len(bad) - 8} more example(s)"] if len(bad) > 8 else []),
+                        hint="check the teacher's weights; in fp16 activations can overflow: try --dtype bf16 or fp32")
+
+
+def _manifest_readable(out: Path) -> bool:
+    try:
+        m = read_json(out / MANIFEST)
+        return isinstance(m, dict) and "shards" in m and "settings" in m
+    except (OSError, ValueError):
+        return False
+
+
+def _run_locked(cfg: CacheConfig, ctx: DistContext, progress: bool, out: Path) -> Path:
     tok = load_tokenizer(cfg.teacher)
     for st in cfg.student_tokenizer:  # a bad --student-tokenizer fails now, not after the teacher ran
         load_tokenizer(st)
@@ -445,8 +516,13 @@ def _run(cfg: CacheConfig, ctx: DistContext, progress: bool) -> Path:
             raise DskdError([f"{out} was built with different settings:"] + diff,
                             hint="write to a new --out folder, or run with the teacher the cache was built with")
         if (out / MANIFEST).exists():
-            log.info("cache %s is already complete (%d examples); nothing to do", out, settings["num_examples"])
-            return out
+            if _manifest_readable(out):
+                log.info("cache %s is already complete (%d examples); nothing to do", out, settings["num_examples"])
+                return out
+            if ctx.is_main and all(shard_done(out, s) for s in range(settings["num_shards"])):
+                log.warning("%s is unreadable: rebuilding it from the finished shards (re-hashing them)", out / MANIFEST)
+                finalize(out, full_verify=True)
+                return out
     tf = TeacherForward(model, cfg.top_k, tok.pad_token_id)
     head = head_and_embeddings(model)
     weight, bias = head["lm_head.weight"], head.get("lm_head.bias")

@@ -167,13 +167,20 @@ def init_student_cmd(source: str, layers: int, out: str) -> None:
 @main.command("cache-info")
 @click.argument("cache", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def cache_info_cmd(cache: Path, as_json: bool) -> None:
-    """Print what a cache holds: examples, tokens, bytes per token, storage, fingerprints, fidelity."""
+@click.option("--verify", "full", is_flag=True, help="Re-hash every file (by default only presence and sizes are checked).")
+def cache_info_cmd(cache: Path, as_json: bool, full: bool) -> None:
+    """Print what a cache holds: examples, tokens, bytes per token, storage, fingerprints, fidelity, and
+    whether its files check out (sizes by default, checksums with --verify)."""
     from .cache.info import cache_summary, render_summary
     from .cache.reader import open_cache
 
-    info = cache_summary(open_cache(cache, verify="none"))
+    c = open_cache(cache, verify="none")
+    problems = c.problems(hash_files=full)
+    info = cache_summary(c)
+    info["check"] = {"kind": "sha256" if full else "sizes", "problems": problems}
     click.echo(json.dumps(info, indent=2, default=str) if as_json else render_summary(info))
+    if problems:
+        sys.exit(2)
 
 
 @main.command("verify")

@@ -265,6 +265,8 @@ class DistillConfig:
     "Held-out data evaluated during training: a corpus (read with the run's template and limits; logs eval_ce) or a teacher cache of held-out data from the same teacher (also eval_kl and eval_top1)."
     eval_steps: int = 0
     "Evaluate --eval-data every N optimizer steps (0: at the end of each epoch); always at the end of training."
+    skip_nonfinite: bool = False
+    "Skip (and count in metrics.jsonl) an optimizer step whose loss or gradient is NaN/Inf instead of stopping the run."
     keep_best: str | None = None
     "Keep the student with the best value of this --eval-data metric (eval_ce, eval_kl or eval_top1) in RUN/best/ and export it as RUN/student/ (the last weights go to RUN/student-last/)."
 

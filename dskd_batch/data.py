@@ -81,8 +81,14 @@ def _raw_rows(path: Path, split: str | None) -> Iterable[tuple[str, Any]]:
             yield f"{path}#{i}", row
         return
     if suffix in (".jsonl", ".json", ".ndjson"):
-        with path.open("r", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield f"{path}:{lineno}", DskdError(
+                        f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+                    continue
                 if not line.strip():
                     continue
                 try:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .batches import CacheExamples, CorpusExamples, LiveTeacher
-from .cache.format import atomic_write_json, read_json
+from .cache.format import atomic_write_json, read_json, remove_stale_tmp
 from .config import DistillConfig, to_dict
 from .distributed import DistContext
 from .errors import DskdError
@@ -33,7 +33,7 @@ from .methods import LossSettings, TeacherHead, make_method, method_info
 from .models import (head_and_embeddings, load_causal_lm, load_tokenizer, model_fingerprint, resolve_device,
                      tokenizer_fingerprint)
 from .projectors import build_projectors
-from .trainer import DistillModule, TrainPlan, Trainer, list_checkpoints, save_projectors, save_student, seed_everything
+from .trainer import CHECKPOINTS, DistillModule, TrainPlan, Trainer, list_checkpoints, save_projectors, save_student, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ CROSS_VOCAB_HINT = ("same-vocabulary methods (sft, seqkd, kd, dskd) need the tea
                     "another tokenizer use a cross-vocabulary method (dskd-eta, dskd-cma, mined, uld) after "
                     "`dskd-batch align CACHE --student-tokenizer STUDENT`")
 # settings that may change between a run and its resumption
-RESUMABLE = ("resume", "save_steps", "keep_checkpoints", "log_steps", "verify", "device", "teacher_device")
+RESUMABLE = ("resume", "save_steps", "keep_checkpoints", "log_steps", "verify", "device", "teacher_device",
+             "skip_nonfinite")
 
 
 @dataclasses.dataclass
@@ -59,13 +60,15 @@ class Sources:
 
 
 def _check_run_dir(cfg: DistillConfig, out: Path) -> None:
+    from .locks import is_lock_file
+
     if out.exists() and not out.is_dir():
         raise DskdError(f"--out {out} exists and is a file")
     if cfg.resume:
         return
     if (out / RUN_FILE).exists() or list_checkpoints(out):
         raise DskdError(f"--out {out} already holds a run", hint="pass --resume to continue it, or choose another --out")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(not is_lock_file(p) for p in out.iterdir()):
         raise DskdError(f"--out {out} exists and is not empty", hint="choose another --out")
 
 
@@ -294,9 +297,14 @@ def plan_fingerprint(cfg: DistillConfig, fps: dict[str, Any], student_fp: str, w
 
 
 def run(cfg: DistillConfig, *, on_step: Callable[[int], None] | None = None) -> Path:
+    from .locks import folder_lock
+
     ctx = DistContext.from_env()
     try:
-        return _run(cfg, ctx, on_step)
+        _check_run_dir(cfg, Path(cfg.out))
+        # one run per folder: a second distill on the same --out stops here (a killed run's lock is released)
+        with folder_lock(Path(cfg.out), f"distill-rank{ctx.rank}of{ctx.world_size}", "run folder"):
+            return _run(cfg, ctx, on_step)
     finally:
         ctx.close()
 
@@ -338,7 +346,7 @@ def _run(cfg: DistillConfig, ctx: DistContext, on_step: Callable[[int], None] | 
     plan = TrainPlan(cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps, cfg.seed, cfg.lr, cfg.projector_lr,
                      cfg.weight_decay, cfg.warmup_ratio, cfg.lr_schedule, cfg.grad_clip, cfg.save_steps,
                      cfg.keep_checkpoints, cfg.log_steps, cfg.precision,
-                     plan_fingerprint(cfg, src.fingerprints, student_fp, ctx.world_size))
+                     plan_fingerprint(cfg, src.fingerprints, student_fp, ctx.world_size), cfg.skip_nonfinite)
     on_policy = _on_policy(cfg, src, module.student, student_tok, method, device) if cfg.on_policy else None
     trainer = Trainer(module, plan, src.examples, run_dir=out, ctx=ctx, device=device, pad_id=student_tok.pad_token_id,
                       head=src.head, live=src.live, tokenizer=student_tok, wrap=_wrapper(cfg, ctx, device),
@@ -357,6 +365,8 @@ def _run(cfg: DistillConfig, ctx: DistContext, on_step: Callable[[int], None] | 
     }
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        for leftover in (out, out / CHECKPOINTS):  # half-written folders of a killed run (student.tmp-*, ...)
+            remove_stale_tmp(leftover)
         atomic_write_json(out / RUN_FILE, run_info)
     log.info("distill: %s%s, %d examples, %d steps of %d examples, device %s, %d process(es)", method.name,
              f"/{cfg.distance}" if method.needs_teacher else "", len(src.examples), trainer.total_steps,

@@ -131,7 +131,8 @@ class TrainPlan:
     keep_checkpoints: int
     log_steps: int
     precision: str
-    fingerprint: str  # of everything that must match to resume
+    fingerprint: str
+    skip_nonfinite: bool = False  # of everything that must match to resume
     extra_state: dict[str, Any] = field(default_factory=dict)
 
 
@@ -243,6 +244,7 @@ class Trainer:
         self.opt = make_optimizer(module, plan)
         self.sched = make_scheduler(self.opt, plan, self.total_steps)
         self.step = 0
+        self.skipped_steps = 0
         self.with_teacher = module.method.needs_teacher
         self._op_prev: dict[str, float] = {}
 
@@ -334,6 +336,7 @@ class Trainer:
                 self._scale_on_policy(micro, n_resp)
                 sums: dict[str, float] = {}
                 tokens = 0
+                finite = True
                 for m, mb in enumerate(micro):
                     mb = mb.to(self.device)
                     sync = m == len(micro) - 1
@@ -341,14 +344,18 @@ class Trainer:
                     with ctx, self._autocast():
                         terms = self.wrapped(mb, head)
                         loss = terms["objective"] * (self.ctx.world_size / n_resp)
+                    finite = finite and bool(torch.isfinite(loss.detach()))
                     loss.backward()
                     for name, v in terms.items():
                         if not name.startswith("_"):
                             sums[name] = sums.get(name, 0.0) + float(v.detach())
                     tokens += mb.tokens
-                gnorm = (torch.nn.utils.clip_grad_norm_(params, self.plan.grad_clip) if self.plan.grad_clip > 0
-                         else torch.tensor(float("nan")))
-                self.opt.step()
+                gnorm = torch.nn.utils.clip_grad_norm_(params, self.plan.grad_clip if self.plan.grad_clip > 0
+                                                       else float("inf"))
+                if self._nonfinite(finite, gnorm, epoch, batch):
+                    self.skipped_steps += 1  # --skip-nonfinite: no update, the schedule and data order go on
+                else:
+                    self.opt.step()
                 self.sched.step()
                 self.opt.zero_grad(set_to_none=True)
                 self.step += 1
@@ -370,6 +377,29 @@ class Trainer:
             if mf is not None:
                 mf.close()
         return last
+
+    def _nonfinite(self, finite: bool, gnorm: torch.Tensor, epoch: int, batch: list[int]) -> bool:
+        """Whether this step's loss or gradient is NaN/Inf on any process. Without
+        ``skip_nonfinite`` that stops the run, naming the step and its examples, before the
+        optimizer, a checkpoint or the final student can take the values in."""
+        bad = torch.tensor([0.0 if finite and bool(torch.isfinite(gnorm)) else 1.0])
+        if self.ctx.enabled:
+            dist.all_reduce(bad)
+        if not float(bad):
+            return False
+        try:
+            recs = self.examples.records(batch[:8])
+            names = [str(r.get("id", f"#{i}")) for r, i in zip(recs, batch)]
+        except Exception:  # noqa: BLE001 - naming is best effort
+            names = [f"#{i}" for i in batch[:8]]
+        what = "loss" if not finite else "gradient norm"
+        msg = (f"step {self.step + 1} (epoch {epoch + 1}): the {what} is not finite; its global batch holds examples "
+               f"{', '.join(names)}" + (f" and {len(batch) - 8} more" if len(batch) > 8 else ""))
+        if self.plan.skip_nonfinite:
+            log.warning("%s: step skipped (--skip-nonfinite)", msg)
+            return True
+        raise DskdError(msg, hint="no checkpoint or student was written from this step. Look for NaN/Inf in the cache "
+                                  "(`dskd-batch verify`) or lower --lr; --skip-nonfinite skips such steps and counts them")
 
     def _validate(self, mf: Any, epoch: int) -> dict[str, float]:
         assert self.validation is not None
@@ -420,6 +450,8 @@ class Trainer:
         for n, v in zip(names, vals[:len(names)].tolist()):
             key = "loss" if n == "objective" else n
             rec[key] = v / n_resp  # per response token of the step
+        if self.skipped_steps:
+            rec["skipped_steps"] = self.skipped_steps
         rec.update(lr=self.opt.param_groups[0]["lr"], grad_norm=float(gnorm), response_tokens=n_resp,
                    tokens=int(vals[-2]), tokens_per_s=float(vals[-1]) / max(now - t_last, 1e-9),
                    steps_per_s=steps_since / max(now - t_last, 1e-9))

@@ -80,6 +80,15 @@ def render_summary(info: dict[str, Any]) -> str:
         lines.append(f"alignment    {a['source']} (tokenizer {a['fingerprint']}): ETA {100 * a['eta_coverage']:.1f}% of "
                      f"student response tokens ({100 * a['eta_label_coverage']:.1f}% with a mapped teacher top-1), "
                      f"MinED {100 * a['mined_coverage']:.1f}%, {a['shared_vocab']} shared tokens")
+    chk = info.get("check")
+    if chk is not None:
+        what = ("checksums of every file re-hashed" if chk["kind"] == "sha256" else
+                "file presence and sizes checked, contents not hashed (`--verify` or `dskd-batch verify` re-hashes)")
+        if chk["problems"]:
+            lines.append(f"check        FAILED ({what}): {len(chk['problems'])} problem(s)")
+            lines += [f"             {p}" for p in chk["problems"][:20]]
+        else:
+            lines.append(f"check        ok ({what})")
     return "\n".join(lines)
 
 

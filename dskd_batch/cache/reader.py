@@ -34,15 +34,16 @@ from .format import (CODEC_FILE, FORMAT_VERSION, HEAD_FILE, INDEX, MANIFEST, SET
 LOSSLESS_HIDDEN = ("fp32", "fp16", "bf16")
 
 
-def verify_shard(shard_dir: Path, expected_meta_sha: str | None) -> list[str]:
-    """Problems with one shard folder (empty list: it matches its checksums)."""
+def verify_shard(shard_dir: Path, expected_meta_sha: str | None, *, hash_files: bool = True) -> list[str]:
+    """Problems with one shard folder (empty list: it matches its checksums). With
+    ``hash_files=False`` only presence and sizes are checked (cheap: no file is read)."""
     name = shard_dir.name
     meta_path = shard_dir / SHARD_META
     if not shard_dir.is_dir():
         return [f"shard {name} is missing ({shard_dir})"]
     if not meta_path.exists():
         return [f"shard {name}: {SHARD_META} is missing"]
-    if expected_meta_sha is not None and sha256_file(meta_path) != expected_meta_sha:
+    if hash_files and expected_meta_sha is not None and sha256_file(meta_path) != expected_meta_sha:
         return [f"shard {name}: {SHARD_META} does not match the manifest's checksum"]
     try:
         meta = read_json(meta_path)
@@ -55,7 +56,7 @@ def verify_shard(shard_dir: Path, expected_meta_sha: str | None) -> list[str]:
             problems.append(f"shard {name}: file {rel} is missing")
         elif p.stat().st_size != size:
             problems.append(f"shard {name}: file {rel} has {p.stat().st_size} bytes, expected {size}")
-        elif sha256_file(p) != digest:
+        elif hash_files and sha256_file(p) != digest:
             problems.append(f"shard {name}: file {rel} does not match its sha256 (corrupt)")
     return problems
 
@@ -293,20 +294,26 @@ class TeacherCache(Sequence):
         return assemble_logits(approx, rec["topk_values"], rec["topk_indices"], rec["logsumexp"])
 
     # -- checks ---------------------------------------------------------------------------------
-    def verify(self) -> None:
-        """Re-hash every shard and the teacher files; raise :class:`CacheCorruptError` naming each problem."""
+    def problems(self, *, hash_files: bool = True) -> list[str]:
+        """Every problem of the shards and teacher files: checksums (``hash_files``) or only
+        presence and sizes (cheap)."""
         problems: list[str] = []
         for s, info in enumerate(self.shards):
-            p = verify_shard(self.path / SHARDS / info["name"], info["meta_sha256"])
+            p = verify_shard(self.path / SHARDS / info["name"], info["meta_sha256"], hash_files=hash_files)
             problems += p
-            if not p:
+            if not p and hash_files:
                 self._verified.add(s)
         for rel, digest in self.manifest.get("teacher_files", {}).items():
             f = self.path / TEACHER / rel
             if not f.exists():
                 problems.append(f"teacher file {rel} is missing")
-            elif sha256_file(f) != digest:
+            elif hash_files and sha256_file(f) != digest:
                 problems.append(f"teacher file {rel} does not match its sha256 (corrupt)")
+        return problems
+
+    def verify(self) -> None:
+        """Re-hash every shard and the teacher files; raise :class:`CacheCorruptError` naming each problem."""
+        problems = self.problems()
         if problems:
             raise CacheCorruptError(problems, hint="re-run cache-teacher to rewrite bad shards (delete them first)")
 
