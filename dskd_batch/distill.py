@@ -30,8 +30,8 @@ from .config import DistillConfig, to_dict
 from .distributed import DistContext
 from .errors import DskdError
 from .methods import LossSettings, TeacherHead, make_method, method_info
-from .models import (head_and_embeddings, load_causal_lm, load_tokenizer, model_fingerprint, resolve_device,
-                     tokenizer_fingerprint)
+from .models import (head_and_embeddings, load_causal_lm, load_tokenizer, model_fingerprint, plain_model,
+                     resolve_device, tokenizer_fingerprint)
 from .projectors import build_projectors
 from .trainer import CHECKPOINTS, DistillModule, TrainPlan, Trainer, list_checkpoints, save_projectors, save_student, seed_everything
 
@@ -324,7 +324,7 @@ def _run(cfg: DistillConfig, ctx: DistContext, on_step: Callable[[int], None] | 
     validation = _validation(cfg, student_tok, src, method)
 
     seed_everything(cfg.seed)
-    student = load_causal_lm(cfg.student, dtype=torch.float32, device="cpu")
+    student = plain_model(load_causal_lm(cfg.student, dtype=torch.float32, device="cpu"))  # a .gguf student saves
     student_fp = model_fingerprint(student)
     w_s = student.get_output_embeddings().weight
     if w_s.shape[0] < vocab:

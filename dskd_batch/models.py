@@ -119,6 +119,22 @@ def load_causal_lm(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float3
     return model
 
 
+def plain_model(model: Any) -> Any:
+    """The same weights in a model that is not marked quantized: a .gguf loads de-quantised to fp32,
+    but transformers refuses to save (checkpoint, export) a model loaded through its gguf quantizer."""
+    if getattr(model, "hf_quantizer", None) is None and getattr(model.config, "quantization_config", None) is None:
+        return model
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = type(model)(config)
+    missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or [k for k in missing if "lm_head" not in k]:
+        raise DskdError(f"could not copy {type(model).__name__}'s weights (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    fresh.tie_weights()
+    return fresh.to(next(model.parameters()).device).eval()
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import DskdError
-from .models import load_causal_lm, load_tokenizer
+from .models import load_causal_lm, load_tokenizer, plain_model
 
 log = logging.getLogger(__name__)
 
@@ -67,25 +67,9 @@ def init_student(source: str, layers: int, out: str | Path) -> Path:
     setattr(model.config, key, len(keep))
     if getattr(model.config, "layer_types", None):
         model.config.layer_types = [model.config.layer_types[i] for i in keep]
-    model = _plain_copy(model)
+    model = plain_model(model)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
     log.info("student with teacher layers %s written to %s", keep, out)
     return out
-
-
-def _plain_copy(model: Any) -> Any:
-    """The same weights in a model that is not marked quantized (a .gguf loads dequantized to fp32,
-    but transformers refuses to save a model loaded through its gguf quantizer)."""
-    if getattr(model, "hf_quantizer", None) is None and getattr(model.config, "quantization_config", None) is None:
-        return model
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    fresh = type(model)(config)
-    missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or [k for k in missing if "lm_head" not in k]:
-        raise DskdError(f"could not copy {type(model).__name__}'s weights (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    fresh.tie_weights()
-    return fresh.eval()
