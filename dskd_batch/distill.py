@@ -44,7 +44,7 @@ CROSS_VOCAB_HINT = ("same-vocabulary methods (sft, seqkd, kd, dskd) need the tea
                     "`dskd-batch align CACHE --student-tokenizer STUDENT`")
 # settings that may change between a run and its resumption
 RESUMABLE = ("resume", "save_steps", "keep_checkpoints", "log_steps", "verify", "device", "teacher_device",
-             "skip_nonfinite")
+             "skip_nonfinite", "loss_chunk")
 
 
 @dataclasses.dataclass
@@ -341,7 +341,7 @@ def _run(cfg: DistillConfig, ctx: DistContext, on_step: Callable[[int], None] | 
     if cfg.lora_rank:
         student = _attach_lora(student, cfg)
     student.train()
-    module = DistillModule(student, projectors, method, vocab).to(device)
+    module = DistillModule(student, projectors, method, vocab, cfg.loss_chunk).to(device)
 
     plan = TrainPlan(cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps, cfg.seed, cfg.lr, cfg.projector_lr,
                      cfg.weight_decay, cfg.warmup_ratio, cfg.lr_schedule, cfg.grad_clip, cfg.save_steps,

@@ -151,6 +151,7 @@ class Method:
     needs_teacher = False
     needs_hidden = False
     cross_vocab = False
+    per_position = True  # the loss is a sum of terms of single positions (so it can be computed in chunks)
 
     def __init__(self, ls: LossSettings) -> None:
         self.ls = ls
@@ -243,6 +244,7 @@ class CrossVocabMethod(Method):
 
     needs_teacher = True
     cross_vocab = True
+    per_position = False  # pairs, attention and sorted positions span an example
 
     def __init__(self, ls: LossSettings) -> None:
         super().__init__(ls)

@@ -45,20 +45,38 @@ CHECKPOINTS = "checkpoints"
 STATE = "state.json"
 
 
+# configs whose logits are not the head's output (soft-capping, scaling): the head must run inside the model
+POST_HEAD_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
 class DistillModule(nn.Module):
     """Student + projectors behind one forward, so DDP/FSDP see every trainable parameter.
 
     A forward pre-hook on the student's output head keeps only the selected (response) positions,
     so the head runs on N rows instead of B x L, and records the head's input h_S.
+
+    With ``loss_chunk`` C > 0 and a method whose loss is a sum of per-position terms, a micro-batch
+    of more than C response positions does not run the head inside the model at all: the loss is
+    computed C positions at a time from h_S (student logits, teacher logits from the cache, every
+    projection and distance), each chunk under activation checkpointing, so its [C, V]
+    intermediates are freed after the forward and recomputed in backward. The sums, and so the
+    gradients, equal the unchunked ones up to floating-point summation order.
     """
 
-    def __init__(self, student: nn.Module, projectors: nn.ModuleDict, method: Method, vocab: int) -> None:
+    def __init__(self, student: nn.Module, projectors: nn.ModuleDict, method: Method, vocab: int,
+                 loss_chunk: int = 0) -> None:
         super().__init__()
         self.student = student
         self.projectors = projectors
         self.method = method
         self.vocab = vocab
+        cfg = getattr(student, "config", None)
+        post = [k for k in POST_HEAD_LOGITS if getattr(cfg, k, None) not in (None, 1.0, 0.0)]
+        if loss_chunk and post:
+            log.warning("--loss-chunk is off: the student's logits are post-processed after its head (%s)", post)
+        self.loss_chunk = 0 if post or not method.per_position else loss_chunk
         self._select: torch.Tensor | None = None
+        self._skip_head = False
         self._h: torch.Tensor | None = None
         self.student.get_output_embeddings().register_forward_pre_hook(self._keep_selected)
 
@@ -69,7 +87,40 @@ class DistillModule(nn.Module):
         if h.dim() == 3:
             h = h[self._select]
         self._h = h
+        if self._skip_head:  # chunked loss: the head runs later, chunk by chunk
+            return (h[:0], *args[1:])
         return (h, *args[1:])
+
+    def _chunked(self, mb: MicroBatch) -> bool:
+        return bool(self.loss_chunk) and mb.targets.numel() > self.loss_chunk and mb.cross is None
+
+    def _student_hidden(self, mb: MicroBatch) -> torch.Tensor:
+        """h_S at the response positions, without running the head."""
+        self._skip_head = True
+        try:
+            _, h = self._student(mb)
+        finally:
+            self._skip_head = False
+        return h
+
+    def _chunk_losses(self, h: torch.Tensor, targets: torch.Tensor, tb: Any, head: TeacherHead | None
+                      ) -> dict[str, torch.Tensor]:
+        s = self.student.get_output_embeddings()(h)
+        w_s = self.student.get_output_embeddings().weight
+        return self.method.losses(s.float(), h, targets, tb, head, self.projectors, w_s, self.vocab)
+
+    def _chunked_losses(self, mb: MicroBatch, head: TeacherHead | None) -> dict[str, torch.Tensor]:
+        from torch.utils.checkpoint import checkpoint
+
+        h = self._student_hidden(mb)
+        total: dict[str, torch.Tensor] = {}
+        for lo in range(0, h.shape[0], self.loss_chunk):
+            part = slice(lo, min(lo + self.loss_chunk, h.shape[0]))
+            tb = mb.teacher.rows(part) if mb.teacher is not None else None
+            terms = checkpoint(self._chunk_losses, h[part], mb.targets[part], tb, head, use_reentrant=False)
+            for k, v in terms.items():
+                total[k] = total[k] + v if k in total else v
+        return total
 
     def _student(self, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Student logits and head inputs at the micro-batch's response positions."""
@@ -96,17 +147,31 @@ class DistillModule(nn.Module):
 
     def _eval_sums(self, mb: MicroBatch, head: TeacherHead | None) -> dict[str, torch.Tensor]:
         """Held-out sums at the response positions: CE of the targets, and with a teacher record
-        KL(p_T || q_S) at T = 1 and the count of positions where both argmaxes agree."""
-        s, _ = self._student(mb)
-        s = s.float()[:, :self.vocab]
-        out = {"ce": token_ce(s, mb.targets).sum(), "tokens": torch.tensor(float(mb.targets.numel()))}
-        if mb.teacher is not None and head is not None:
-            t = head.logits(mb.teacher)[:, :self.vocab]
-            out["kl"] = fkl(s, t, temperature=1.0).sum()
-            out["top1"] = (s.argmax(-1) == t.argmax(-1)).sum().float()
+        KL(p_T || q_S) at T = 1 and the count of positions where both argmaxes agree (chunked
+        like the loss)."""
+        if self._chunked(mb):
+            h = self._student_hidden(mb)
+            parts = [(self.student.get_output_embeddings()(h[lo:lo + self.loss_chunk]), slice(lo, lo + self.loss_chunk))
+                     for lo in range(0, h.shape[0], self.loss_chunk)]
+        else:
+            s, _ = self._student(mb)
+            parts = [(s, slice(0, s.shape[0]))]
+        out = {"ce": torch.zeros(()), "tokens": torch.tensor(float(mb.targets.numel()))}
+        with_teacher = mb.teacher is not None and head is not None
+        if with_teacher:
+            out.update(kl=torch.zeros(()), top1=torch.zeros(()))
+        for s, part in parts:
+            s = s.float()[:, :self.vocab]
+            out["ce"] = out["ce"] + token_ce(s, mb.targets[part]).sum().cpu()
+            if with_teacher:
+                t = head.logits(mb.teacher.rows(part))[:, :self.vocab]
+                out["kl"] = out["kl"] + fkl(s, t, temperature=1.0).sum().cpu()
+                out["top1"] = out["top1"] + (s.argmax(-1) == t.argmax(-1)).sum().float().cpu()
         return out
 
     def _losses(self, mb: MicroBatch, head: TeacherHead | None) -> dict[str, torch.Tensor]:
+        if self._chunked(mb):
+            return self._chunked_losses(mb, head)
         s, h = self._student(mb)
         w_s = self.student.get_output_embeddings().weight
         e_s = self.student.get_input_embeddings().weight if mb.cross is not None else None

@@ -1,0 +1,80 @@
+"""--loss-chunk: the loss computed a few positions at a time (each chunk recomputed in backward)
+equals the one-piece loss, value and every gradient, for each same-vocabulary method and distance,
+with chunk sizes that do not divide the number of positions; and it bounds the memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dskd_batch.batches import CacheExamples, collate
+from dskd_batch.cache.reader import open_cache
+from dskd_batch.methods import LossSettings, TeacherHead, make_method
+from dskd_batch.projectors import build_projectors
+from dskd_batch.trainer import DistillModule
+
+CASES = [("sft", "fkl", False), ("seqkd", "fkl", False)] + [("kd", d, False) for d in
+                                                              ("fkl", "rkl", "js", "skl", "srkl", "akl")] + \
+        [("dskd", d, False) for d in ("fkl", "rkl", "js", "skl", "srkl", "akl")] + [("dskd", "fkl", True)]
+
+
+def step(cache_dir, student_dir, method, distance, mask, chunk, evaluate=False):
+    from transformers import AutoModelForCausalLM
+
+    cache = open_cache(cache_dir)
+    mb = collate(CacheExamples(cache).records([0, 2, 4, 6, 8]), pad_id=1, with_teacher=True)
+    torch.manual_seed(0)
+    student = AutoModelForCausalLM.from_pretrained(str(student_dir)).float().train()
+    d_s = student.get_output_embeddings().weight.shape[1]
+    projectors = build_projectors(d_s, cache.lm_head.shape[1], t2s=method == "dskd", s2t=method == "dskd",
+                                  init="random", seed=1)
+    m = make_method(method, LossSettings(distance, 2.0, 0.5, agreement_mask=mask))
+    module = DistillModule(student, projectors, m, int(cache.settings["tokenizer"]["size"]), loss_chunk=chunk)
+    head = TeacherHead(cache.lm_head, cache.lm_head_bias, cache.logits_source)
+    if evaluate:
+        with torch.no_grad():
+            return {k: float(v) for k, v in module(mb, head, evaluate=True).items()}, mb
+    terms = module(mb, head)
+    terms["objective"].backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    return {k: float(v.detach()) for k, v in terms.items() if not k.startswith("_")}, grads, mb
+
+
+@pytest.mark.parametrize("method,distance,mask", CASES)
+def test_chunked_equals_one_piece(method, distance, mask, fp32_cache, gpt2_student):
+    ref, g_ref, mb = step(fp32_cache, gpt2_student, method, distance, mask, 0)
+    n = mb.targets.numel()
+    for chunk in (7, 16):
+        assert n % chunk and chunk < n  # chunks that do not divide N, and more than one of them
+        got, g, _ = step(fp32_cache, gpt2_student, method, distance, mask, chunk)
+        assert got.keys() == ref.keys()
+        for k in ref:
+            assert got[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-6), (chunk, k)
+        assert g.keys() == g_ref.keys()
+        for name in g_ref:  # relative to the gradient's size (elementwise, fp32 summation order shows)
+            err = float((g[name] - g_ref[name]).norm() / g_ref[name].norm().clamp_min(1e-12))
+            assert err <= 1e-5, (chunk, name, err)
+
+
+def test_chunked_held_out_sums(fp32_cache, gpt2_student):
+    ref, _ = step(fp32_cache, gpt2_student, "kd", "fkl", False, 0, evaluate=True)
+    got, _ = step(fp32_cache, gpt2_student, "kd", "fkl", False, 5, evaluate=True)
+    for k in ref:
+        assert got[k] == pytest.approx(ref[k], rel=1e-5), k
+
+
+def test_chunks_never_hold_the_whole_batch_of_logits(fp32_cache, gpt2_student, monkeypatch):
+    """The head runs on at most C rows at a time, in forward and in the recomputation."""
+    from dskd_batch import trainer
+
+    rows = []
+    orig = trainer.DistillModule._chunk_losses
+
+    def spy(self, h, *a):
+        rows.append(h.shape[0])
+        return orig(self, h, *a)
+
+    monkeypatch.setattr(trainer.DistillModule, "_chunk_losses", spy)
+    _, _, mb = step(fp32_cache, gpt2_student, "dskd", "fkl", False, 7)
+    n = mb.targets.numel()
+    assert max(rows) <= 7 and sum(rows) == 2 * n  # forward + recomputed in backward
