@@ -30,11 +30,20 @@ from dskd_batch.models import head_and_embeddings, load_causal_lm, load_tokenize
 from dskd_batch.teacher import TeacherForward
 
 
-def throughput(cfg: CacheConfig, repeats: int, work: Path) -> dict:
+def throughput(cfg: CacheConfig, repeats: int, work: Path, *, device: str = "cpu",
+               dtype: torch.dtype = torch.float32) -> dict:
+    """cache-teacher's shard writing against a bare forward (full head everywhere) over the same
+    length-sorted batches, interleaved, best of ``repeats``; on ``device`` in ``dtype``."""
     tok = load_tokenizer(cfg.teacher)
     prep = prepare_corpus(cfg, tok)
-    model = load_causal_lm(cfg.teacher)
-    settings = build_settings(cfg, tok, prep, model, torch.float32)
+    model = load_causal_lm(cfg.teacher, dtype=dtype, device=device)
+    dev = torch.device(device)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    settings = build_settings(cfg, tok, prep, model, dtype)
     settings["num_shards"] = 1
     codec = PlainCodec(settings["teacher"]["hidden_size"], cfg.hidden)
     head = head_and_embeddings(model)
@@ -44,6 +53,7 @@ def throughput(cfg: CacheConfig, repeats: int, work: Path) -> dict:
     one_shard = CacheConfig(**{**cfg.__dict__, "shard_size": len(prep.examples)})
     bare, cached = [], []
     for r in range(repeats):
+        sync()
         t = time.perf_counter()
         with torch.no_grad():
             for b in batches:
@@ -53,13 +63,16 @@ def throughput(cfg: CacheConfig, repeats: int, work: Path) -> dict:
                 for j, i in enumerate(b):
                     ids[j, : lengths[i]] = torch.tensor(prep.encoded[i].input_ids)
                     mask[j, : lengths[i]] = 1
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
+                model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
+        sync()
         bare.append(tokens / (time.perf_counter() - t))
         tf = TeacherForward(model, cfg.top_k, tok.pad_token_id)
         out = work / f"tp{r}"
         (out / "shards").mkdir(parents=True)
+        sync()
         t = time.perf_counter()
         write_shard(out, 0, one_shard, settings, prep, tf, codec, head["lm_head.weight"], head.get("lm_head.bias"), None)
+        sync()
         cached.append(tokens / (time.perf_counter() - t))
         tf.close()
         print(f"  repeat {r}: bare {bare[-1]:.0f} tok/s, cache-teacher {cached[-1]:.0f} tok/s", flush=True)

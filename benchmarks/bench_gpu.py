@@ -1,0 +1,157 @@
+"""On a GPU: stage one and stage two with real architectures and random weights (no download).
+
+    python benchmarks/bench_gpu.py --tokenizer TOKENIZER_DIR --data T0_JSONL --out DIR
+
+- the teacher is Llama-3.2-1B-shaped (d 2048, 16 layers, 32/8 heads, V 128,256, tied), the student
+  a smaller Llama (d 1024, 8 layers), both built from configs with random weights, bf16;
+- stage one: cache-teacher tokens/s against a bare bf16 forward (full head at every position) on
+  the same length-sorted batches of ``--examples`` T0-mixture rows, interleaved, best of 2;
+- stage two: distill-from-cache steps/s against plain SFT on the same rows (bf16 autocast), and
+  peak CUDA memory of KD and DSKD with ``--loss-chunk`` against one piece, on micro-batches of
+  8 x 512 response tokens (synthetic long responses), each run in its own process.
+Prints the figures and writes them to DIR/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def build_model(path: Path, tok_dir: str, d: int, layers: int, heads: int, kv: int, inter: int, seed: int) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if (path / "config.json").exists():
+        return path
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    cfg = LlamaConfig(vocab_size=max(128256, len(tok)), hidden_size=d, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
+                      rope_theta=500000.0, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return path
+
+
+def sh(args: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, "-m", "dskd_batch", *args], env=env, capture_output=True, text=True)
+
+
+def main() -> None:
+    from bench_cache import throughput
+
+    from dskd_batch.config import CacheConfig
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokenizer", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--work", default="/tmp/bench-gpu")
+    ap.add_argument("--examples", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU: check the script, measure nothing")
+    a = ap.parse_args()
+    dev = "cpu" if a.smoke else "cuda"
+    shapes = ((64, 2, 4, 2, 128), (32, 2, 4, 2, 64)) if a.smoke else ((2048, 16, 32, 8, 8192), (1024, 8, 16, 4, 4096))
+    out, work = Path(a.out), Path(a.work)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    res: dict = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu (smoke)", "torch": torch.__version__}
+
+    def save() -> None:
+        (out / "results.json").write_text(json.dumps(res, indent=2))
+
+    t0 = time.time()
+    teacher = build_model(work / "teacher", a.tokenizer, *shapes[0], 0)
+    student = build_model(work / "student", a.tokenizer, *shapes[1], 1)
+    res["build_s"] = time.time() - t0
+    print(f"models built in {res['build_s']:.0f} s", flush=True)
+
+    # -- stage one ---------------------------------------------------------------------------------
+    cfg = CacheConfig(teacher=str(teacher), data=a.data, out=str(work / "unused"), limit=a.examples, hidden="fp16",
+                      top_k=64, batch_tokens=16384, max_len=512, max_prompt_len=384, dtype="bf16", device=dev)
+    res["stage_one"] = throughput(cfg, 2, work / "tp", device=dev, dtype=torch.bfloat16)
+    print("stage one:", res["stage_one"], flush=True)
+    save()
+
+    # -- stage two ---------------------------------------------------------------------------------
+    rows = work / "long.jsonl"
+    words = ("the cache holds what distillation reads and nothing else so the student trains on a modest machine "
+             "while the teacher ran once on a big one ").split()
+    with rows.open("w") as f:
+        for i in range(8 * a.steps):
+            f.write(json.dumps({"prompt": f"Write about caching, part {i}.",
+                                "response": " ".join(words[(i + j) % len(words)] for j in range(1200))}) + "\n")
+    cache = work / "cache-long"
+    limits = ["--max-prompt-len", "32", "--max-len", "545"]
+    if not (cache / "manifest.json").exists():
+        p = sh(["cache-teacher", "--teacher", str(teacher), "--data", str(rows), "--out", str(cache), "--hidden", "fp16",
+                "--top-k", "64", "--dtype", "bf16", "--device", dev, "--batch-tokens", "8720", *limits])
+        if p.returncode:
+            res["cache_error"] = p.stderr[-2000:]
+            save()
+            raise SystemExit(p.stderr[-2000:])
+    runs = {
+        "sft-plain": ["--method", "sft", "--data", str(rows), *limits, "--loss-chunk", "0"],
+        "sft-cache-chunked": ["--method", "sft", "--cache", str(cache)],
+        "kd-one-piece": ["--method", "kd", "--cache", str(cache), "--loss-chunk", "0"],
+        "kd-chunked": ["--method", "kd", "--cache", str(cache)],
+        "dskd-one-piece": ["--method", "dskd", "--cache", str(cache), "--loss-chunk", "0"],
+        "dskd-chunked": ["--method", "dskd", "--cache", str(cache)],
+    }
+    res["stage_two"] = {}
+    for name, args in runs.items():
+        run = work / "runs" / name
+        t = time.time()
+        p = sh(["distill", "--student", str(student), "--out", str(run), "--batch-size", "8", "--max-steps",
+                str(a.steps), "--precision", "bf16", "--device", dev, "--lr", "1e-4", "--verify", "none",
+                "--projector-init", "random", *args])
+        if p.returncode:
+            res["stage_two"][name] = {"error": p.stderr.strip().splitlines()[-3:]}
+        else:
+            info = json.loads((run / "run.json").read_text())
+            lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+            later = [r for r in lines if r["step"] > 2 and "loss" in r]
+            secs = sum(1.0 / r["steps_per_s"] for r in later)
+            res["stage_two"][name] = {"steps_per_s": len(later) / secs, "response_tokens": lines[0]["response_tokens"],
+                                      "cuda_peak_mib": info["peak_memory"].get("cuda_max_allocated_mib"),
+                                      "wall_s": time.time() - t}
+        print(name, res["stage_two"][name], flush=True)
+        save()
+    s2 = res["stage_two"]
+
+    def ratio(x: str, y: str, key: str) -> float | None:
+        return s2[x][key] / s2[y][key] if key in s2.get(x, {}) and key in s2.get(y, {}) else None
+
+    res["ratios"] = {
+        "cache_vs_bare_forward": res["stage_one"]["ratio"],
+        "kd_chunked_steps_vs_sft_plain": ratio("kd-chunked", "sft-plain", "steps_per_s"),
+        "dskd_chunked_steps_vs_sft_plain": ratio("dskd-chunked", "sft-plain", "steps_per_s"),
+        "kd_chunked_vs_one_piece_memory": ratio("kd-chunked", "kd-one-piece", "cuda_peak_mib"),
+        "dskd_chunked_vs_one_piece_memory": ratio("dskd-chunked", "dskd-one-piece", "cuda_peak_mib"),
+        "kd_chunked_vs_one_piece_steps": ratio("kd-chunked", "kd-one-piece", "steps_per_s"),
+        "dskd_chunked_vs_one_piece_steps": ratio("dskd-chunked", "dskd-one-piece", "steps_per_s"),
+        "kd_chunked_memory_vs_sft_plain": ratio("kd-chunked", "sft-plain", "cuda_peak_mib"),
+        "dskd_chunked_memory_vs_sft_plain": ratio("dskd-chunked", "sft-plain", "cuda_peak_mib"),
+    }
+    print(json.dumps(res["ratios"], indent=2), flush=True)
+    save()
+
+
+if __name__ == "__main__":
+    main()
