@@ -299,12 +299,23 @@ def plan_fingerprint(cfg: DistillConfig, fps: dict[str, Any], student_fp: str, w
 def run(cfg: DistillConfig, *, on_step: Callable[[int], None] | None = None) -> Path:
     from .locks import folder_lock
 
+    from .locks import is_lock_file
+
     ctx = DistContext.from_env()
+    out = Path(cfg.out)
+    existed = out.exists()
     try:
-        _check_run_dir(cfg, Path(cfg.out))
+        _check_run_dir(cfg, out)
         # one run per folder: a second distill on the same --out stops here (a killed run's lock is released)
-        with folder_lock(Path(cfg.out), f"distill-rank{ctx.rank}of{ctx.world_size}", "run folder"):
+        with folder_lock(out, f"distill-rank{ctx.rank}of{ctx.world_size}", "run folder"):
             return _run(cfg, ctx, on_step)
+    except DskdError:
+        # refused before anything was written: leave no folder holding only our lock behind
+        if not existed and ctx.is_main and out.is_dir() and all(is_lock_file(p) for p in out.iterdir()):
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         ctx.close()
 

@@ -246,7 +246,8 @@ def markdown_table(items: list[tuple[str, dict[str, Any]]]) -> str:
     for _, rep in items:
         sets += [s for s in rep["sets"] if s not in sets]
     nll_sets = [s for s in sets if any("nll" in rep["sets"].get(s, {}) for _, rep in items)]
-    cols = sets + ["average"] + [f"{s} NLL" for s in nll_sets]
+    held = [k for k in ("eval_ce", "eval_kl") if any(k in rep.get("held_out", {}) for _, rep in items)]
+    cols = sets + ["average"] + [f"{s} NLL" for s in nll_sets] + [HELD_OUT_COLUMNS[k] for k in held]
     head = "| run | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols)
     lines = [head]
     for label, rep in items:
@@ -264,7 +265,8 @@ def markdown_table(items: list[tuple[str, dict[str, Any]]]) -> str:
             info = rep["sets"].get(s) or {}
             nlls.append(f"{info['nll']['nats_per_token']:.4f}" if "nll" in info else "–")
         avg = f"{statistics.fmean(means):.2f}" if means else "–"
-        lines.append(f"| {label} | " + " | ".join(cells + [avg] + nlls) + " |")
+        ho = [f"{rep['held_out'][k]:.4f}" if k in rep.get("held_out", {}) else "–" for k in held]
+        lines.append(f"| {label} | " + " | ".join(cells + [avg] + nlls + ho) + " |")
     return "\n".join(lines)
 
 
@@ -311,10 +313,35 @@ def plot_curves(runs: list[tuple[str, Path]], out: Path) -> Path | None:
     return out
 
 
+HELD_OUT_COLUMNS = {"eval_ce": "held-out CE (run)", "eval_kl": "held-out KL to teacher (run)"}
+
+
+def held_out(run_dir: Path) -> dict[str, float]:
+    """The run's --eval-data metrics at the step of the student it exported (the best one with
+    --keep-best, else the last evaluation)."""
+    mf, rf = run_dir / "metrics.jsonl", run_dir / "run.json"
+    if not mf.exists():
+        return {}
+    evals = {}
+    for line in mf.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            if "eval_ce" in r:
+                evals[r["step"]] = r
+    if not evals:
+        return {}
+    step = json.loads(rf.read_text()).get("exported", {}).get("step") if rf.exists() else None
+    rec = evals.get(step) or evals[max(evals)]
+    return {k: rec[k] for k in ("eval_ce", "eval_kl", "eval_top1") if k in rec} | {"step": rec["step"]}
+
+
 def report(paths: list[str], out: str | None, labels: list[str] | None = None) -> tuple[str, Path | None]:
     items = [load_report(p) for p in paths]
     if labels is not None:
         items = [(lab, rep, r) for lab, (_, rep, r) in zip(labels, items)]
+    for _, rep, run_dir in items:
+        if run_dir is not None:
+            rep["held_out"] = held_out(run_dir)
     table = markdown_table([(label, rep) for label, rep, _ in items])
     png = None
     if out:

