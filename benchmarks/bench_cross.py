@@ -1,7 +1,7 @@
 """Cross-tokenizer stage two on a real teacher cache: `align` cost and coverage with the real
 teacher's argmax, and steps/s of each cross-vocabulary method for one student.
 
-    python benchmarks/bench_cross.py --cache bench-out/quality/cache --tokenizer ../shared/tokenizers/gpt2
+    python benchmarks/bench_cross.py --cache bench-out/quality-t0/cache --tokenizer ../shared/tokenizers/gpt2
 
 The cache is any complete cache (``just bench-quality`` makes one with the real SmolLM2 teacher);
 the student is a randomly initialised 4-layer GPT-2 (d=384) on ``--tokenizer`` (no pretrained
@@ -23,7 +23,7 @@ METHODS = ["dskd-eta", "dskd-cma", "mined", "uld"]
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cache", default="bench-out/quality/cache")
+    ap.add_argument("--cache", default="bench-out/quality-t0/cache")
     ap.add_argument("--tokenizer", default="../shared/tokenizers/gpt2")
     ap.add_argument("--out", default="bench-out/cross")
     ap.add_argument("--steps", type=int, default=12)

@@ -26,7 +26,10 @@ def test_every_pipeline_file_parses(path: Path) -> None:
     p = load_pipeline(path)
     assert p.runs and len(p.runs) == len(p.run_names)
     for cfg in p.runs:
-        assert cfg.cache == p.cache.out and Path(cfg.out).parent == p.out
+        expected = p.extra_caches["seqkd_cache"].out if cfg.method == "seqkd" else p.cache.out
+        assert cfg.cache == expected and Path(cfg.out).parent == p.out
+        if "dev_cache" in p.extra_caches:
+            assert cfg.eval_data == p.extra_caches["dev_cache"].out
     if "lora" in path.stem:
         assert all(c.lora_rank == 256 and c.lora_alpha == 8.0 for c in p.runs)
     if any(c.method in ("dskd-eta", "dskd-cma", "mined", "uld") for c in p.runs):

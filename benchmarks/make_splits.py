@@ -1,0 +1,58 @@
+"""Train / dev / test splits of the real data in ../shared/data for the quality benchmark.
+
+    python benchmarks/make_splits.py [--shared ../shared/data] [--out bench-out/data]
+
+- ``t0/``: 800 training rows sampled (seed 0) from ``t0_mix/train.jsonl``; ``t0_mix/dev.jsonl``
+  split **by task** (prompt template) into dev and test halves, so no template is in both.
+- ``self_instruct/``: the 175 Self-Instruct seed tasks split by task (seed 0) into 125 train,
+  25 dev and 25 test tasks; a task's instances stay together (the loader expands them).
+Dev is for choosing settings and checkpoints; test is read once, by `evaluate`. Deterministic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+
+def write(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    print(f"{path}: {len(rows)} rows")
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").split("\n") if x.strip()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shared", default="../shared/data")
+    ap.add_argument("--out", default="bench-out/data")
+    ap.add_argument("--t0-train", type=int, default=800)
+    a = ap.parse_args()
+    shared, out = Path(a.shared), Path(a.out)
+
+    train = read(shared / "t0_mix" / "train.jsonl")
+    write(out / "t0" / "train.jsonl", random.Random(0).sample(train, a.t0_train))
+    dev = read(shared / "t0_mix" / "dev.jsonl")
+    tasks = sorted({r["task"] for r in dev})
+    random.Random(0).shuffle(tasks)
+    dev_tasks = set(tasks[: len(tasks) // 2])
+    write(out / "t0" / "dev.jsonl", [r for r in dev if r["task"] in dev_tasks])
+    write(out / "t0" / "test.jsonl", [r for r in dev if r["task"] not in dev_tasks])
+
+    seeds = read(shared / "self_instruct_seed" / "seed_tasks.jsonl")
+    order = list(range(len(seeds)))
+    random.Random(0).shuffle(order)
+    parts = {"train": order[:125], "dev": order[125:150], "test": order[150:]}
+    for name, idx in parts.items():
+        write(out / "self_instruct" / f"{name}.jsonl", [seeds[i] for i in sorted(idx)])
+
+
+if __name__ == "__main__":
+    main()
