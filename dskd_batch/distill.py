@@ -386,8 +386,9 @@ def _run(cfg: DistillConfig, ctx: DistContext, on_step: Callable[[int], None] | 
     for live in (src.live, on_policy.live if on_policy is not None else None):
         if live is not None:
             live.tf.close()
+    exported = _write_final(out, module, student_tok, cfg, trainer, ctx.is_main)  # every process (FSDP gathers)
     if ctx.is_main:
-        run_info["exported"] = _write_final(out, module, student_tok, cfg, trainer)
+        run_info["exported"] = exported
         run_info.update(status="done", final_metrics=final, peak_memory=_peak_memory(device, on_policy))
         atomic_write_json(out / RUN_FILE, run_info)
     ctx.barrier()
@@ -398,33 +399,51 @@ def _wrapper(cfg: DistillConfig, ctx: DistContext, device: torch.device) -> Call
     if not ctx.enabled:
         return None
     if cfg.parallel == "fsdp":
-        if device.type != "cuda":
-            raise DskdError("--parallel fsdp needs GPUs", hint="use --parallel ddp on CPU")
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from .sharding import fully_shard_module
 
-        return lambda m: FSDP(m, device_id=device, use_orig_params=True)
+        return lambda m: fully_shard_module(m, device, ctx.world_size)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return lambda m: DDP(m, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def _write_final(out: Path, module: DistillModule, tok: Any, cfg: DistillConfig, trainer: Trainer) -> dict[str, Any]:
+def _write_final(out: Path, module: DistillModule, tok: Any, cfg: DistillConfig, trainer: Trainer,
+                 is_main: bool = True) -> dict[str, Any]:
     """Write RUN/student (and RUN/adapter for LoRA): the last weights, or with --keep-best the best
-    ones (the last then go to RUN/student-last); returns which was exported."""
+    ones (the last then go to RUN/student-last); returns which was exported. Every process calls
+    it (a sharded student is gathered); the main process writes."""
+    import shutil
+
     from .cache.format import replace_dir, tmp_path
     from .trainer import load_student_weights
-    from .validation import BEST_INFO
 
     exported: dict[str, Any] = {"which": "last", "step": trainer.step}
     best = trainer.best
-    if best is not None and best.info is not None and (best.dir / "student").exists():
+    use_best = best is not None and best.info is not None
+    if use_best:
+        info = dict(best.info)  # type: ignore[union-attr]
+        exported = {"which": "best", "step": info["step"], "metric": info["metric"], "value": info["value"],
+                    "last": str(out / "student-last")}
+    if trainer.sharded:  # full weights gathered by every process, written by the first
+        write = trainer.weight_writer()
+        if is_main:
+            tmp = tmp_path(out / ("student-last" if use_best else "student"))
+            write(tmp, out)
+            tok.save_pretrained(str(tmp))
+            replace_dir(tmp, tmp.with_name(tmp.name.split(".tmp-")[0]))
+            if use_best:
+                tmp = tmp_path(out / "student")
+                shutil.copytree(best.dir / "student", tmp)  # type: ignore[union-attr]
+                tok.save_pretrained(str(tmp))
+                replace_dir(tmp, out / "student")
+        return exported
+    if not is_main:
+        return exported
+    if use_best:
         tmp = tmp_path(out / "student-last")
         save_student(module.student, tmp, tok)
         replace_dir(tmp, out / "student-last")
-        load_student_weights(module.student, best.dir / "student")
-        info = read_json(best.dir / BEST_INFO)
-        exported = {"which": "best", "step": info["step"], "metric": info["metric"], "value": info["value"],
-                    "last": str(out / "student-last")}
+        load_student_weights(module.student, best.dir / "student")  # type: ignore[union-attr]
         log.info("exported the best student (%s %.4f at step %d); the last one is in %s", info["metric"],
                  info["value"], info["step"], out / "student-last")
     student = module.student

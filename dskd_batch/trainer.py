@@ -37,6 +37,8 @@ from .errors import DskdError
 from .losses import fkl, token_ce
 from .methods import KD_GRAD, Method, TeacherHead
 from .projectors import PROJECTOR_FILE
+from .sharding import (full_optim_state, full_state, is_sharded, load_full_optim_state, load_full_state, local_value,
+                       split_state)
 from .validation import BestKeeper, Validation
 
 log = logging.getLogger(__name__)
@@ -314,6 +316,7 @@ class Trainer:
                             hint="lower --batch-size or --grad-accum")
         self.total_steps = plan.max_steps or plan.epochs * self.steps_per_epoch
         self.wrapped = wrap(module) if wrap is not None else module
+        self.sharded = is_sharded(module)
         self.opt = make_optimizer(module, plan)
         self.sched = make_scheduler(self.opt, plan, self.total_steps)
         self.step = 0
@@ -329,13 +332,14 @@ class Trainer:
             dist.all_gather_object(rank_rng, rng_state())
         else:
             rank_rng = [rng_state()]
+        write = self.weight_writer()
+        optim = self.opt.state_dict() if not self.sharded else full_optim_state(self.module, self.opt)
         if self.ctx.is_main:
             remove_stale_tmp(self.run_dir / CHECKPOINTS)
             tmp = tmp_path(final)
             tmp.mkdir(parents=True)
-            save_student(self.module.student, tmp / "student")
-            save_projectors(self.module.projectors, tmp)
-            torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}, tmp / "optim.pt")
+            write(tmp / "student", tmp)
+            torch.save({"optimizer": optim, "scheduler": self.sched.state_dict()}, tmp / "optim.pt")
             torch.save(rank_rng, tmp / "rng.pt")
             state = {"step": self.step, "epoch": self.step // self.steps_per_epoch,
                      "fingerprint": self.plan.fingerprint, "world_size": self.ctx.world_size,
@@ -358,18 +362,47 @@ class Trainer:
         if state["world_size"] != self.ctx.world_size:
             raise DskdError(f"checkpoint {ck} was written with {state['world_size']} processes, this run has "
                             f"{self.ctx.world_size}", hint="resume with the same number of processes")
-        load_student_weights(self.module.student, ck / "student")
         proj = load_file(str(ck / PROJECTOR_FILE))
-        if proj:
-            self.module.projectors.load_state_dict(proj)
-        optim = torch.load(ck / "optim.pt", map_location=self.device, weights_only=False)
-        self.opt.load_state_dict(optim["optimizer"])
+        optim = torch.load(ck / "optim.pt", map_location="cpu" if self.sharded else self.device, weights_only=False)
+        if self.sharded:  # every process reads the full tensors and keeps its shard
+            full = {f"student.{k}": v for k, v in read_weights(ck / "student").items()}
+            full.update({f"projectors.{k}": v for k, v in proj.items()})
+            load_full_state(self.module, full)
+            load_full_optim_state(self.module, self.opt, optim["optimizer"])
+        else:
+            load_student_weights(self.module.student, ck / "student")
+            if proj:
+                self.module.projectors.load_state_dict(proj)
+            self.opt.load_state_dict(optim["optimizer"])
         self.sched.load_state_dict(optim["scheduler"])
         set_rng_state(torch.load(ck / "rng.pt", weights_only=False)[self.ctx.rank])
         self.step = int(state["step"])
         if self.best is not None:
             self.best.load(self.step)
         log.info("resumed from %s (step %d of %d)", ck, self.step, self.total_steps)
+
+    def weight_writer(self) -> Callable[[Path, Path | None], None]:
+        """A function that writes the student (HF folder or LoRA adapter) and, given a folder, the
+        projectors. Under FSDP the full tensors are gathered first: every process must call this;
+        only the main process calls what it returns."""
+        if not self.sharded:
+            def write(student_dir: Path, proj_dir: Path | None) -> None:
+                save_student(self.module.student, student_dir)
+                if proj_dir is not None:
+                    save_projectors(self.module.projectors, proj_dir)
+            return write
+        student_sd, proj_sd = split_state(full_state(self.module))
+        # a tied head appears under both names in the gathered state: keep the name the model owns
+        owned = {n for n, _ in self.module.student.named_parameters()} | {n for n, _ in self.module.student.named_buffers()}
+        student_sd = {k: v for k, v in student_sd.items() if k in owned}
+
+        def write_full(student_dir: Path, proj_dir: Path | None) -> None:
+            from safetensors.torch import save_file
+
+            self.module.student.save_pretrained(str(student_dir), state_dict=student_sd, safe_serialization=True)
+            if proj_dir is not None:
+                save_file({k: v.contiguous() for k, v in proj_sd.items()}, str(proj_dir / PROJECTOR_FILE))
+        return write_full
 
     # -- loop -------------------------------------------------------------------------------------
     def _plan_steps(self) -> list[tuple[int, int, list[int]]]:
@@ -423,8 +456,8 @@ class Trainer:
                         if not name.startswith("_"):
                             sums[name] = sums.get(name, 0.0) + float(v.detach())
                     tokens += mb.tokens
-                gnorm = torch.nn.utils.clip_grad_norm_(params, self.plan.grad_clip if self.plan.grad_clip > 0
-                                                       else float("inf"))
+                gnorm = local_value(torch.nn.utils.clip_grad_norm_(params, self.plan.grad_clip
+                                                                   if self.plan.grad_clip > 0 else float("inf")))
                 if self._nonfinite(finite, gnorm, epoch, batch):
                     self.skipped_steps += 1  # --skip-nonfinite: no update, the schedule and data order go on
                 else:
@@ -480,8 +513,8 @@ class Trainer:
         ev = self.validation.run(self.wrapped, pad_id=self.pad_id, device=self.device, rank=self.ctx.rank,
                                  world=self.ctx.world_size)
         rec = {"step": self.step, "epoch": epoch, **ev, "eval_s": time.perf_counter() - t0}
-        if self.best is not None and self.ctx.is_main:
-            rec["best"] = self.best.offer(self.step, ev, lambda folder: save_student(self.module.student, folder))
+        if self.best is not None:  # every process decides alike (the metrics are all-reduced)
+            rec["best"] = self.best.offer(self.step, ev, self.weight_writer, self.ctx.is_main)
         if mf is not None:
             mf.write(json.dumps(rec) + "\n")
             mf.flush()
@@ -557,6 +590,16 @@ def trim_metrics(path: Path, step: int) -> None:
     atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
 
 
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face folder's safetensors files."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    return state
+
+
 def load_student_weights(student: nn.Module, folder: Path) -> None:
     """Load weights saved by :func:`save_student` into ``student`` (a full model or a LoRA model)."""
     from safetensors.torch import load_file
@@ -566,9 +609,7 @@ def load_student_weights(student: nn.Module, folder: Path) -> None:
 
         set_peft_model_state_dict(student, load_file(str(folder / "adapter_model.safetensors")))
         return
-    state: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(str(f)))
+    state = read_weights(folder)
     missing, unexpected = student.load_state_dict(state, strict=False)
     tied = {k for k in missing if "lm_head" in k or "embed" in k}
     if unexpected or set(missing) - tied:

@@ -67,20 +67,22 @@ class Validation:
         n = len(self.examples)
         lengths = self.examples.n_tokens
         order = sorted(range(n), key=lambda i: (-lengths[i], i))[rank::world]
+        # every process runs as many forwards (a sharded model gathers its weights in each): one
+        # with fewer examples repeats its first batch and drops the result
+        batches = -(-(-(-n // world)) // self.batch_size)
         sums = torch.zeros(4, dtype=torch.float64)  # ce, kl, top1, tokens
         if self.head is not None and self._head_device != device:
             self.head, self._head_device = self.head.to(device), device
         was_training = model.training
         model.eval()
         try:
-            for b in range(0, max(len(order), 1), self.batch_size):
-                idxs = order[b:b + self.batch_size]
-                if not idxs:  # a process with no DEV example still takes part in the collectives
-                    break
-                mb = collate(self.examples.records(idxs), pad_id, self.with_teacher).to(device)
+            for b in range(batches):
+                idxs = order[b * self.batch_size:(b + 1) * self.batch_size]
+                mb = collate(self.examples.records(idxs or [0]), pad_id, self.with_teacher).to(device)
                 out = model(mb, self.head, evaluate=True)
-                sums += torch.stack([out["ce"], out.get("kl", out["ce"] * 0), out.get("top1", out["ce"] * 0),
-                                     out["tokens"]]).double().cpu()
+                if idxs:
+                    sums += torch.stack([out["ce"], out.get("kl", out["ce"] * 0), out.get("top1", out["ce"] * 0),
+                                         out["tokens"]]).double().cpu()
         finally:
             model.train(was_training)
         if world > 1 and dist.is_initialized():
@@ -127,17 +129,22 @@ class BestKeeper:
         else:
             self.info = info
 
-    def offer(self, step: int, metrics: dict[str, float], save: Any) -> bool:
-        """Keep the student if ``metrics[metric]`` beats the best so far; ``save(folder)`` writes it."""
+    def offer(self, step: int, metrics: dict[str, float], writer: Any, is_main: bool = True) -> bool:
+        """Keep the student if ``metrics[metric]`` beats the best so far. Every process calls this
+        (the metrics are all-reduced, so all decide alike); ``writer()`` returns the function that
+        writes the student (gathering sharded weights is a collective), the main process calls it."""
         value = metrics[self.metric]
         if not better(self.metric, value, None if self.info is None else float(self.info["value"])):
             return False
+        write = writer()
+        info = {"step": step, "metric": self.metric, "value": value, "metrics": metrics}
+        self.info = info
+        if not is_main:
+            return True
         tmp = tmp_path(self.dir)
         tmp.mkdir(parents=True)
-        save(tmp / "student")
-        info = {"step": step, "metric": self.metric, "value": value, "metrics": metrics}
+        write(tmp / "student", None)
         atomic_write_json(tmp / BEST_INFO, info)
         replace_dir(tmp, self.dir)
-        self.info = info
         log.info("best %s so far: %.4f at step %d (kept in %s)", self.metric, value, step, self.dir)
         return True

@@ -228,6 +228,55 @@ def test_torchrun_ddp_equals_single_process(fp32_cache, gpt2_student, tmp_path):
     assert_close_weights(final_weights(single), final_weights(ddp), atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("keep_best", [False, True])
+def test_torchrun_fsdp_equals_single_process(fp32_cache, gpt2_student, tmp_path, keep_best):
+    """--parallel fsdp (FSDP2 fully_shard, gloo on CPU): 2 processes equal 1 with the same global batch, the
+    checkpoints and the exported student hold full tensors, held-out evaluation and --keep-best work,
+    and a resumed sharded run ends where an uninterrupted one does."""
+    import os
+    import subprocess
+    import sys
+
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text('{"prompt": "Capital of Spain?", "response": "Madrid."}\n'
+                   '{"prompt": "Name a fruit.", "response": "A pear."}\n{"prompt": "Say hi.", "response": "Hi!"}\n')
+    extra = dict(eval_data=str(dev), keep_best="eval_ce", eval_steps=1) if keep_best else {}
+    single = run(cfg(gpt2_student, tmp_path / "single", cache=str(fp32_cache), method="dskd", grad_accum=4,
+                     loss_chunk=5, **extra))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+
+    def torchrun(out: Path, *more: str) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(29551 + keep_best), "-m", "dskd_batch", "distill", "--cache", str(fp32_cache), "--student",
+               str(gpt2_student), "--out", str(out), "--method", "dskd", "--batch-size", "2", "--grad-accum", "2",
+               "--lr", "1e-3", "--projector-lr", "1e-3", "--max-steps", "3", "--device", "cpu", "--lr-schedule",
+               "constant", "--parallel", "fsdp", "--loss-chunk", "5", "--verify", "full",
+               *(["--eval-data", str(dev), "--keep-best", "eval_ce", "--eval-steps", "1"] if keep_best else []), *more]
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+
+    fsdp = tmp_path / "fsdp"
+    torchrun(fsdp, "--save-steps", "1")
+    assert json.loads((fsdp / "run.json").read_text())["world_size"] == 2
+    for ra, rb in zip(metrics(single), metrics(fsdp)):
+        for k in ("loss", "eval_ce"):
+            if k in ra:
+                assert ra[k] == pytest.approx(rb[k], rel=1e-5), k
+    assert_close_weights(final_weights(single), final_weights(fsdp), atol=1e-5)
+    if keep_best:
+        a, b = (json.loads((d / "run.json").read_text())["exported"] for d in (single, fsdp))
+        assert a["step"] == b["step"]
+    # resume a sharded run from its step-2 checkpoint: the same end as the uninterrupted run
+    import shutil
+
+    shutil.rmtree(fsdp / "checkpoints" / "step-0000003")
+    shutil.rmtree(fsdp / "student")
+    torchrun(fsdp, "--save-steps", "1", "--resume")
+    assert_close_weights(final_weights(single), final_weights(fsdp), atol=1e-5)
+
+
 def test_seqkd_generate_then_train(llama_teacher, corpus, gpt2_student, tmp_path):
     """cache-teacher --generate stores the teacher's sampled responses (deterministic per seed, so a
     rerun or resume gives the same cache), the cached teacher outputs are on those responses, and
