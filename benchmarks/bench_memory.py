@@ -7,7 +7,8 @@ bodies (built from configs: the loss, not the body, is what is measured), an fp1
 teacher over synthetic rows whose responses are ``--response-len`` tokens, and ``--steps``
 optimizer steps of one micro-batch of ``--rows`` rows (8 x 512 response positions by default) for
 each setting, each in its own process one after another in this run (so each peak is its own):
-sft, kd and dskd with ``--loss-chunk 0`` (one piece) and with ``--loss-chunk C``. Prints peak RSS,
+sft, kd and dskd with ``--loss-chunk 0`` (one piece) and with ``--loss-chunk C`` (default -1:
+auto, 441 positions at this vocabulary). Prints peak RSS,
 steps/s (after the first step) and the ratios the targets are about; writes JSON to ``--out``.
 """
 
@@ -61,7 +62,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--response-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--chunk", type=int, default=1024)
+    ap.add_argument("--chunk", type=int, default=-1, help="--loss-chunk of the chunked runs (-1: auto)")
     ap.add_argument("--only", default="sft,kd,dskd")
     a = ap.parse_args()
     out = Path(a.out)

@@ -265,8 +265,8 @@ class DistillConfig:
     "Held-out data evaluated during training: a corpus (read with the run's template and limits; logs eval_ce) or a teacher cache of held-out data from the same teacher (also eval_kl and eval_top1)."
     eval_steps: int = 0
     "Evaluate --eval-data every N optimizer steps (0: at the end of each epoch); always at the end of training."
-    loss_chunk: int = 1024
-    "Compute the loss this many response positions at a time (student and teacher logits, projections, distances), recomputing each chunk in backward, so memory does not grow with batch x vocabulary (0: one piece). Same-vocabulary methods; the cross-vocabulary ones run in one piece."
+    loss_chunk: int = -1
+    "Compute the loss this many response positions at a time (student and teacher logits, projections, distances), recomputing each chunk in backward, so memory does not grow with batch x vocabulary. -1 (auto): as many as keep one [positions, vocabulary] fp32 tensor near 256 MiB (1,365 for V = 49k, 441 for V = 152k); 0: one piece. Same-vocabulary methods; the cross-vocabulary ones run in one piece."
     skip_nonfinite: bool = False
     "Skip (and count in metrics.jsonl) an optimizer step whose loss or gradient is NaN/Inf instead of stopping the run."
     keep_best: str | None = None
@@ -344,8 +344,8 @@ class DistillConfig:
         if self.parallel == "fsdp" and (self.lora_rank or self.on_policy):
             problems.append("--parallel fsdp shards a fully trained student; it does not combine with --lora-rank or "
                             "--on-policy yet (use --parallel ddp)")
-        if self.loss_chunk < 0:
-            problems.append(f"loss_chunk must be >= 0, got {self.loss_chunk}")
+        if self.loss_chunk < -1:
+            problems.append(f"loss_chunk must be -1 (auto), 0 (one piece) or a number of positions, got {self.loss_chunk}")
         if self.eval_steps < 0:
             problems.append(f"eval_steps must be >= 0, got {self.eval_steps}")
         if self.keep_best is not None:

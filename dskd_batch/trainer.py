@@ -47,6 +47,7 @@ CHECKPOINTS = "checkpoints"
 STATE = "state.json"
 
 
+AUTO_CHUNK_ELEMENTS = 2**26  # --loss-chunk -1: positions x vocabulary of one fp32 chunk tensor (256 MiB)
 # configs whose logits are not the head's output (soft-capping, scaling): the head must run inside the model
 POST_HEAD_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
@@ -66,7 +67,7 @@ class DistillModule(nn.Module):
     """
 
     def __init__(self, student: nn.Module, projectors: nn.ModuleDict, method: Method, vocab: int,
-                 loss_chunk: int = 0) -> None:
+                 loss_chunk: int = -1) -> None:
         super().__init__()
         self.student = student
         self.projectors = projectors
@@ -76,6 +77,8 @@ class DistillModule(nn.Module):
         post = [k for k in POST_HEAD_LOGITS if getattr(cfg, k, None) not in (None, 1.0, 0.0)]
         if loss_chunk and post:
             log.warning("--loss-chunk is off: the student's logits are post-processed after its head (%s)", post)
+        if loss_chunk < 0:  # auto: one [C, V] fp32 tensor near 256 MiB
+            loss_chunk = max(128, AUTO_CHUNK_ELEMENTS // max(vocab, 1))
         self.loss_chunk = 0 if post or not method.per_position else loss_chunk
         self._select: torch.Tensor | None = None
         self._skip_head = False
