@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--chunk", type=int, default=-1, help="--loss-chunk of the chunked runs (-1: auto)")
     ap.add_argument("--only", default="sft,kd,dskd")
+    ap.add_argument("--modes", default="one-piece,chunked", help="which of one-piece,chunked to run")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,10 +76,13 @@ def main() -> None:
                 "--top-k", "64", "--batch-tokens", str(4 * (a.response_len + 33)), *limits])
         if p.returncode:
             raise SystemExit(p.stderr[-3000:])
-    results = {}
+    prev = out / "results.json"  # runs of an earlier invocation (--modes) are kept and shown beside these
+    results = json.loads(prev.read_text()) if prev.exists() else {}
     for method in a.only.split(","):
         for chunk in (0, a.chunk):
             name = f"{method}-{'chunked' if chunk else 'one-piece'}"
+            if name.split("-", 1)[1] not in a.modes.split(","):
+                continue
             run = out / "runs" / name
             if run.exists():
                 import shutil
@@ -123,7 +127,7 @@ def main() -> None:
     for m in ("sft", "kd", "dskd"):
         print(f"{m} steps/s chunked / one-piece: {ratio(f'{m}-chunked', f'{m}-one-piece', 'steps_per_s')} "
               "(target >= 0.85)")
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    prev.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
