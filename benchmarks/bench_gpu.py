@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/bench-gpu")
     ap.add_argument("--examples", type=int, default=512)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--profile", action="store_true", help="profile one more stage-one repeat (cProfile, tottime)")
+    ap.add_argument("--skip-stage-two", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU: check the script, measure nothing")
     a = ap.parse_args()
     dev = "cpu" if a.smoke else "cuda"
@@ -88,8 +90,23 @@ def main() -> None:
     res["stage_one"] = throughput(cfg, 2, work / "tp", device=dev, dtype=torch.bfloat16)
     print("stage one:", res["stage_one"], flush=True)
     save()
+    if a.profile:  # where stage one's time goes: one more repeat under cProfile
+        import cProfile
+        import io
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        throughput(cfg, 1, work / "tp-prof", device=dev, dtype=torch.bfloat16)
+        prof.disable()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+        (out / "stage_one_profile.txt").write_text(buf.getvalue())
+        print(buf.getvalue()[:6000], flush=True)
 
     # -- stage two ---------------------------------------------------------------------------------
+    if a.skip_stage_two:
+        return
     rows = work / "long.jsonl"
     words = ("the cache holds what distillation reads and nothing else so the student trains on a modest machine "
              "while the teacher ran once on a big one ").split()

@@ -36,6 +36,14 @@ ROWS = [
 ]
 
 
+def subprocess_env() -> dict[str, str]:
+    """The environment of a `python -m dskd_batch ...` child process in a test: offline, one thread,
+    this checkout importable."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
 def _corpus_text() -> str:
     parts = []
     for r in ROWS:

@@ -18,7 +18,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import assert_same_cache
+from conftest import assert_same_cache, subprocess_env
 from dskd_batch import open_cache
 from dskd_batch.cache_teacher import run as cache_run
 from dskd_batch.cli import main
@@ -31,9 +31,7 @@ ARGS = ["--hidden", "fp32", "--top-k", "8", "--batch-tokens", "300", "--shard-si
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+    return subprocess_env()
 
 
 def cache_cfg(teacher: Path, corpus: Path, out: Path, **kw) -> CacheConfig:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import assert_same_cache
+from conftest import assert_same_cache, subprocess_env
 from dskd_batch.cache_teacher import run
 from dskd_batch.cli import main
 from dskd_batch.config import CacheConfig
@@ -24,9 +24,7 @@ ARGS = ["--hidden", "fp32", "--top-k", "8", "--batch-tokens", "300", "--shard-si
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+    return subprocess_env()
 
 
 @pytest.fixture(scope="module")
