@@ -318,3 +318,64 @@ limit = 2
     shutil.rmtree(out / "teacher")
     with pytest.raises(DskdError, match="cache: .*cache was made with other settings"):
         run_pipeline(write("2e-3"))
+
+
+def test_pipeline_dev_and_seqkd_caches_and_pruned_teacher(llama_teacher, corpus, dev_corpus, tmp_path):
+    """[dev_cache] gives every run eval_kl; [seqkd_cache] feeds method seqkd; `from = "teacher"`
+    prunes the tuned teacher; the report shows each run's held-out CE and KL."""
+    from dskd_batch import open_cache
+    from dskd_batch.pipeline import run_pipeline
+
+    p = tmp_path / "p.toml"
+    p.write_text(f"""
+name = "t"
+out = "{tmp_path / 'out'}"
+[teacher]
+max_steps = 1
+batch_size = 4
+lr = 1e-3
+[cache]
+teacher = "{llama_teacher}"
+data = "{corpus}"
+hidden = "fp32"
+top_k = 8
+max_len = 96
+max_prompt_len = 64
+batch_tokens = 512
+[dev_cache]
+data = "{dev_corpus}"
+[seqkd_cache]
+gen_max_new_tokens = 4
+[student]
+from = "teacher"
+layers = 1
+[distill]
+batch_size = 4
+max_steps = 2
+keep_best = "eval_kl"
+[[runs]]
+name = "seqkd"
+method = "seqkd"
+[[runs]]
+name = "kd"
+method = "kd"
+[evaluate]
+data = "{dev_corpus}"
+seeds = "1"
+max_new_tokens = 2
+limit = 2
+[report]
+""")
+    lines = run_pipeline(p)
+    assert [x.split(":")[0] for x in lines[:-1]] == ["teacher", "cache", "dev cache", "seqkd cache", "student",
+                                                     "evaluate teacher", "distill seqkd", "evaluate seqkd",
+                                                     "distill kd", "evaluate kd"]
+    out = tmp_path / "out"
+    assert open_cache(out / "seqkd-cache").settings.get("generation")
+    assert json.loads((out / "seqkd" / "run.json").read_text())["config"]["cache"] == str(out / "seqkd-cache")
+    kd = eval_lines(out / "kd")
+    assert kd and all("eval_kl" in r for r in kd)
+    assert json.loads((out / "kd" / "run.json").read_text())["exported"]["metric"] == "eval_kl"
+    assert json.loads((out / "student" / "config.json").read_text())["num_hidden_layers"] == 1
+    table = (out / "report.md").read_text()
+    assert "held-out KL to teacher (run)" in table and "| kd |" in table
