@@ -349,3 +349,24 @@ def test_sigkill_mid_epoch_then_resume(fp32_cache, gpt2_student, tmp_path):
     assert "resumed from" in p.stderr
     wa, wb = final_weights(full), final_weights(killed)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_default_epoch_order_is_a_shard_local_permutation() -> None:
+    from dskd_batch.batches import epoch_order
+
+    groups = [range(0, 5), range(5, 9), range(9, 12)]
+    orders = {(seed, epoch): epoch_order(12, groups, seed, epoch) for seed in (1, 2) for epoch in (0, 1)}
+    for order in orders.values():
+        assert sorted(order) == list(range(12))  # every example once
+        # each shard's examples come together (its chunks are read once per epoch)
+        spans = [sorted(order.index(i) for i in g) for g in groups]
+        assert all(s[-1] - s[0] == len(s) - 1 for s in spans)
+    assert epoch_order(12, groups, 1, 0) == orders[(1, 0)]  # a function of (seed, epoch)
+    assert len({tuple(o) for o in orders.values()}) == 4  # and a different one for each
+
+
+def test_limit_on_a_cache_trains_on_the_first_examples(fp32_cache, gpt2_student, tmp_path):
+    out = run(cfg(gpt2_student, tmp_path / "r", cache=str(fp32_cache), method="kd", limit=4, batch_size=2,
+                  grad_accum=1, max_steps=None, epochs=1))
+    info = json.loads((out / "run.json").read_text())
+    assert info["examples"] == 4 and info["steps_per_epoch"] == 2 and info["total_steps"] == 2

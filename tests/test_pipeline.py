@@ -139,3 +139,26 @@ def test_interrupted_distill_resumes(llama_teacher, corpus, gpt2_student, tmp_pa
 def test_bad_pipeline_files_name_the_problem(tmp_path, body, match) -> None:
     with pytest.raises(DskdError, match=match):
         load_pipeline(write(tmp_path / "bad.toml", body))
+
+
+def test_pipeline_and_distill_agree_on_what_may_change_at_resume() -> None:
+    import dataclasses
+
+    from dskd_batch.config import DistillConfig
+    from dskd_batch.distill import RESUMABLE, plan_fingerprint
+    from dskd_batch.pipeline import _run_ident
+
+    base = DistillConfig(student="s", out="o", cache="c")
+    for f in dataclasses.fields(DistillConfig):
+        if f.name in ("student", "out", "cache"):
+            continue
+        value = getattr(base, f.name)
+        other = (not value if isinstance(value, bool) else value + 1 if isinstance(value, (int, float)) and
+                 not isinstance(value, bool) else "x")
+        try:
+            changed = dataclasses.replace(base, **{f.name: other})
+        except (DskdError, TypeError):  # a value the config refuses: nothing to compare
+            continue
+        same_pipe = _run_ident(changed) == _run_ident(base)
+        same_distill = plan_fingerprint(changed, {}, "fp", 1) == plan_fingerprint(base, {}, "fp", 1)
+        assert same_pipe == same_distill == (f.name in RESUMABLE), f.name
