@@ -249,6 +249,20 @@ def test_chat_template_end_to_end(llama_teacher, gpt2_student, corpus, dev_corpu
     assert rep["sets"]["dev"]["nll"]["tokens"] == eval_lines(out)[-1]["eval_tokens"]
 
 
+def kd_and_evaluate(dev: Path) -> str:
+    """The end of the tiny pipeline files below: a kd run, a quick evaluation and the report."""
+    return f"""[[runs]]
+name = "kd"
+method = "kd"
+[evaluate]
+data = "{dev}"
+seeds = "1"
+max_new_tokens = 2
+limit = 2
+[report]
+"""
+
+
 def test_pipeline_teacher_stage_is_reused_and_invalidates_the_cache(llama_teacher, corpus, dev_corpus, gpt2_student,
                                                                     tmp_path, monkeypatch):
     import dskd_batch.distill
@@ -277,16 +291,7 @@ path = "{gpt2_student}"
 [distill]
 batch_size = 4
 max_steps = 1
-[[runs]]
-name = "kd"
-method = "kd"
-[evaluate]
-data = "{dev_corpus}"
-seeds = "1"
-max_new_tokens = 2
-limit = 2
-[report]
-""")
+""" + kd_and_evaluate(dev_corpus))
         return p
 
     lines = run_pipeline(write("1e-3"))
@@ -356,16 +361,7 @@ keep_best = "eval_kl"
 [[runs]]
 name = "seqkd"
 method = "seqkd"
-[[runs]]
-name = "kd"
-method = "kd"
-[evaluate]
-data = "{dev_corpus}"
-seeds = "1"
-max_new_tokens = 2
-limit = 2
-[report]
-""")
+""" + kd_and_evaluate(dev_corpus))
     lines = run_pipeline(p)
     assert [x.split(":")[0] for x in lines[:-1]] == ["teacher", "cache", "dev cache", "seqkd cache", "student",
                                                      "evaluate teacher", "distill seqkd", "evaluate seqkd",
