@@ -423,22 +423,15 @@ def _run(cfg: CacheConfig, ctx: DistContext, progress: bool) -> Path:
         raise DskdError(f"--out {out} exists and is a file")
     if out.is_dir() and any(not is_lock_file(p) for p in out.iterdir()) and not (out / SETTINGS).exists():
         raise DskdError(f"--out {out} exists, is not empty and is not a dskd-batch cache", hint="choose another folder")
-    existed = out.exists()
-    try:
-        # one writer per (machine share, rank): a second identical command stops here, before it touches anything
-        with folder_lock(out, f"cache-{cfg.shard_index}of{cfg.num_shards}-rank{ctx.rank}of{ctx.world_size}", "cache"):
-            try:
-                return _run_locked(cfg, ctx, progress, out)
-            except Exception as e:  # noqa: BLE001 - a full disk becomes one clear error; anything else goes on
-                full = disk_full_error(e, out, cfg)
-                if full is None:
-                    raise
-                raise full from e
-    except DskdError:
-        # refused before anything was written (bad corpus, missing model): leave no folder holding only a lock
-        if not existed and out.is_dir() and all(is_lock_file(p) for p in out.iterdir()):
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    # one writer per (machine share, rank): a second identical command stops here, before it touches anything
+    with folder_lock(out, f"cache-{cfg.shard_index}of{cfg.num_shards}-rank{ctx.rank}of{ctx.world_size}", "cache"):
+        try:
+            return _run_locked(cfg, ctx, progress, out)
+        except Exception as e:  # noqa: BLE001 - a full disk becomes one clear error; anything else goes on
+            full = disk_full_error(e, out, cfg)
+            if full is None:
+                raise
+            raise full from e
 
 
 def disk_full_error(e: BaseException, out: Path, cfg: CacheConfig) -> DskdError | None:

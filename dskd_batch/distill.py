@@ -33,7 +33,8 @@ from .methods import LossSettings, TeacherHead, make_method, method_info
 from .models import (head_and_embeddings, load_causal_lm, load_tokenizer, model_fingerprint, plain_model,
                      resolve_device, tokenizer_fingerprint)
 from .projectors import build_projectors
-from .trainer import CHECKPOINTS, DistillModule, TrainPlan, Trainer, list_checkpoints, save_projectors, save_student, seed_everything
+from .trainer import (CHECKPOINTS, DistillModule, TrainPlan, Trainer, list_checkpoints, save_projectors, save_student,
+                      seed_everything)
 
 log = logging.getLogger(__name__)
 
@@ -299,23 +300,13 @@ def plan_fingerprint(cfg: DistillConfig, fps: dict[str, Any], student_fp: str, w
 def run(cfg: DistillConfig, *, on_step: Callable[[int], None] | None = None) -> Path:
     from .locks import folder_lock
 
-    from .locks import is_lock_file
-
     ctx = DistContext.from_env()
     out = Path(cfg.out)
-    existed = out.exists()
     try:
         _check_run_dir(cfg, out)
         # one run per folder: a second distill on the same --out stops here (a killed run's lock is released)
         with folder_lock(out, f"distill-rank{ctx.rank}of{ctx.world_size}", "run folder"):
             return _run(cfg, ctx, on_step)
-    except DskdError:
-        # refused before anything was written: leave no folder holding only our lock behind
-        if not existed and ctx.is_main and out.is_dir() and all(is_lock_file(p) for p in out.iterdir()):
-            import shutil
-
-            shutil.rmtree(out, ignore_errors=True)
-        raise
     finally:
         ctx.close()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import socket
 import sys
 import time
@@ -30,7 +31,10 @@ def is_lock_file(p: Path) -> bool:
 @contextmanager
 def folder_lock(folder: Path, name: str, what: str) -> Iterator[Path]:
     """Hold ``folder/.lock-NAME`` for the duration of the block (``what`` names the folder's role in
-    the error, e.g. "cache" or "run folder")."""
+    the error, e.g. "cache" or "run folder"). A folder this call created and that still holds
+    nothing but lock files at the end (the command was refused before it wrote anything) is
+    removed again."""
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{LOCK_PREFIX}-{name}"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -53,3 +57,5 @@ def folder_lock(folder: Path, name: str, what: str) -> Iterator[Path]:
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+        if created and folder.is_dir() and all(is_lock_file(p) for p in folder.iterdir()):
+            shutil.rmtree(folder, ignore_errors=True)
