@@ -192,33 +192,26 @@ def _evaluate_set(model: Any, tok: Any, kind: str, rows: list[dict[str, Any]], p
 def response_nll(model: Any, tok: Any, examples: list[Example], prompt: dict[str, Any], batch_size: int) -> dict[str, Any]:
     """Teacher-forced NLL of the reference responses (EOS included), nats per response token,
     and bits per byte of the response text (comparable across tokenizers). The examples are
-    encoded exactly as training encodes them (the run's template and limits)."""
+    encoded and batched exactly as training reads them (the run's template and limits, the same
+    response positions)."""
     import math
 
+    from .batches import CorpusExamples, collate
     from .data import encode
+    from .losses import token_ce
 
     max_len = int(prompt.get("max_len") or 512)
-    enc = [encode(tok, render_prompt(ex, prompt["template"], tok), ex.response, max_prompt_len=int(prompt["max_prompt_len"]),
-                  max_len=max_len, template=prompt["template"]) for ex in examples]
+    src = CorpusExamples([encode(tok, render_prompt(ex, prompt["template"], tok), ex.response,
+                                 max_prompt_len=int(prompt["max_prompt_len"]), max_len=max_len,
+                                 template=prompt["template"]) for ex in examples])
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
-    order = sorted(range(len(enc)), key=lambda i: -len(enc[i].input_ids))
+    order = sorted(range(len(src)), key=lambda i: -src.n_tokens[i])
     for b in range(0, len(order), batch_size):
-        idx = order[b:b + batch_size]
-        width = max(len(enc[i].input_ids) for i in idx)
-        ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, i in enumerate(idx):
-            x = enc[i].input_ids
-            ids[r, :len(x)] = torch.tensor(x)
-            mask[r, :len(x)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        nll = -logp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
-        for r, i in enumerate(idx):
-            lo, n = max(enc[i].prompt_len, 1) - 1, len(enc[i].input_ids)
-            total += float(nll[r, lo:n - 1].sum())
-            tokens += n - 1 - lo
+        mb = collate(src.records(order[b:b + batch_size]), tok.pad_token_id, with_teacher=False).to(device)
+        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
+        total += float(token_ce(logits[mb.select].float(), mb.targets).sum())
+        tokens += mb.targets.numel()
     n_bytes = sum(len(ex.response.encode("utf-8")) for ex in examples)
     return {"nats_per_token": total / max(tokens, 1), "tokens": tokens,
             "bits_per_byte": total / math.log(2) / max(n_bytes, 1), "bytes": n_bytes}
