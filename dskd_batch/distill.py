@@ -127,7 +127,7 @@ def _from_cache(cfg: DistillConfig, student_tok: Any, method: Any) -> Sources:
                    fps, cache=cache, shared_rows=al.shared_rows() if al is not None else None)
 
 
-def _validation(cfg: DistillConfig, student_tok: Any, src: Sources, method: Any) -> Any:
+def _validation(cfg: DistillConfig, student_tok: Any, src: Sources, method: Any, device: torch.device) -> Any:
     """The held-out set of --eval-data: a teacher cache (eval_ce, eval_kl, eval_top1) or a corpus
     encoded like the training data (eval_ce). Checked before any model loads."""
     from types import SimpleNamespace
@@ -165,7 +165,7 @@ def _validation(cfg: DistillConfig, student_tok: Any, src: Sources, method: Any)
             raise DskdError(problems, hint="cache the held-out split with the training cache's settings, or give the "
                                            "held-out corpus file (eval_ce only)")
         examples: Any = CacheExamples(dev)
-        head = TeacherHead(dev.lm_head, dev.lm_head_bias, dev.logits_source)
+        head = TeacherHead(dev.lm_head, dev.lm_head_bias, dev.logits_source).to(device)
         val = Validation(examples, True, cfg.batch_size, cfg.eval_steps, cfg.keep_best, str(path), head)
     else:
         from .cache_teacher import prepare_corpus
@@ -323,7 +323,7 @@ def _run(cfg: DistillConfig, ctx: DistContext, on_step: Callable[[int], None] | 
         device = torch.device("cuda", ctx.local_rank)
     src = _from_cache(cfg, student_tok, method) if cfg.cache else _from_corpus(cfg, student_tok, method, device)
     vocab = len(student_tok)
-    validation = _validation(cfg, student_tok, src, method)
+    validation = _validation(cfg, student_tok, src, method, device)
 
     seed_everything(cfg.seed)
     student = plain_model(load_causal_lm(cfg.student, dtype=torch.float32, device="cpu"))  # a .gguf student saves
@@ -418,10 +418,11 @@ def _write_final(out: Path, module: DistillModule, tok: Any, cfg: DistillConfig,
     if trainer.sharded:  # full weights gathered by every process, written by the first
         write = trainer.weight_writer()
         if is_main:
-            tmp = tmp_path(out / ("student-last" if use_best else "student"))
+            last = out / ("student-last" if use_best else "student")
+            tmp = tmp_path(last)
             write(tmp, out)
             tok.save_pretrained(str(tmp))
-            replace_dir(tmp, tmp.with_name(tmp.name.split(".tmp-")[0]))
+            replace_dir(tmp, last)
             if use_best:
                 tmp = tmp_path(out / "student")
                 shutil.copytree(best.dir / "student", tmp)  # type: ignore[union-attr]

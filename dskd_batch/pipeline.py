@@ -298,7 +298,8 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False) -> list[str]:
         st.stage("teacher", tdir, teacher_fp, lambda: _finished(tdir), do_teacher)
     cache_dir = Path(p.cache.out)
     cache_cfg = {k: v for k, v in to_dict(p.cache).items() if k != "student_tokenizer"}
-    cache_fp = _fingerprint({"cache": cache_cfg, **({"teacher": teacher_fp} if teacher_fp else {})})
+    made_by = {"teacher": teacher_fp} if teacher_fp else {}  # caches of a tuned teacher depend on its stage
+    cache_fp = _fingerprint({"cache": cache_cfg, **made_by})
 
     def do_cache(_resume: bool) -> None:
         cache_run(p.cache)
@@ -307,7 +308,7 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False) -> list[str]:
     cache_fps = {cache_dir: cache_fp}
     for key, ccfg in p.extra_caches.items():
         cdir = Path(ccfg.out)
-        cache_fps[cdir] = _fingerprint({"cache": to_dict(ccfg), **({"teacher": teacher_fp} if teacher_fp else {})})
+        cache_fps[cdir] = _fingerprint({"cache": to_dict(ccfg), **made_by})
 
         def do_extra(_resume: bool, ccfg: CacheConfig = ccfg) -> None:
             cache_run(ccfg)
@@ -353,10 +354,9 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False) -> list[str]:
         run_dirs.append(("teacher", edir))
     for name, cfg in zip(p.run_names, p.runs):
         rdir = Path(cfg.out)
-        reads = [cache_fps[Path(cfg.cache)]] + ([cache_fps[Path(cfg.eval_data)]] if cfg.eval_data and
-                                                  Path(cfg.eval_data) in cache_fps else [])
-        fp = _fingerprint({"distill": _run_ident(cfg), "cache": reads[0], "student": student_fp,
-                           **({"dev": reads[1]} if len(reads) > 1 else {})})
+        dev_fp = cache_fps.get(Path(cfg.eval_data)) if cfg.eval_data else None  # a [dev_cache] it reads
+        fp = _fingerprint({"distill": _run_ident(cfg), "cache": cache_fps[Path(cfg.cache)], "student": student_fp,
+                           **({"dev": dev_fp} if dev_fp else {})})
 
         def do_distill(resume: bool, cfg: DistillConfig = cfg) -> None:
             distill_run(dataclasses.replace(cfg, resume=resume))

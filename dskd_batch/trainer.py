@@ -30,8 +30,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .batches import MicroBatch, epoch_order, global_batches, response_tokens, step_loader
-from .cache.format import (TMP_MARK, atomic_write_bytes, atomic_write_json, file_table, read_json, remove_stale_tmp, replace_dir,
-                           sha256_file, tmp_path)
+from .cache.format import (TMP_MARK, atomic_write_bytes, atomic_write_json, file_table, read_json, remove_stale_tmp,
+                           replace_dir, sha256_file, tmp_path)
 from .distributed import DistContext
 from .errors import DskdError
 from .losses import fkl, token_ce
@@ -114,13 +114,16 @@ class DistillModule(nn.Module):
         w_s = self.student.get_output_embeddings().weight
         return self.method.losses(s.float(), h, targets, tb, head, self.projectors, w_s, self.vocab)
 
+    def _parts(self, n: int) -> list[slice]:
+        """The chunks of ``n`` response positions."""
+        return [slice(lo, min(lo + self.loss_chunk, n)) for lo in range(0, n, self.loss_chunk)]
+
     def _chunked_losses(self, mb: MicroBatch, head: TeacherHead | None) -> dict[str, torch.Tensor]:
         from torch.utils.checkpoint import checkpoint
 
         h = self._student_hidden(mb)
         total: dict[str, torch.Tensor] = {}
-        for lo in range(0, h.shape[0], self.loss_chunk):
-            part = slice(lo, min(lo + self.loss_chunk, h.shape[0]))
+        for part in self._parts(h.shape[0]):
             tb = mb.teacher.rows(part) if mb.teacher is not None else None
             terms = checkpoint(self._chunk_losses, h[part], mb.targets[part], tb, head, use_reentrant=False)
             for k, v in terms.items():
@@ -156,8 +159,7 @@ class DistillModule(nn.Module):
         like the loss)."""
         if self._chunked(mb):
             h = self._student_hidden(mb)
-            parts = [(self.student.get_output_embeddings()(h[lo:lo + self.loss_chunk]), slice(lo, lo + self.loss_chunk))
-                     for lo in range(0, h.shape[0], self.loss_chunk)]
+            parts = [(self.student.get_output_embeddings()(h[part]), part) for part in self._parts(h.shape[0])]
         else:
             s, _ = self._student(mb)
             parts = [(s, slice(0, s.shape[0]))]
@@ -201,8 +203,8 @@ class TrainPlan:
     keep_checkpoints: int
     log_steps: int
     precision: str
-    fingerprint: str
-    skip_nonfinite: bool = False  # of everything that must match to resume
+    fingerprint: str  # of everything that must match to resume
+    skip_nonfinite: bool = False
     extra_state: dict[str, Any] = field(default_factory=dict)
 
 

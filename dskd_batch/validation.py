@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,9 +50,7 @@ class Validation:
     every: int  # optimizer steps between evaluations (0: at each epoch end only)
     keep_best: str | None = None
     source: str = ""
-    head: Any = None  # the DEV cache's TeacherHead (None for a corpus)
-
-    _head_device: Any = None
+    head: Any = None  # the DEV cache's TeacherHead, on the training device (None for a corpus)
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -69,10 +68,8 @@ class Validation:
         order = sorted(range(n), key=lambda i: (-lengths[i], i))[rank::world]
         # every process runs as many forwards (a sharded model gathers its weights in each): one
         # with fewer examples repeats its first batch and drops the result
-        batches = -(-(-(-n // world)) // self.batch_size)
+        batches = math.ceil(math.ceil(n / world) / self.batch_size)
         sums = torch.zeros(4, dtype=torch.float64)  # ce, kl, top1, tokens
-        if self.head is not None and self._head_device != device:
-            self.head, self._head_device = self.head.to(device), device
         was_training = model.training
         model.eval()
         try:
