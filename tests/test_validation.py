@@ -249,6 +249,19 @@ def test_chat_template_end_to_end(llama_teacher, gpt2_student, corpus, dev_corpu
     assert rep["sets"]["dev"]["nll"]["tokens"] == eval_lines(out)[-1]["eval_tokens"]
 
 
+def cache_section(teacher: Path, corpus: Path) -> str:
+    """The [cache] of the tiny pipeline files below (the settings of the fp32 test cache)."""
+    return f"""[cache]
+teacher = "{teacher}"
+data = "{corpus}"
+hidden = "fp32"
+top_k = 8
+max_len = 96
+max_prompt_len = 64
+batch_tokens = 512
+"""
+
+
 def kd_and_evaluate(dev: Path) -> str:
     """The end of the tiny pipeline files below: a kd run, a quick evaluation and the report."""
     return f"""[[runs]]
@@ -278,15 +291,7 @@ max_steps = 2
 batch_size = 4
 lr = {lr}
 eval_data = "{dev_corpus}"
-[cache]
-teacher = "{llama_teacher}"
-data = "{corpus}"
-hidden = "fp32"
-top_k = 8
-max_len = 96
-max_prompt_len = 64
-batch_tokens = 512
-[student]
+""" + cache_section(llama_teacher, corpus) + f"""[student]
 path = "{gpt2_student}"
 [distill]
 batch_size = 4
@@ -339,15 +344,7 @@ out = "{tmp_path / 'out'}"
 max_steps = 1
 batch_size = 4
 lr = 1e-3
-[cache]
-teacher = "{llama_teacher}"
-data = "{corpus}"
-hidden = "fp32"
-top_k = 8
-max_len = 96
-max_prompt_len = 64
-batch_tokens = 512
-[dev_cache]
+""" + cache_section(llama_teacher, corpus) + f"""[dev_cache]
 data = "{dev_corpus}"
 [seqkd_cache]
 gen_max_new_tokens = 4
