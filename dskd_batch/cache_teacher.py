@@ -34,7 +34,7 @@ from .data import Encoded, Example, data_fingerprint, encode, length_batches, lo
 from .distributed import DistContext
 from .errors import DskdError
 from .models import (dtype_name, head_and_embeddings, load_causal_lm, load_tokenizer, model_fingerprint,
-                     resolve_device, resolve_dtype, tokenizer_fingerprint)
+                     resolve_device, resolve_dtype, token_rows, tokenizer_fingerprint)
 from .teacher import TeacherForward, assemble_logits, reconstruct_logits, reconstruction_check
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def build_settings(cfg: CacheConfig, tok: Any, prep: Prepared, model: Any | None
                            "top_p": cfg.gen_top_p, "seed": cfg.gen_seed}
     if model is not None:
         head = model.get_output_embeddings()
-        V, d = head.weight.shape
+        V, d = token_rows(model, tok), head.weight.shape[1]
         s["teacher"] = {
             "source": str(cfg.teacher), "fingerprint": model_fingerprint(model),
             "architecture": type(model).__name__, "hidden_size": int(d), "vocab_size": int(V),
@@ -179,7 +179,7 @@ def _write_teacher_dir(out: Path, model: Any, tok: Any, codec_state: dict[str, t
     tmp = tmp_path(final)
     tmp.mkdir(parents=True)
     try:
-        save_file(head_and_embeddings(model), str(tmp / HEAD_FILE))
+        save_file(head_and_embeddings(model, token_rows(model, tok)), str(tmp / HEAD_FILE))
         if codec_state is not None:
             save_file({k: v.contiguous() for k, v in codec_state.items()}, str(tmp / CODEC_FILE))
         tok.save_pretrained(str(tmp / "tokenizer"))
@@ -330,7 +330,8 @@ def generate_shard(model: Any, tok: Any, cfg: CacheConfig, prep: Prepared, membe
         rows = order[b:b + cfg.gen_batch_size]
         prompts = [prep.encoded[i].input_ids[:prep.encoded[i].prompt_len] for i in rows]
         caps = [min(cfg.gen_max_new_tokens, cfg.max_len - 1 - len(p)) for p in prompts]
-        new = sample_responses(model, prompts, pad_id=pad_id, eos_id=tok.eos_token_id, settings=settings, max_new=caps)
+        new = sample_responses(model, prompts, pad_id=pad_id, eos_id=tok.eos_token_id, settings=settings, max_new=caps,
+                               vocab=len(tok))
         for i, ids in zip(rows, new):
             out[i] = tok.decode(ids, skip_special_tokens=True).strip()
     return out
@@ -523,8 +524,8 @@ def _run_locked(cfg: CacheConfig, ctx: DistContext, progress: bool, out: Path) -
                 log.warning("%s is unreadable: rebuilding it from the finished shards (re-hashing them)", out / MANIFEST)
                 finalize(out, full_verify=True)
                 return out
-    tf = TeacherForward(model, cfg.top_k, tok.pad_token_id)
-    head = head_and_embeddings(model)
+    tf = TeacherForward(model, cfg.top_k, tok.pad_token_id, token_rows(model, tok))
+    head = head_and_embeddings(model, token_rows(model, tok))
     weight, bias = head["lm_head.weight"], head.get("lm_head.bias")
     if ctx.is_main or cfg.num_shards > 1:
         out.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import DskdError
+from .tracking import LOG_TO
 
 HIDDEN_MODES = ("fp32", "fp16", "bf16", "compact", "none")
 TEMPLATES = ("alpaca", "chat", "none")
@@ -269,6 +270,8 @@ class DistillConfig:
     "Compute the loss this many response positions at a time (student and teacher logits, projections, distances), recomputing each chunk in backward, so memory does not grow with batch x vocabulary. -1 (auto): as many as keep one [positions, vocabulary] fp32 tensor near 256 MiB (1,365 for V = 49k, 441 for V = 152k); 0: one piece. Same-vocabulary methods; the cross-vocabulary ones run in one piece."
     skip_nonfinite: bool = False
     "Skip (and count in metrics.jsonl) an optimizer step whose loss or gradient is NaN/Inf instead of stopping the run."
+    log_to: str = "none"
+    "Also send every metrics.jsonl record to an experiment tracker: none, tensorboard (event files in RUN/tensorboard) or wandb (WANDB_MODE=offline works without network). metrics.jsonl stays the source of truth."
     keep_best: str | None = None
     "Keep the student with the best value of this --eval-data metric (eval_ce, eval_kl or eval_top1) in RUN/best/ and export it as RUN/student/ (the last weights go to RUN/student-last/)."
 
@@ -288,6 +291,7 @@ class DistillConfig:
         choice("template", TEMPLATES)
         choice("verify", ("full", "lazy", "none"))
         choice("shuffle", ("shard", "global"))
+        choice("log_to", LOG_TO)
         if self.cache is None and self.teacher is None and self.data is None:
             problems.append("give --cache (a teacher cache), --teacher with --data (a live teacher), or --data (sft)")
         if self.cache is not None and self.data is not None:

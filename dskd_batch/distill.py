@@ -31,7 +31,7 @@ from .distributed import DistContext
 from .errors import DskdError
 from .methods import LossSettings, TeacherHead, make_method, method_info
 from .models import (head_and_embeddings, load_causal_lm, load_tokenizer, model_fingerprint, plain_model,
-                     resolve_device, tokenizer_fingerprint)
+                     resolve_device, token_rows, tokenizer_fingerprint)
 from .projectors import build_projectors
 from .trainer import (CHECKPOINTS, DistillModule, TrainPlan, Trainer, list_checkpoints, save_projectors, save_student,
                       seed_everything)
@@ -45,7 +45,7 @@ CROSS_VOCAB_HINT = ("same-vocabulary methods (sft, seqkd, kd, dskd) need the tea
                     "`dskd-batch align CACHE --student-tokenizer STUDENT`")
 # settings that may change between a run and its resumption
 RESUMABLE = ("resume", "save_steps", "keep_checkpoints", "log_steps", "verify", "device", "teacher_device",
-             "skip_nonfinite", "loss_chunk")
+             "skip_nonfinite", "loss_chunk", "log_to")
 
 
 @dataclasses.dataclass
@@ -247,8 +247,8 @@ def _live_teacher(cfg: DistillConfig, tok: Any, device: torch.device, probe_ids:
     if expect is not None and fp != expect:
         raise DskdError(f"--teacher {cfg.teacher} is not the teacher cache {cfg.cache} was made with "
                         f"(fingerprint {fp} vs {expect})", hint="give the cache's teacher (see `dskd-batch cache-info`)")
-    weights = head_and_embeddings(model)
-    tf = TeacherForward(model, cfg.teacher_top_k, tok.pad_token_id)
+    weights = head_and_embeddings(model, token_rows(model, tok))
+    tf = TeacherForward(model, cfg.teacher_top_k, tok.pad_token_id, token_rows(model, tok))
     probe = tf([probe_ids], keep_logits=True)[0]
     chk = reconstruction_check(probe["logits"], probe["hidden"], None, weights["lm_head.weight"], weights.get("lm_head.bias"))
     exact = chk["exact_rel_err"] < 1e-4
@@ -299,11 +299,13 @@ def plan_fingerprint(cfg: DistillConfig, fps: dict[str, Any], student_fp: str, w
 
 def run(cfg: DistillConfig, *, on_step: Callable[[int], None] | None = None) -> Path:
     from .locks import folder_lock
+    from .tracking import check_tracker
 
     ctx = DistContext.from_env()
     out = Path(cfg.out)
     try:
         _check_run_dir(cfg, out)
+        check_tracker(cfg.log_to)
         # one run per folder: a second distill on the same --out stops here (a killed run's lock is released)
         with folder_lock(out, f"distill-rank{ctx.rank}of{ctx.world_size}", "run folder"):
             return _run(cfg, ctx, on_step)
@@ -373,7 +375,7 @@ def _run(cfg: DistillConfig, ctx: DistContext, on_step: Callable[[int], None] | 
     log.info("distill: %s%s, %d examples, %d steps of %d examples, device %s, %d process(es)", method.name,
              f"/{cfg.distance}" if method.needs_teacher else "", len(src.examples), trainer.total_steps,
              trainer.global_batch, device, ctx.world_size)
-    final = trainer.train(out / "metrics.jsonl") if trainer.step < trainer.total_steps else {}
+    final = trainer.train(out / METRICS, cfg.log_to, to_dict(cfg)) if trainer.step < trainer.total_steps else {}
     for live in (src.live, on_policy.live if on_policy is not None else None):
         if live is not None:
             live.tf.close()

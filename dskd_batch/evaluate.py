@@ -158,7 +158,7 @@ def _evaluate_set(model: Any, tok: Any, kind: str, rows: list[dict[str, Any]], p
         for b in range(0, len(order), cfg.batch_size):
             idx = order[b:b + cfg.batch_size]
             new = sample_responses(model, [encoded[i][1] for i in idx], pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
-                                   settings=sampling)
+                                   settings=sampling, vocab=len(tok))
             for i, ids in zip(idx, new):
                 text = tok.decode(ids, skip_special_tokens=True)
                 outputs[seed][i] = truncate_code(text) if kind == "code" else text.strip()

@@ -32,8 +32,9 @@ class SamplingSettings:
 
 @torch.no_grad()
 def sample_responses(model: Any, prompts: list[list[int]], *, pad_id: int, eos_id: int, settings: SamplingSettings,
-                     max_new: list[int] | None = None) -> list[list[int]]:
-    """New token ids for each prompt (EOS and what follows it removed); ``max_new`` caps each row."""
+                     max_new: list[int] | None = None, vocab: int | None = None) -> list[list[int]]:
+    """New token ids for each prompt (EOS and what follows it removed); ``max_new`` caps each row.
+    ``vocab`` (the tokenizer's length) keeps the rows of a padded head from ever being sampled."""
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -43,7 +44,8 @@ def sample_responses(model: Any, prompts: list[list[int]], *, pad_id: int, eos_i
         mask[i, width - len(p):] = 1
     limit = max(max_new) if max_new else settings.max_new_tokens
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(1, limit),
-                         pad_token_id=pad_id, eos_token_id=eos_id, **settings.generate_kwargs())
+                         pad_token_id=pad_id, eos_token_id=eos_id, **settings.generate_kwargs(),
+                         **_suppress_padding(model, vocab))
     new = out[:, width:].tolist()
     res = []
     for i, row in enumerate(new):
@@ -51,3 +53,8 @@ def sample_responses(model: Any, prompts: list[list[int]], *, pad_id: int, eos_i
             row = row[:row.index(eos_id)]
         res.append(row[: max_new[i]] if max_new else row)
     return res
+
+
+def _suppress_padding(model: Any, vocab: int | None) -> dict[str, Any]:
+    rows = int(model.get_output_embeddings().weight.shape[0])
+    return {"suppress_tokens": list(range(vocab, rows))} if vocab is not None and rows > vocab else {}

@@ -188,15 +188,26 @@ def model_fingerprint(model: Any, samples_per_param: int = 4096) -> str:
     return h.hexdigest()[:16]
 
 
-def head_and_embeddings(model: Any) -> dict[str, torch.Tensor]:
-    """The output head weight [V, d] (and bias [V] if any) and the input embeddings [V, d]."""
+def head_and_embeddings(model: Any, vocab: int | None = None) -> dict[str, torch.Tensor]:
+    """The output head weight [V, d] (and bias [V] if any) and the input embeddings [V, d].
+
+    ``vocab`` (the tokenizer's length) cuts off the rows of a padded embedding matrix (Qwen2.5:
+    152,064 rows for 151,665 tokens): no tokenizer makes or reads them, so they are no part of
+    the teacher's distribution."""
     head = model.get_output_embeddings()
     emb = model.get_input_embeddings()
     if head is None or not hasattr(head, "weight"):
         raise DskdError(f"{type(model).__name__} has no linear output head to store")
-    out = {"lm_head.weight": head.weight.detach().float().cpu().contiguous()}
+    rows = slice(None, vocab)
+    out = {"lm_head.weight": head.weight.detach()[rows].float().cpu().contiguous()}
     if getattr(head, "bias", None) is not None:
-        out["lm_head.bias"] = head.bias.detach().float().cpu().contiguous()
+        out["lm_head.bias"] = head.bias.detach()[rows].float().cpu().contiguous()
     if emb.weight.data_ptr() != head.weight.data_ptr():
-        out["embed_tokens.weight"] = emb.weight.detach().float().cpu().contiguous()
+        out["embed_tokens.weight"] = emb.weight.detach()[rows].float().cpu().contiguous()
     return out
+
+
+def token_rows(model: Any, tok: Any) -> int:
+    """Rows of the model's output head that are tokens of ``tok``: the tokenizer's length, or
+    the head's rows when the tokenizer has more (the rest of a padded matrix is cut off)."""
+    return min(len(tok), int(model.get_output_embeddings().weight.shape[0]))

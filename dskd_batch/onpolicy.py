@@ -80,7 +80,7 @@ class OnPolicy:
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed)
                 return sample_responses(self.student, prompts, pad_id=self.tok.pad_token_id, eos_id=self.tok.eos_token_id,
-                                        settings=SamplingSettings(max(caps), 1.0, 1.0), max_new=caps)
+                                        settings=SamplingSettings(max(caps), 1.0, 1.0), max_new=caps, vocab=len(self.tok))
         finally:
             self.student.train(was_training)
 

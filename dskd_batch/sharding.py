@@ -25,7 +25,11 @@ def is_sharded(module: nn.Module) -> bool:
 def fully_shard_module(module: nn.Module, device: torch.device, world: int) -> nn.Module:
     """Shard ``module`` (a DistillModule): each decoder layer of its student, then the root."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch 2.5: FSDP2 before it became public
+        from torch.distributed._composable.fsdp import fully_shard  # type: ignore[no-redef]
 
     from .student import _layer_list
 

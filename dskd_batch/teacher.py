@@ -26,10 +26,11 @@ Record = dict[str, Any]
 class TeacherForward:
     """Callable wrapper around a causal LM that yields cache records for a batch of sequences."""
 
-    def __init__(self, model: Any, top_k: int, pad_id: int) -> None:
+    def __init__(self, model: Any, top_k: int, pad_id: int, vocab: int | None = None) -> None:
         self.model = model
         self.top_k = top_k
         self.pad_id = pad_id
+        self.vocab = vocab  # the tokenizer's length: a padded head's extra rows are cut off
         self.device = next(model.parameters()).device
         head = model.get_output_embeddings()
         self._captured: list[torch.Tensor] = []
@@ -58,7 +59,7 @@ class TeacherForward:
         k = max(1, self.top_k)
         records: list[Record] = []
         for i, n in enumerate(lengths):
-            rows = logits[i, :n]  # a view: padding is never touched
+            rows = logits[i, :n, :self.vocab]  # a view: padding (and padded vocabulary rows) never touched
             rec: Record = {"hidden": hidden[i, :n].float().cpu()}
             if keep[i]:
                 rec["logits"] = rows.detach().clone().cpu()

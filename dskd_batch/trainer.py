@@ -39,6 +39,7 @@ from .methods import KD_GRAD, Method, TeacherHead
 from .projectors import PROJECTOR_FILE
 from .sharding import (full_optim_state, full_state, is_sharded, load_full_optim_state, load_full_state, local_value,
                        split_state)
+from .tracking import MetricsLog
 from .validation import BestKeeper, Validation
 
 log = logging.getLogger(__name__)
@@ -425,7 +426,10 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
 
-    def train(self, metrics_path: Path) -> dict[str, float]:
+    def train(self, metrics_path: Path, log_to: str = "none", config: dict[str, Any] | None = None
+              ) -> dict[str, float]:
+        """Run the remaining optimizer steps; metrics go to ``metrics_path`` and, with ``log_to``,
+        to that tracker (:mod:`dskd_batch.tracking`) too. Returns the last logged training record."""
         self.module.train()
         head = self.head.to(self.device) if self.head is not None else None
         ex = self.examples
@@ -440,7 +444,7 @@ class Trainer:
             trim_metrics(metrics_path, self.step)
             if self.best is not None and self.step == 0:
                 self.best.load(0)
-        mf = metrics_path.open("a") if self.ctx.is_main else None
+        mf = MetricsLog(metrics_path, log_to, config=config) if self.ctx.is_main else None
         try:
             for epoch, k, batch, micro in loader:
                 n_resp = sum(response_tokens(ex.n_tokens[i], ex.prompt_len[i]) for i in batch)
@@ -512,7 +516,7 @@ class Trainer:
         raise DskdError(msg, hint="no checkpoint or student was written from this step. Look for NaN/Inf in the cache "
                                   "(`dskd-batch verify`) or lower --lr; --skip-nonfinite skips such steps and counts them")
 
-    def _validate(self, mf: Any, epoch: int) -> dict[str, float]:
+    def _validate(self, mf: MetricsLog | None, epoch: int) -> dict[str, float]:
         assert self.validation is not None
         t0 = time.perf_counter()
         ev = self.validation.run(self.wrapped, pad_id=self.pad_id, device=self.device, rank=self.ctx.rank,
@@ -521,8 +525,7 @@ class Trainer:
         if self.best is not None:  # every process decides alike (the metrics are all-reduced)
             rec["best"] = self.best.offer(self.step, ev, self.weight_writer, self.ctx.is_main)
         if mf is not None:
-            mf.write(json.dumps(rec) + "\n")
-            mf.flush()
+            mf.write(rec)
             log.info("step %d/%d %s", self.step, self.total_steps,
                      " ".join(f"{k} {ev[k]:.4f}" for k in self.validation.metrics))
         self.ctx.barrier()
@@ -550,7 +553,7 @@ class Trainer:
                 "teacher_s_per_batch": d["teacher_seconds"] / d["steps"] if d["steps"] else 0.0,
                 "sample_s_per_batch": d["sample_seconds"] / d["steps"] if d["steps"] else 0.0}
 
-    def _log(self, mf: Any, sums: dict[str, float], n_resp: int, tokens: int, epoch: int, gnorm: torch.Tensor,
+    def _log(self, mf: MetricsLog | None, sums: dict[str, float], n_resp: int, tokens: int, epoch: int, gnorm: torch.Tensor,
              t_last: float, tok_last: int, steps_since: int) -> dict[str, float]:
         names = sorted(sums)
         vals = torch.tensor([sums[n] for n in names] + [float(tokens), float(tok_last)], dtype=torch.float64)
@@ -573,8 +576,7 @@ class Trainer:
         if self.on_policy is not None:
             rec.update(self._on_policy_metrics(steps_since))
         if mf is not None:
-            mf.write(json.dumps(rec) + "\n")
-            mf.flush()
+            mf.write(rec)
             log.info("step %d/%d loss %.4f %s", self.step, self.total_steps, rec["loss"],
                      " ".join(f"{n} {rec[n]:.4f}" for n in ("ce", "kd") if n in rec))
         return rec

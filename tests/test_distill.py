@@ -88,7 +88,8 @@ def test_from_cache_equals_live(method, fp32_cache, llama_teacher, corpus, gpt2_
     assert "teacher_s" in mb[0] and "teacher_s" not in ma[0]  # the live teacher really ran
     for ra, rb in zip(ma, mb):
         for key in ("loss", "ce", "kd"):
-            assert ra[key] == pytest.approx(rb[key], rel=1e-5), (key, ra, rb)
+            # fp32 to rounding; the absolute floor covers a KD term of ~3e-3 (torch 2.5's kernels differ by 3e-8)
+            assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7), (key, ra, rb)
     assert_close_weights(final_weights(a), final_weights(b), atol=1e-5)
 
 
