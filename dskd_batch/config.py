@@ -187,7 +187,7 @@ class DistillConfig:
     lr: float = 2e-5
     "Learning rate of the student."
     projector_lr: float = 1e-3
-    "Learning rate of the DSKD projectors."
+    "Learning rate of the DSKD projectors; 0 keeps them as --projector-init pinv solved them (frozen: the heads stay unified, as the extended paper computes its student-to-teacher projector)."
     batch_size: int = 4
     "Examples per micro-batch per process."
     grad_accum: int = 1
@@ -308,9 +308,14 @@ class DistillConfig:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             problems.append(f"max_steps must be >= 1, got {self.max_steps}")
-        for name in ("lr", "projector_lr", "temperature"):
+        for name in ("lr", "temperature"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.projector_lr < 0:
+            problems.append(f"projector_lr must be >= 0, got {self.projector_lr}")
+        elif self.projector_lr == 0 and self.projector_init != "pinv" and self.method in DSKD_METHODS:
+            problems.append("--projector-lr 0 freezes the projectors: only --projector-init pinv gives frozen projectors "
+                            "that carry the heads' match (random ones would stay random)")
         if not 0.0 <= self.kd_rate <= 1.0:
             problems.append(f"kd_rate must be in [0, 1], got {self.kd_rate}")
         if not 0.0 < self.skew_lambda < 1.0:

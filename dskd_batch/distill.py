@@ -342,6 +342,8 @@ def _run(cfg: DistillConfig, ctx: DistContext, on_step: Callable[[int], None] | 
                                   student_head=w_s[:vocab] if pinv else None,
                                   teacher_head=(src.head.weight if method.cross_vocab else src.head.weight[:vocab])
                                   if pinv else None, rows=src.shared_rows if pinv else None)
+    if cfg.projector_lr == 0:  # --projector-lr 0: the pinv projectors stay as solved (the extended paper's s2t)
+        projectors.requires_grad_(False)
     if cfg.lora_rank:
         student = _attach_lora(student, cfg)
     student.train()

@@ -371,3 +371,24 @@ def test_limit_on_a_cache_trains_on_the_first_examples(fp32_cache, gpt2_student,
                   grad_accum=1, max_steps=None, epochs=1))
     info = json.loads((out / "run.json").read_text())
     assert info["examples"] == 4 and info["steps_per_epoch"] == 2 and info["total_steps"] == 2
+
+
+def test_projector_lr_zero_keeps_the_pinv_projectors(fp32_cache, gpt2_student, tmp_path):
+    """--projector-lr 0: the projectors stay exactly as pinv solved them while the student trains."""
+    from safetensors.torch import load_file
+
+    frozen = run(cfg(gpt2_student, tmp_path / "frozen", cache=str(fp32_cache), method="dskd", projector_init="pinv",
+                     projector_lr=0.0, max_steps=2))
+    moving = run(cfg(gpt2_student, tmp_path / "moving", cache=str(fp32_cache), method="dskd", projector_init="pinv",
+                     max_steps=2))
+    start = run(cfg(gpt2_student, tmp_path / "start", cache=str(fp32_cache), method="dskd", projector_init="pinv",
+                    max_steps=1, lr=1e-12, projector_lr=1e-12))
+    p0, pf, pm = (load_file(str(r / "projectors.safetensors")) for r in (start, frozen, moving))
+    assert p0.keys() == pf.keys() == {"t2s.weight", "s2t.weight"} | ({k for k in p0 if k.endswith("bias")})
+    for k in p0:
+        assert torch.allclose(pf[k], p0[k], atol=1e-9), k
+    assert any(not torch.allclose(pm[k], p0[k]) for k in p0)
+    assert not torch.equal(final_weights(frozen)["transformer.wte.weight"], load_file(
+        str(gpt2_student / "model.safetensors"))["transformer.wte.weight"])  # the student did train
+    with pytest.raises(DskdError, match="only --projector-init pinv"):
+        cfg(gpt2_student, tmp_path / "x", cache=str(fp32_cache), method="dskd", projector_lr=0.0)
