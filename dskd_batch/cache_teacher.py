@@ -30,7 +30,7 @@ from .cache.writer import ShardWriter
 from .codecs import CompactCodec, HiddenCodec, codec_params, make_codec
 from .config import AlignConfig, CacheConfig
 from .data import Encoded, Example, data_fingerprint, encode, length_batches, load_examples, render_prompt, \
-    template_fingerprint
+    split_long_texts, template_fingerprint
 from .distributed import DistContext
 from .errors import DskdError
 from .models import (dtype_name, head_and_embeddings, load_causal_lm, load_tokenizer, model_fingerprint,
@@ -55,10 +55,15 @@ def prepare_corpus(cfg: Any, tok: Any) -> Prepared:
     """Read, render and encode ``cfg.data`` (a CacheConfig or DistillConfig) with ``tok``."""
     report = load_examples(cfg.data, limit=cfg.limit, skip_bad_rows=getattr(cfg, "skip_bad_rows", False),
                            split=getattr(cfg, "split", None))
-    prompts = [render_prompt(ex, cfg.template, tok) for ex in report.examples]
+    examples = split_long_texts(report.examples, tok, cfg.max_len)  # plain text: windows, nothing dropped
+    if getattr(cfg, "generate", False) and any(ex.is_text for ex in examples):
+        first = next(ex for ex in examples if ex.is_text)
+        raise DskdError(f"{first.source}: --generate samples a response for each prompt; a plain-text row has no prompt",
+                        hint="cache plain text without --generate")
+    prompts = [render_prompt(ex, cfg.template, tok) for ex in examples]
     encoded = [encode(tok, p, ex.response, max_prompt_len=cfg.max_prompt_len, max_len=cfg.max_len,
-                      template=cfg.template) for p, ex in zip(prompts, report.examples)]
-    return Prepared(report.examples, prompts, encoded, len(report.skipped))
+                      template=cfg.template) for p, ex in zip(prompts, examples)]
+    return Prepared(examples, prompts, encoded, len(report.skipped))
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,9 +1,11 @@
 """Corpus loading, prompt templates and the papers' truncation rule.
 
-A corpus is JSONL, Parquet or a saved ``datasets`` folder. Two row shapes are accepted as they
-are: ``prompt``/``response`` and ``instruction``/``input``/``output`` (the Self-Instruct seed
-shape, where ``instances`` holds a list of ``{input, output}``, gives one example per instance).
-Every problem names the file and line (or row) it was found on.
+A corpus is JSONL, Parquet or a saved ``datasets`` folder. Three row shapes are accepted as they
+are: ``prompt``/``response``, ``instruction``/``input``/``output`` (the Self-Instruct seed shape,
+where ``instances`` holds a list of ``{input, output}``, gives one example per instance) and
+``text`` (plain text: every token is a target, no prompt, no EOS appended; a document longer than
+``max_len`` tokens is cut into consecutive windows by :func:`split_long_texts`). Every problem
+names the file and line (or row) it was found on.
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ class Example:
     response: str
     source: str
     "Where it came from: `file:line` (JSONL) or `file#row` (Parquet / datasets)."
+
+    @property
+    def is_text(self) -> bool:
+        """A plain-text row: no prompt (every other shape needs a non-empty one)."""
+        return not self.instruction
 
 
 @dataclass
@@ -115,6 +122,13 @@ def _normalise(row: Any, where: str) -> list[tuple[str, str, str, str]]:
     """Row -> list of (instruction, input, response, source)."""
     if not isinstance(row, dict):
         raise DskdError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+    if "text" in row and not any(k in row for k in ("prompt", "response", "instruction")):
+        text = row["text"]
+        if not isinstance(text, str):
+            raise DskdError(f"{where}: field 'text' must be a string, got {type(text).__name__}")
+        if not text.strip():
+            raise DskdError(f"{where}: empty text")
+        return [("", "", text, where)]
     if "prompt" in row or "response" in row:
         missing = [k for k in ("prompt", "response") if k not in row]
         if missing:
@@ -138,9 +152,9 @@ def _normalise(row: Any, where: str) -> list[tuple[str, str, str, str]]:
     else:
         keys = ", ".join(sorted(row)) or "none"
         raise DskdError(
-            f"{where}: row has neither prompt/response nor instruction/output fields (keys: {keys})"
+            f"{where}: row has none of prompt/response, instruction/output or text (keys: {keys})"
         )
-    for instruction, _inp, response, w in items:
+    for instruction, _inp, response, w in items:  # (text rows returned above)
         if not instruction.strip():
             raise DskdError(f"{w}: empty prompt/instruction")
         if not response.strip():
@@ -194,7 +208,9 @@ def load_examples(data: str | Path, *, limit: int | None = None, skip_bad_rows: 
 
 
 def render_prompt(ex: Example, template: str, tokenizer: Any = None) -> str:
-    """The prompt text the model reads before the response."""
+    """The prompt text the model reads before the response (none for a plain-text row)."""
+    if ex.is_text:
+        return ""
     if template == "alpaca":
         if ex.input.strip():
             return f"{ALPACA_HEAD_INPUT}### Instruction:\n{ex.instruction}\n\n### Input:\n{ex.input}\n\n### Response:\n"
@@ -238,15 +254,60 @@ def encode(tokenizer: Any, prompt: str, response: str, *, max_prompt_len: int, m
            template: str) -> Encoded:
     """The papers' truncation rule: prompt cut to ``max_prompt_len``, then prompt + response cut
     to ``max_len - 1``, then EOS appended. Prompt and response are tokenized separately so the
-    response mask is exact."""
-    add_special = template != "chat"  # a chat template already writes its special tokens
+    response mask is exact.
+
+    A plain-text row (empty prompt) is the tokenizer's special prefix (BOS, if it adds one) and
+    the text, cut to ``max_len``, with no EOS: a window of a longer document does not end it."""
+    text = not prompt
+    add_special = template != "chat" or text  # a chat template already writes its special tokens
     prompt_ids = tokenizer(prompt, add_special_tokens=add_special)["input_ids"][:max_prompt_len]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if text:
+        return Encoded((prompt_ids + response_ids)[:max_len], len(prompt_ids))
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DskdError("the tokenizer has no EOS token", hint="use a tokenizer with eos_token set")
     ids = (prompt_ids + response_ids)[: max_len - 1] + [eos]
     return Encoded(ids, len(prompt_ids))
+
+
+def split_long_texts(examples: list[Example], tokenizer: Any, max_len: int) -> list[Example]:
+    """Cut every plain-text example longer than ``max_len`` tokens into consecutive windows, so no
+    text is dropped: window ``k`` of example ``ID`` is ``ID#k``, the windows' texts concatenate to
+    the document exactly, and each window encodes to at most ``max_len`` tokens without
+    truncation. Other examples pass through unchanged. Deterministic for a tokenizer and max_len."""
+    prefix = len(tokenizer("", add_special_tokens=True)["input_ids"])
+    budget = max_len - prefix
+    if budget < 2:
+        raise DskdError(f"max_len {max_len} leaves no room for text after the tokenizer's {prefix} special token(s)")
+    out: list[Example] = []
+    for ex in examples:
+        if not ex.is_text:
+            out.append(ex)
+            continue
+        enc = tokenizer(ex.response, add_special_tokens=False, return_offsets_mapping=True)
+        if len(enc["input_ids"]) <= budget:
+            out.append(ex)
+            continue
+        starts = [a for a, _ in enc["offset_mapping"]]
+        pieces: list[str] = []
+        tok_at, char_at = 0, 0
+        while char_at < len(ex.response):
+            take = budget
+            while True:  # a window re-encodes to a few tokens more only where a cut splits a merge
+                end = len(ex.response) if tok_at + take >= len(starts) else starts[tok_at + take]
+                piece = ex.response[char_at:end]
+                if take <= 1 or len(tokenizer(piece, add_special_tokens=False)["input_ids"]) <= budget:
+                    break
+                take -= 1
+            if not piece:
+                raise DskdError(f"{ex.source}: cannot cut this text into windows of {budget} tokens (the tokenizer's "
+                                "offsets do not advance)", hint="raise --max-len")
+            pieces.append(piece)
+            tok_at, char_at = tok_at + take, end
+        n = len(pieces)
+        out += [Example(f"{ex.id}#{k}", "", "", p, f"{ex.source} window {k + 1}/{n}") for k, p in enumerate(pieces)]
+    return out
 
 
 def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:

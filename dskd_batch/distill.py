@@ -264,6 +264,9 @@ def _on_policy(cfg: DistillConfig, src: Sources, student: nn.Module, student_tok
 
     cache = src.cache
     st = cache.settings
+    if any(not x for x in cache.index["instruction"]):
+        raise DskdError(f"--on-policy samples responses to the cache's prompts; {cfg.cache} holds plain-text rows "
+                        "(no prompt)", hint="use --on-policy with a cache of prompt/response rows")
     t_tok = cache.tokenizer()
     if tokenizer_fingerprint(load_tokenizer(cfg.teacher)) != st["tokenizer"]["fingerprint"]:
         raise DskdError(f"--teacher {cfg.teacher} has another tokenizer than the cache {cfg.cache}",

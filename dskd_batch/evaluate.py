@@ -86,6 +86,10 @@ def load_test_set(path: str, limit: int | None) -> tuple[str, list[dict[str, Any
         if p.suffix == ".gz":
             raise DskdError(f"{p}: a .gz test set must hold HumanEval-format rows (prompt, test, entry_point)")
     examples = load_examples(p, limit=limit).examples
+    text = next((ex for ex in examples if ex.is_text), None)
+    if text is not None:
+        raise DskdError(f"{text.source}: a plain-text row has no prompt to answer, so nothing to generate and score",
+                        hint="evaluate on prompt/response rows; for held-out loss on text use distill --eval-data")
     return "text", [{"id": ex.id, "example": ex, "references": [ex.response]} for ex in examples]
 
 
