@@ -153,6 +153,17 @@ def report_cmd(runs: tuple[str, ...], out: str | None) -> None:
         click.echo(f"curves: {png}")
 
 
+@main.command("distances")
+def distances_cmd() -> None:
+    """List the KD distances (built-in and installed plug-ins) and their hyper-parameters."""
+    from .losses import distance_params, distances
+
+    for name, fn in distances().items():
+        params = ", ".join(f"{k}={v}" for k, v in distance_params(name).items()) or "-"
+        where = "" if fn.__module__ == "dskd_batch.losses" else f"  [{fn.__module__}]"
+        click.echo(f"{name:8s} {params}{where}")
+
+
 @main.command("init-student")
 @click.option("--from", "source", required=True, help="Teacher model to take the layers from (folder, .gguf, pkg:NAME).")
 @click.option("--layers", type=int, required=True, help="Layers to keep (evenly spaced; first and last kept).")

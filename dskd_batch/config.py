@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import DskdError
+from .losses import distances, parse_distance_args
+from .methods import Method, method_classes
 from .tracking import LOG_TO
 
 HIDDEN_MODES = ("fp32", "fp16", "bf16", "compact", "none")
@@ -135,11 +137,6 @@ class CacheConfig:
             raise DskdError(problems)
 
 
-SAME_VOCAB_METHODS = ("sft", "seqkd", "kd", "dskd")
-CROSS_VOCAB_METHODS = ("dskd-eta", "dskd-cma", "mined", "uld")
-METHODS = SAME_VOCAB_METHODS + CROSS_VOCAB_METHODS
-DSKD_METHODS = ("dskd", "dskd-eta", "dskd-cma")
-DISTANCE_NAMES = ("fkl", "rkl", "js", "skl", "srkl", "akl")
 SCHEDULES = ("cosine", "linear", "constant")
 PROJECTOR_INITS = ("random", "pinv")
 PRECISIONS = ("fp32", "bf16")
@@ -179,7 +176,7 @@ class DistillConfig:
     method: str = "dskd"
     "sft, seqkd (SFT on teacher-generated responses: a cache made with --generate), kd (vanilla KD), dskd; for a student with another tokenizer (from an aligned cache): dskd-eta (exact token alignment), dskd-cma (cross-model attention), mined or uld."
     distance: str = "fkl"
-    "Distance of the KD term: fkl, rkl, js, skl, srkl or akl."
+    "Distance of the KD term: fkl, rkl, js, skl, srkl, akl, or an installed plug-in's (`dskd-batch distances` lists them)."
     epochs: int = 1
     "Passes over the training examples."
     max_steps: int | None = None
@@ -196,10 +193,8 @@ class DistillConfig:
     "KD temperature (applied to teacher and student logits; no T^2 factor, as in the papers)."
     kd_rate: float = 0.5
     "Weight of the KD term: loss = (1 - kd_rate) CE + kd_rate KD."
-    skew_lambda: float = 0.1
-    "Skew lambda of SKL / SRKL."
-    akl_alpha: float = 0.5
-    "Head/tail split (cumulative teacher mass) of AKL."
+    distance_arg: tuple[str, ...] = ()
+    "A hyper-parameter of --distance as KEY=VALUE (repeatable): skew_lambda of skl/srkl (default 0.1), akl_alpha of akl (head/tail split, 0.5), or a plug-in distance's own; `dskd-batch distances` lists them."
     lr_schedule: str = "cosine"
     "Learning-rate schedule: cosine, linear or constant (after warm-up)."
     warmup_ratio: float = 0.0
@@ -275,6 +270,11 @@ class DistillConfig:
     keep_best: str | None = None
     "Keep the student with the best value of this --eval-data metric (eval_ce, eval_kl or eval_top1) in RUN/best/ and export it as RUN/student/ (the last weights go to RUN/student-last/)."
 
+    @property
+    def distance_args(self) -> dict[str, Any]:
+        """--distance-arg parsed and checked: the keyword arguments of the distance function."""
+        return parse_distance_args(self.distance, self.distance_arg)[1]
+
     def __post_init__(self) -> None:
         problems: list[str] = []
 
@@ -282,8 +282,13 @@ class DistillConfig:
             if getattr(self, name) not in options:
                 problems.append(f"{name} must be one of {', '.join(options)}; got {getattr(self, name)!r}")
 
-        choice("method", METHODS)
-        choice("distance", DISTANCE_NAMES)
+        choice("method", tuple(method_classes()))
+        kind = method_classes().get(self.method, Method)  # what the method declares it needs
+        choice("distance", tuple(distances()))
+        if isinstance(self.distance_arg, dict):  # a pipeline's `distance_arg = {skew_lambda = 0.2}`
+            self.distance_arg = tuple(f"{k}={v}" for k, v in self.distance_arg.items())
+        if self.distance in distances():
+            problems += parse_distance_args(self.distance, self.distance_arg)[0]
         choice("lr_schedule", SCHEDULES)
         choice("projector_init", PROJECTOR_INITS)
         choice("precision", PRECISIONS)
@@ -298,10 +303,10 @@ class DistillConfig:
             problems.append("--cache already holds the training data; drop --data")
         if self.teacher is not None and self.cache is None and self.data is None:
             problems.append("a live --teacher needs --data")
-        if self.method in CROSS_VOCAB_METHODS and self.cache is None:
+        if kind.cross_vocab and self.cache is None:
             problems.append(f"--method {self.method} reads the teacher and the token alignment from a cache: give --cache "
                             "(made with `cache-teacher --student-tokenizer STUDENT`, or aligned with `dskd-batch align`)")
-        elif self.cache is None and self.teacher is None and self.method in ("kd", "dskd"):
+        elif self.cache is None and self.teacher is None and kind.needs_teacher:
             problems.append(f"--method {self.method} needs a teacher: --cache CACHE or --teacher MODEL --data DATA")
         for name in ("epochs", "batch_size", "grad_accum", "keep_checkpoints", "log_steps"):
             if getattr(self, name) < 1:
@@ -313,15 +318,11 @@ class DistillConfig:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")
         if self.projector_lr < 0:
             problems.append(f"projector_lr must be >= 0, got {self.projector_lr}")
-        elif self.projector_lr == 0 and self.projector_init != "pinv" and self.method in DSKD_METHODS:
+        elif self.projector_lr == 0 and self.projector_init != "pinv" and kind.dual_space:
             problems.append("--projector-lr 0 freezes the projectors: only --projector-init pinv gives frozen projectors "
                             "that carry the heads' match (random ones would stay random)")
         if not 0.0 <= self.kd_rate <= 1.0:
             problems.append(f"kd_rate must be in [0, 1], got {self.kd_rate}")
-        if not 0.0 < self.skew_lambda < 1.0:
-            problems.append(f"skew_lambda must be in (0, 1), got {self.skew_lambda}")
-        if not 0.0 < self.akl_alpha < 1.0:
-            problems.append(f"akl_alpha must be in (0, 1), got {self.akl_alpha}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.save_steps < 0 or self.lora_rank < 0:
@@ -330,19 +331,20 @@ class DistillConfig:
             problems.append("--only-student-space and --only-teacher-space exclude each other")
         if self.max_len < self.max_prompt_len + 2:
             problems.append(f"max_len ({self.max_len}) must be >= max_prompt_len + 2 ({self.max_prompt_len + 2})")
-        if (self.only_student_space or self.only_teacher_space) and self.method not in DSKD_METHODS:
-            problems.append("--only-student-space / --only-teacher-space are DSKD ablations (use --method dskd, "
-                            "dskd-eta or dskd-cma)")
-        if self.projector_init == "pinv" and self.method == "dskd-cma":
-            problems.append("--projector-init pinv matches heads through h_T; CMA's value projector reads normalised "
-                            "embeddings + hidden states: use --projector-init random with dskd-cma")
+        if (self.only_student_space or self.only_teacher_space) and not kind.dual_space:
+            dual = ", ".join(n for n, c in method_classes().items() if c.dual_space)
+            problems.append(f"--only-student-space / --only-teacher-space are DSKD ablations (use --method {dual})")
+        if self.projector_init == "pinv" and not kind.pinv_projectors:
+            problems.append(f"--projector-init pinv matches heads through h_T; the projectors of --method {self.method} "
+                            "read other inputs (CMA's value projector: normalised embeddings + hidden states): use "
+                            f"--projector-init random with {self.method}")
         if self.limit is not None and self.limit < 1:
             problems.append(f"limit must be >= 1, got {self.limit}")
         if self.on_policy:
             if self.cache is None or self.teacher is None:
                 problems.append("--on-policy needs --cache (off-policy batches) and --teacher (the live teacher that "
                                 "scores the student's samples)")
-            if self.method in ("sft", "seqkd"):
+            if not kind.needs_teacher:
                 problems.append(f"--on-policy distils from the teacher; --method {self.method} has no KD term")
             if not 0.0 <= self.student_gen_ratio <= 1.0:
                 problems.append(f"student_gen_ratio must be in [0, 1], got {self.student_gen_ratio}")

@@ -87,23 +87,24 @@ def _from_cache(cfg: DistillConfig, student_tok: Any, method: Any) -> Sources:
     if same_vocab and method.cross_vocab:
         raise DskdError(f"--method {method.name} is for a student with another tokenizer; {cfg.student} shares the "
                         "teacher's", hint="use --method dskd (or kd)")
-    if method.name == "dskd-cma" and not cache.manifest.get("norm_stats"):
-        problems.append(f"cache {cfg.cache} records no normalisation statistics for CMA (made by an older dskd-batch)")
+    if method.needs_norm_stats and not cache.manifest.get("norm_stats"):
+        problems.append(f"--method {method.name} needs normalisation statistics that cache {cfg.cache} does not record "
+                        "(made by an older dskd-batch)")
     if method.needs_hidden and st["storage"]["hidden"] == "none":
         problems.append(f"--method {method.name} needs the teacher's hidden states, and cache {cfg.cache} was "
                         "built with --hidden none")
     if method.needs_teacher and st["storage"]["hidden"] == "none" and not st["storage"]["top_k"]:
         problems.append(f"cache {cfg.cache} holds neither hidden states nor top-k logits: no teacher distribution")
-    if method.name == "seqkd" and not st.get("generation"):
-        problems.append(f"--method seqkd trains on the teacher's own responses; cache {cfg.cache} holds the corpus's "
-                        "responses")
+    if method.needs_generation and not st.get("generation"):
+        problems.append(f"--method {method.name} trains on the teacher's own responses; cache {cfg.cache} holds the "
+                        "corpus's responses")
     if problems:
         hint = ("rebuild the cache with `dskd-batch cache-teacher ... --hidden fp16`" if method.needs_hidden else
-                "rebuild the cache with `dskd-batch cache-teacher ... --generate`" if method.name == "seqkd" else None)
+                "rebuild the cache with `dskd-batch cache-teacher ... --generate`" if method.needs_generation else None)
         raise DskdError(problems, hint=hint)
-    if method.name == "dskd" and st["storage"]["hidden"] not in ("fp32", "fp16", "bf16"):
-        log.warning("cache %s stores hidden states lossily (%s): DSKD projects approximate teacher states",
-                    cfg.cache, st["storage"]["hidden"])
+    if method.needs_hidden and st["storage"]["hidden"] not in ("fp32", "fp16", "bf16"):
+        log.warning("cache %s stores hidden states lossily (%s): --method %s projects approximate teacher states",
+                    cfg.cache, st["storage"]["hidden"], method.name)
     fps = {"cache": cache.fingerprint, "cache_path": str(Path(cfg.cache).resolve()),
            "teacher": st["teacher"]["fingerprint"], "tokenizer": st["tokenizer"]["fingerprint"],
            "data": st["data"]["fingerprint"]}
@@ -119,6 +120,7 @@ def _from_cache(cfg: DistillConfig, student_tok: Any, method: Any) -> Sources:
     else:
         examples = CacheExamples(cache)
         head = TeacherHead(cache.lm_head, cache.lm_head_bias, cache.logits_source) if method.needs_teacher else None
+        method.prepare(cache, None)
     if cfg.shuffle == "global":
         examples.groups = None
     if cfg.limit is not None:
@@ -187,12 +189,8 @@ def _cross_vocab_head(cache: Any, method: Any, al: Any) -> TeacherHead:
     st = cache.settings
     v_t = int(st["tokenizer"]["size"])
     head = TeacherHead(cache.lm_head[:v_t], cache.lm_head_bias[:v_t] if cache.lm_head_bias is not None else None,
-                       cache.logits_source, embed=cache.input_embeddings[:v_t] if method.name == "dskd-cma" else None)
-    method.s2t_vocab = al.s2t
-    if method.name == "dskd-cma":
-        ns = cache.manifest["norm_stats"]
-        method.norm = {"index_std": ns["index_embed"]["std"], "target_std": ns["target_embed"]["std"],
-                       "hidden_std": ns["hidden"]["std"]}
+                       cache.logits_source, embed=cache.input_embeddings[:v_t] if method.needs_embeddings else None)
+    method.prepare(cache, al)
     stats = al.info["stats"]
     log.info("alignment %s: ETA pairs cover %.1f%% of the student's response tokens (%.1f%% with a mapped teacher "
              "top-1), MinED %.1f%%", al.path.name, 100 * stats["eta_coverage"], 100 * stats["eta_label_coverage"],
@@ -264,7 +262,7 @@ def _on_policy(cfg: DistillConfig, src: Sources, student: nn.Module, student_tok
 
     cache = src.cache
     st = cache.settings
-    if any(not x for x in cache.index["instruction"]):
+    if not all(cache.index_column("instruction")):
         raise DskdError(f"--on-policy samples responses to the cache's prompts; {cfg.cache} holds plain-text rows "
                         "(no prompt)", hint="use --on-policy with a cache of prompt/response rows")
     t_tok = cache.tokenizer()
@@ -319,8 +317,9 @@ def run(cfg: DistillConfig, *, on_step: Callable[[int], None] | None = None) -> 
 def _run(cfg: DistillConfig, ctx: DistContext, on_step: Callable[[int], None] | None) -> Path:
     out = Path(cfg.out)
     _check_run_dir(cfg, out)
-    ls = LossSettings(cfg.distance, cfg.temperature, cfg.kd_rate, cfg.skew_lambda, cfg.akl_alpha, cfg.agreement_mask,
-                      student_space=not cfg.only_teacher_space, teacher_space=not cfg.only_student_space)
+    ls = LossSettings(cfg.distance, cfg.temperature, cfg.kd_rate, cfg.agreement_mask,
+                      student_space=not cfg.only_teacher_space, teacher_space=not cfg.only_student_space,
+                      distance_args=tuple(sorted(cfg.distance_args.items())))
     method = make_method(cfg.method, ls)
     student_tok = load_tokenizer(cfg.student)
     device = resolve_device(cfg.device)

@@ -19,11 +19,19 @@ p = softmax(t / T) (teacher), q = softmax(s / T) (student); softmax in fp32:
 
 No T^2 factor is applied (the DSKD papers use none); gradients flow into whichever inputs require
 them, so detaching a teacher (e.g. DSKD's projected teacher) is the caller's choice.
+
+``DISTANCES`` (name -> function) is the one registry. A distance is a function
+``f(s, t, temperature=1.0, **hyper)`` whose other keyword parameters, with their defaults, are its
+hyper-parameters: ``distill --distance NAME --distance-arg KEY=VALUE`` (and a pipeline's
+``distance_arg``) set them, checked against the signature and the optional ``f.bounds``
+(key -> open interval). Installed packages add distances through the ``dskd_batch.distances``
+entry-point group (name -> function); nothing else needs an edit.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import inspect
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -82,14 +90,78 @@ def akl(s: Tensor, t: Tensor, temperature: float = 1.0, akl_alpha: float = 0.5, 
     return (g_head / denom) * _kl(lp, lq) + (g_tail / denom) * _kl(lq, lp)
 
 
+skl.bounds = srkl.bounds = {"skew_lambda": (0.0, 1.0)}  # type: ignore[attr-defined]
+akl.bounds = {"akl_alpha": (0.0, 1.0)}  # type: ignore[attr-defined]
+
 DISTANCES: dict[str, Callable[..., Tensor]] = {"fkl": fkl, "rkl": rkl, "js": js, "skl": skl, "srkl": srkl, "akl": akl}
+
+
+_LOADED: set[str] = set()
+
+
+def with_plugins(group: str, registry: dict[str, Any]) -> dict[str, Any]:
+    """``registry`` with the entry points of ``group`` (installed packages) added, loaded on first
+    use (a plug-in imports dskd_batch itself, so not at import time); built-ins win a clash."""
+    if group not in _LOADED:
+        _LOADED.add(group)
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group=group):
+            if ep.name not in registry:
+                registry[ep.name] = ep.load()
+    return registry
+
+
+def distances() -> dict[str, Callable[..., Tensor]]:
+    """The distance registry, installed plug-ins (entry points ``dskd_batch.distances``) included."""
+    return with_plugins("dskd_batch.distances", DISTANCES)
 
 
 def distance(name: str) -> Callable[..., Tensor]:
     try:
-        return DISTANCES[name]
+        return distances()[name]
     except KeyError:
         raise ValueError(f"unknown distance {name!r}; choose from {', '.join(DISTANCES)}") from None
+
+
+def distance_params(name: str) -> dict[str, Any]:
+    """The hyper-parameters of a distance and their defaults: its keyword parameters besides
+    ``temperature``."""
+    sig = inspect.signature(distance(name))
+    return {p.name: p.default for p in list(sig.parameters.values())[2:]
+            if p.name != "temperature" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and p.default is not inspect.Parameter.empty}
+
+
+def parse_distance_args(name: str, items: tuple[str, ...] | dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """``KEY=VALUE`` strings (or a mapping) -> (problems, values), checked against the distance's
+    signature (type of the default) and its ``bounds``."""
+    params = distance_params(name)
+    bounds = getattr(distance(name), "bounds", {})
+    pairs = list(items.items()) if isinstance(items, dict) else [tuple(x.split("=", 1)) if "=" in x else (x, None)
+                                                                for x in items]
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    for key, raw in pairs:
+        key = str(key).strip().replace("-", "_")
+        if key not in params:
+            known = ", ".join(f"{k} (default {v})" for k, v in params.items()) or "none"
+            problems.append(f"distance {name} has no hyper-parameter {key!r} (it takes: {known})")
+            continue
+        if raw is None:
+            problems.append(f"--distance-arg {key} needs a value: {key}=VALUE")
+            continue
+        kind = type(params[key]) if params[key] is not None else float
+        try:
+            value = kind(raw) if not isinstance(raw, bool) else raw
+        except (TypeError, ValueError):
+            problems.append(f"{name} {key} must be a {kind.__name__}, got {raw!r}")
+            continue
+        if key in bounds and not bounds[key][0] < value < bounds[key][1]:
+            problems.append(f"{name} {key} must be in ({bounds[key][0]:g}, {bounds[key][1]:g}), got {value}")
+            continue
+        values[key] = value
+    return problems, values
 
 
 def token_ce(logits: Tensor, targets: Tensor) -> Tensor:

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .losses import distance, fkl, masked_sum, token_ce
+from .losses import distance, fkl, masked_sum, token_ce, with_plugins
 from .teacher import assemble_logits
 
 Tensor = torch.Tensor
@@ -133,28 +133,37 @@ class LossSettings:
     distance: str = "fkl"
     temperature: float = 2.0
     kd_rate: float = 0.5
-    skew_lambda: float = 0.1
-    akl_alpha: float = 0.5
     agreement_mask: bool = False
     student_space: bool = True
     teacher_space: bool = True
+    distance_args: tuple[tuple[str, Any], ...] = ()  # the distance's own hyper-parameters (losses.DISTANCES)
 
     def dist(self, s: Tensor, t: Tensor) -> Tensor:
-        return distance(self.distance)(s, t, temperature=self.temperature, skew_lambda=self.skew_lambda,
-                                       akl_alpha=self.akl_alpha)
+        return distance(self.distance)(s, t, temperature=self.temperature, **dict(self.distance_args))
 
 
 class Method:
     """Base: supervised fine-tuning (CE on the targets)."""
 
     name = "sft"
-    needs_teacher = False
-    needs_hidden = False
-    cross_vocab = False
+    # What the method needs; config validation, source selection and refusals read these, so a
+    # method registered in METHOD_CLASSES (or through the `dskd_batch.methods` entry points) runs
+    # with `distill --method NAME` and no other edit.
+    needs_teacher = False  # a teacher distribution (cache or live)
+    needs_hidden = False  # the teacher's hidden states (a cache with --hidden other than none)
+    needs_generation = False  # a cache whose responses the teacher generated (cache-teacher --generate)
+    needs_norm_stats = False  # the cache's normalisation statistics of teacher embeddings and states
+    needs_embeddings = False  # the teacher's and the student's input embeddings
+    cross_vocab = False  # for a student with another tokenizer (reads the cache's alignment)
+    dual_space = False  # has DSKD's projectors (the ablation flags and --projector-lr 0 apply)
+    pinv_projectors = True  # --projector-init pinv can solve its projectors
     per_position = True  # the loss is a sum of terms of single positions (so it can be computed in chunks)
 
     def __init__(self, ls: LossSettings) -> None:
         self.ls = ls
+
+    def prepare(self, cache: Any, alignment: Any | None) -> None:
+        """Take what the method needs from the teacher cache (and its alignment for the student)."""
 
     def projector_spec(self) -> dict[str, bool]:
         return {"t2s": False, "s2t": False}
@@ -174,6 +183,7 @@ class Method:
 
 class SeqKD(Method):
     name = "seqkd"
+    needs_generation = True
 
 
 class VanillaKD(Method):
@@ -219,6 +229,7 @@ class DSKD(Method):
     name = "dskd"
     needs_teacher = True
     needs_hidden = True
+    dual_space = True
 
     def projector_spec(self) -> dict[str, bool]:
         return {"t2s": self.ls.student_space, "s2t": self.ls.teacher_space}
@@ -249,7 +260,9 @@ class CrossVocabMethod(Method):
     def __init__(self, ls: LossSettings) -> None:
         super().__init__(ls)
         self.s2t_vocab: Tensor | None = None  # [V_S] teacher id of the same text, -1 if none
-        self.norm: dict[str, float] = {}  # CMA: stds of the teacher's embeddings and hidden states
+
+    def prepare(self, cache: Any, alignment: Any | None) -> None:
+        self.s2t_vocab = alignment.s2t
 
     def losses(self, s, h_s, targets, tb, head, projectors, student_head, vocab, cross=None,  # type: ignore[override]
                student_embed=None):
@@ -267,6 +280,7 @@ class CrossVocabMethod(Method):
 class DSKDETA(CrossVocabMethod):
     name = "dskd-eta"
     needs_hidden = True
+    dual_space = True
 
     def projector_spec(self) -> dict[str, bool]:
         return {"t2s": self.ls.student_space, "s2t": self.ls.teacher_space}
@@ -284,6 +298,20 @@ class DSKDETA(CrossVocabMethod):
 class DSKDCMA(CrossVocabMethod):
     name = "dskd-cma"
     needs_hidden = True
+    needs_norm_stats = True
+    needs_embeddings = True
+    dual_space = True
+    pinv_projectors = False  # its value projector reads normalised embeddings + hidden states
+
+    def __init__(self, ls: LossSettings) -> None:
+        super().__init__(ls)
+        self.norm: dict[str, float] = {}  # stds of the teacher's embeddings and hidden states
+
+    def prepare(self, cache: Any, alignment: Any | None) -> None:
+        super().prepare(cache, alignment)
+        ns = cache.manifest["norm_stats"]
+        self.norm = {"index_std": ns["index_embed"]["std"], "target_std": ns["target_embed"]["std"],
+                     "hidden_std": ns["hidden"]["std"]}
 
     def projector_spec(self) -> dict[str, bool]:
         return {"t2s": self.ls.student_space, "s2t": self.ls.teacher_space, "query": True}
@@ -372,8 +400,14 @@ METHOD_CLASSES: dict[str, type[Method]] = {"sft": Method, "seqkd": SeqKD, "kd": 
                                            "dskd-eta": DSKDETA, "dskd-cma": DSKDCMA, "mined": MinED, "uld": ULD}
 
 
+def method_classes() -> dict[str, type[Method]]:
+    """The method registry, installed plug-ins (entry points ``dskd_batch.methods``: name -> Method
+    subclass) included."""
+    return with_plugins("dskd_batch.methods", METHOD_CLASSES)
+
+
 def make_method(name: str, ls: LossSettings) -> Method:
-    return METHOD_CLASSES[name](ls)
+    return method_classes()[name](ls)
 
 
 def method_info(m: Method) -> dict[str, Any]:

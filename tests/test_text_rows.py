@@ -144,6 +144,12 @@ def test_text_rows_refused_where_there_is_no_prompt(llama_teacher, text_corpus, 
     assert not (tmp_path / "g").exists()
     with pytest.raises(DskdError, match="a plain-text row has no prompt to answer"):
         evaluate(EvalConfig(model=str(llama_teacher), data=str(text_corpus), seeds="1", device="cpu"))
+    from dskd_batch.distill import run
+
+    with pytest.raises(DskdError, match="holds plain-text rows"):
+        run(DistillConfig(student=str(llama_teacher), out=str(tmp_path / "op"), cache=str(_cache(llama_teacher,
+            text_corpus, tmp_path / "c")), teacher=str(llama_teacher), on_policy=True, method="kd", max_steps=1,
+            device="cpu"))
 
 
 @pytest.mark.skipif(not (SHARED / "tokenizers").is_dir(), reason="needs ../shared/tokenizers")

@@ -225,15 +225,17 @@ class TeacherCache(Sequence):
                 self._open.pop(next(iter(self._open)))
         return shard
 
+    def index_column(self, name: str) -> list[Any]:
+        """One column of every example's index row (id, instruction, prompt_len, n_tokens, ...), in
+        order, from the shard indexes alone."""
+        out: list[Any] = []
+        for info in self.shards:
+            out += pq.read_table(self.path / SHARDS / info["name"] / INDEX, columns=[name]).column(name).to_pylist()
+        return out
+
     def example_lengths(self) -> tuple[list[int], list[int]]:
         """(n_tokens, prompt_len) of every example, in order, from the shard indexes alone."""
-        n_tokens: list[int] = []
-        prompt_len: list[int] = []
-        for info in self.shards:
-            t = pq.read_table(self.path / SHARDS / info["name"] / INDEX, columns=["n_tokens", "prompt_len"])
-            n_tokens += t.column("n_tokens").to_pylist()
-            prompt_len += t.column("prompt_len").to_pylist()
-        return n_tokens, prompt_len
+        return self.index_column("n_tokens"), self.index_column("prompt_len")
 
     def shard_ranges(self) -> list[range]:
         """The example indices of each shard (for shard-local shuffling)."""
