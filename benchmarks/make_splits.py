@@ -2,8 +2,9 @@
 
     python benchmarks/make_splits.py [--shared ../shared/data] [--out bench-out/data]
 
-- ``t0/``: 800 training rows sampled (seed 0) from ``t0_mix/train.jsonl``; ``t0_mix/dev.jsonl``
-  split **by task** (prompt template) into dev and test halves, so no template is in both.
+- ``t0/``: 400 training rows sampled (seed 0) from ``t0_mix/train.jsonl``; ``t0_mix/dev.jsonl``
+  split **by task** (prompt template) into dev and test halves, so no template is in both, each
+  then sampled down to 120 rows (seed 0) so that evaluating every method fits the hour.
 - ``self_instruct/``: the 175 Self-Instruct seed tasks split by task (seed 0) into 125 train,
   25 dev and 25 test tasks; a task's instances stay together (the loader expands them).
 Dev is for choosing settings and checkpoints; test is read once, by `evaluate`. Deterministic.
@@ -33,7 +34,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shared", default="../shared/data")
     ap.add_argument("--out", default="bench-out/data")
-    ap.add_argument("--t0-train", type=int, default=800)
+    ap.add_argument("--t0-train", type=int, default=400)
+    ap.add_argument("--t0-heldout", type=int, default=120, help="rows kept of each of dev and test")
     a = ap.parse_args()
     shared, out = Path(a.shared), Path(a.out)
 
@@ -43,8 +45,10 @@ def main() -> None:
     tasks = sorted({r["task"] for r in dev})
     random.Random(0).shuffle(tasks)
     dev_tasks = set(tasks[: len(tasks) // 2])
-    write(out / "t0" / "dev.jsonl", [r for r in dev if r["task"] in dev_tasks])
-    write(out / "t0" / "test.jsonl", [r for r in dev if r["task"] not in dev_tasks])
+    for name, rows in (("dev", [r for r in dev if r["task"] in dev_tasks]),
+                       ("test", [r for r in dev if r["task"] not in dev_tasks])):
+        keep = sorted(random.Random(0).sample(range(len(rows)), min(a.t0_heldout, len(rows))))
+        write(out / "t0" / f"{name}.jsonl", [rows[i] for i in keep])
 
     seeds = read(shared / "self_instruct_seed" / "seed_tasks.jsonl")
     order = list(range(len(seeds)))

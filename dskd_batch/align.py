@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .cache.format import atomic_write_json, read_json, remove_stale_tmp, replace_dir, tmp_path
-from .data import Example, encode, render_prompt
+from .data import Example, encode, render_prompt, target_positions
 from .errors import DskdError
 from .models import tokenizer_fingerprint
 
@@ -194,7 +194,7 @@ def content_spans(ids: list[int], table: TokenTable, text: bytes) -> list[Span |
 
 def response_targets(ids: list[int], prompt_len: int) -> list[int]:
     """Target tokens of the response positions (the last one is EOS)."""
-    return list(ids[max(prompt_len, 1):])
+    return list(ids[target_positions(len(ids), prompt_len).start + 1:])
 
 
 def eta_pairs(t_spans: list[Span | None], s_spans: list[Span | None], t_ends_eos: bool,
@@ -304,7 +304,7 @@ def align_example(response: str, t_ids: list[int], t_prompt_len: int, t_argmax: 
     t_sp = content_spans(t_tg, t_table, text)
     s_sp = content_spans(s_tg, s_table, text)
     ps, pt = eta_pairs(t_sp, s_sp, bool(t_tg) and t_tg[-1] == t_table.eos, bool(s_tg) and s_tg[-1] == s_table.eos)
-    lo = max(t_prompt_len, 1) - 1
+    lo = target_positions(len(t_ids), t_prompt_len).start
     labels = [int(t2s[int(t_argmax[lo + k])]) for k in pt]
     mined = mined_alignment(_texts_in_context(t_tg, t_sp, t_table, text), _texts_in_context(s_tg, s_sp, s_table, text))
     return ExampleAlignment(list(s_enc.input_ids), s_enc.prompt_len, ps, pt, labels, mined)
@@ -363,7 +363,7 @@ def build_alignment(cache: Any, student_tok: Any, student_source: str, *, force:
         cols["student_prompt_len"].append(a.student_prompt_len)
         totals["examples"] += 1
         totals["student_positions"] += len(a.mined_t)
-        totals["teacher_positions"] += len(rec["input_ids"]) - max(rec["prompt_len"], 1)
+        totals["teacher_positions"] += len(target_positions(len(rec["input_ids"]), rec["prompt_len"]))
         totals["eta_pairs"] += len(a.eta_s)
         totals["eta_labelled"] += sum(1 for x in a.eta_label if x >= 0)
         totals["mined_pairs"] += sum(1 for x in a.mined_t if x >= 0)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .cache.reader import TeacherCache
-from .data import Encoded
+from .data import Encoded, target_positions
 from .methods import CrossBatch, TeacherBatch
 from .teacher import TeacherForward
 
@@ -119,7 +119,7 @@ class LiveTeacher:
 
 def response_tokens(n_tokens: int, prompt_len: int) -> int:
     """Positions trained on: those whose next token is a response token (EOS included)."""
-    return max(0, n_tokens - max(prompt_len, 1))
+    return len(target_positions(n_tokens, prompt_len))
 
 
 def epoch_order(n: int, groups: list[range] | None, seed: int, epoch: int) -> list[int]:
@@ -172,15 +172,15 @@ def collate(recs: list[Record], pad_id: int, with_teacher: bool) -> MicroBatch:
     targets, parts = [], {k: [] for k in TEACHER_FIELDS}
     for b, r in enumerate(recs):
         x = r["input_ids"]
-        n, lo = len(x), max(int(r["prompt_len"]), 1) - 1
+        n, span = len(x), target_positions(len(x), int(r["prompt_len"]))
         ids[b, :n] = x
         mask[b, :n] = 1
-        select[b, lo:n - 1] = True
-        targets.append(x[lo + 1:n])
+        select[b, span.start:span.stop] = True
+        targets.append(x[span.start + 1:span.stop + 1])
         if with_teacher and not cross:
             for k in TEACHER_FIELDS:
                 if r.get(k) is not None:
-                    parts[k].append(r[k][lo:n - 1])
+                    parts[k].append(r[k][span.start:span.stop])
     tb, cb = None, None
     if cross:
         tb, cb = _cross_part(recs)
@@ -197,8 +197,9 @@ def _cross_part(recs: list[Record]) -> tuple[TeacherBatch, CrossBatch]:
     off_s = off_t = 0
     for b, r in enumerate(recs):
         x, t = r["input_ids"], r["teacher_input_ids"]
-        lo_s, lo_t = max(int(r["prompt_len"]), 1) - 1, max(int(r["teacher_prompt_len"]), 1) - 1
-        n_s, n_t = len(x) - 1 - lo_s, len(t) - 1 - lo_t
+        span_s = target_positions(len(x), int(r["prompt_len"]))
+        span_t = target_positions(len(t), int(r["teacher_prompt_len"]))
+        lo_s, lo_t, n_s, n_t = span_s.start, span_t.start, len(span_s), len(span_t)
         for k in TEACHER_FIELDS:
             if r.get(k) is not None:
                 parts[k].append(r[k][lo_t:len(t) - 1])

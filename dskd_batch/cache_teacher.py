@@ -30,7 +30,7 @@ from .cache.writer import ShardWriter
 from .codecs import CompactCodec, HiddenCodec, codec_params, make_codec
 from .config import AlignConfig, CacheConfig
 from .data import Encoded, Example, data_fingerprint, encode, length_batches, load_examples, render_prompt, \
-    split_long_texts, template_fingerprint
+    split_long_texts, target_positions, template_fingerprint
 from .distributed import DistContext
 from .errors import DskdError
 from .models import (dtype_name, head_and_embeddings, load_causal_lm, load_tokenizer, model_fingerprint,
@@ -239,13 +239,13 @@ class NormStats:
         acc[2] += float((x * x).sum())
 
     def add(self, ids: list[int], prompt_len: int, hidden: torch.Tensor | None) -> None:
-        lo, n = max(prompt_len, 1) - 1, len(ids)
+        span = target_positions(len(ids), prompt_len)
         if hidden is not None:
-            self._add("hidden", hidden[lo:n - 1])
+            self._add("hidden", hidden[span.start:span.stop])
         if self.embed is not None:
             t = torch.as_tensor(ids)
-            self._add("input_embed", self.embed[t[lo:n - 1]])
-            self._add("target_embed", self.embed[t[lo + 1:n]])
+            self._add("input_embed", self.embed[t[span.start:span.stop]])
+            self._add("target_embed", self.embed[t[span.start + 1:span.stop + 1]])
 
     @staticmethod
     def merge(parts: list[dict[str, list]]) -> dict[str, Any]:

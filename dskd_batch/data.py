@@ -271,6 +271,13 @@ def encode(tokenizer: Any, prompt: str, response: str, *, max_prompt_len: int, m
     return Encoded(ids, len(prompt_ids))
 
 
+def target_positions(n_tokens: int, prompt_len: int) -> range:
+    """The positions trained on (the one place this rule lives): those whose next token is a target,
+    a response token or the final EOS (for plain text, every token after the first). Position ``i``
+    predicts token ``i + 1``; the first position always reads at least one token."""
+    return range(max(prompt_len, 1) - 1, max(n_tokens - 1, max(prompt_len, 1) - 1))
+
+
 def split_long_texts(examples: list[Example], tokenizer: Any, max_len: int) -> list[Example]:
     """Cut every plain-text example longer than ``max_len`` tokens into consecutive windows, so no
     text is dropped: window ``k`` of example ``ID`` is ``ID#k``, the windows' texts concatenate to

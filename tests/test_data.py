@@ -60,7 +60,7 @@ def test_real_data_shapes() -> None:
 @pytest.mark.parametrize("line,message", [
     ('{"prompt": "a", "response": "b"', "malformed JSON"),
     ('{"prompt": "a"}', "no 'response'"),
-    ('{"question": "a", "answer": "b"}', "neither prompt/response nor instruction/output"),
+    ('{"question": "a", "answer": "b"}', "none of prompt/response, instruction/output or text"),
     ('{"prompt": "a", "response": "   "}', "empty response"),
     ('{"instruction": "a", "instances": []}', "non-empty list"),
     ('[1, 2]', "must be a JSON object"),
