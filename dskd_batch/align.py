@@ -143,15 +143,22 @@ def token_table(tok: Any) -> TokenTable:
     return TokenTable(texts, fallback, int(tok.eos_token_id), scheme)
 
 
+def text_index(table: TokenTable) -> dict[bytes, int]:
+    """bytes -> token id; where several tokens spell the same bytes (a regular piece and a
+    byte-fallback piece), the regular one."""
+    index: dict[bytes, int] = {}
+    for j, b in enumerate(table.texts):
+        if not b:
+            continue
+        if b not in index or (table.byte_fallback[index[b]] and not table.byte_fallback[j]):
+            index[b] = j
+    return index
+
+
 def vocab_map(src: TokenTable, dst: TokenTable) -> np.ndarray:
     """For each token of ``src``, the ``dst`` token with the same bytes (-1 if none); EOS -> EOS.
     Where ``dst`` has several (a regular piece and a byte-fallback piece), the regular one."""
-    index: dict[bytes, int] = {}
-    for j, b in enumerate(dst.texts):
-        if not b:
-            continue
-        if b not in index or (dst.byte_fallback[index[b]] and not dst.byte_fallback[j]):
-            index[b] = j
+    index = text_index(dst)
     out = np.full(len(src), -1, dtype=np.int64)
     for i, b in enumerate(src.texts):
         if b:

@@ -168,11 +168,16 @@ def distances_cmd() -> None:
 @click.option("--from", "source", required=True, help="Teacher model to take the layers from (folder, .gguf, pkg:NAME).")
 @click.option("--layers", type=int, required=True, help="Layers to keep (evenly spaced; first and last kept).")
 @click.option("--out", required=True, help="Folder for the student (Hugging Face format).")
-def init_student_cmd(source: str, layers: int, out: str) -> None:
-    """Build a same-family student from K of a model's layers (weights copied)."""
+@click.option("--tokenizer", default=None, help="Give the student this tokenizer's vocabulary (a folder, .gguf or "
+              "pkg:NAME): embeddings (and an untied head) transplanted from the teacher's, row by row.")
+@click.option("--embeddings", type=click.Choice(["transplant", "random"]), default="transplant", show_default=True,
+              help="With --tokenizer: transplant the rows, or make them all random (a baseline).")
+def init_student_cmd(source: str, layers: int, out: str, tokenizer: str | None, embeddings: str) -> None:
+    """Build a same-family student from K of a model's layers (weights copied), optionally with
+    another tokenizer's vocabulary."""
     from .student import init_student
 
-    click.echo(f"student: {init_student(source, layers, out)}")
+    click.echo(f"student: {init_student(source, layers, out, tokenizer, embeddings)}")
 
 
 @main.command("cache-info")

@@ -4,6 +4,14 @@ The K layers are evenly spaced over the teacher's depth, first and last always k
 weights copied together with the embeddings, final norm and head; the config's layer count is
 updated and each attention layer's index renumbered, so the result is a plain Hugging Face model
 (``from_pretrained`` loads it) with the teacher's tokenizer.
+
+With ``--tokenizer OTHER`` the student gets another tokenizer's vocabulary (a student for the
+cross-vocabulary methods that starts close to the teacher): its input embeddings, and its head if
+untied, are transplanted row by row (:func:`transplant_vocabulary`): a token whose bytes equal a
+teacher token's gets that token's row (*copied*); any other token gets the mean of the rows of
+the teacher tokens that spell its bytes, longest match first (*composed*); a token that stands for
+no text (special tokens other than EOS/BOS/PAD, which map to the teacher's) gets a random row with
+the teacher's per-dimension mean and std (*random*). ``transplant.json`` records the counts.
 """
 
 from __future__ import annotations
@@ -48,11 +56,93 @@ def _layer_list(model: Any) -> tuple[Any, str, nn.ModuleList]:
     raise DskdError(f"cannot find the decoder layers of {type(model).__name__} (looked at {', '.join(LAYER_PATHS)})")
 
 
-def init_student(source: str, layers: int, out: str | Path) -> Path:
+def spell(text: bytes, index: dict[bytes, int], longest: int) -> list[int] | None:
+    """Token ids whose bytes concatenate to ``text``, greedy longest match (None if impossible)."""
+    ids, i = [], 0
+    while i < len(text):
+        for n in range(min(longest, len(text) - i), 0, -1):
+            j = index.get(text[i:i + n])
+            if j is not None:
+                ids.append(j)
+                i += n
+                break
+        else:
+            return None
+    return ids
+
+
+def _special_map(teacher_tok: Any, student_tok: Any) -> dict[int, int]:
+    out = {}
+    for name in ("eos_token_id", "bos_token_id", "pad_token_id", "unk_token_id"):
+        s, t = getattr(student_tok, name, None), getattr(teacher_tok, name, None)
+        if s is not None and t is not None and s not in out:
+            out[int(s)] = int(t)
+    return out
+
+
+def transplant_vocabulary(model: Any, teacher_tok: Any, student_tok: Any, seed: int = 0,
+                          how: str = "transplant") -> dict[str, Any]:
+    """Give ``model`` (the teacher's architecture and weights) ``student_tok``'s vocabulary, in
+    place; returns the counts of copied, composed and random rows. ``how="random"`` makes every row
+    random (the baseline the transplant is measured against)."""
+    from .align import text_index, token_table
+
+    tt, st = token_table(teacher_tok), token_table(student_tok)
+    index = text_index(tt)
+    longest = max(len(b) for b in index)
+    specials = _special_map(teacher_tok, student_tok)
+    plan: list[list[int] | None] = []
+    counts = {"copied": 0, "composed": 0, "random": 0}
+    for j, b in enumerate(st.texts):
+        rows = None
+        if how == "transplant":
+            if j in specials:
+                rows = [specials[j]]
+            elif b:
+                rows = [index[b]] if b in index else spell(b, index, longest)
+        kind = "random" if rows is None else "copied" if len(rows) == 1 else "composed"
+        counts[kind] += 1
+        plan.append(rows)
+    gen = torch.Generator().manual_seed(seed)
+    v_t = len(teacher_tok)
+
+    def rebuild(old: torch.Tensor) -> torch.Tensor:
+        old = old.detach().float()[:v_t]
+        mean, std = old.mean(0), old.std(0)
+        new = mean + std * torch.randn(len(plan), old.shape[1], generator=gen)
+        for j, rows in enumerate(plan):
+            if rows is not None:
+                new[j] = old[rows].mean(0)
+        return new
+
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and head.weight.data_ptr() == emb.weight.data_ptr()
+    new_emb = rebuild(emb.weight)
+    new_head = None if tied or head is None else rebuild(head.weight)
+    model.resize_token_embeddings(len(plan), mean_resizing=False)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.copy_(new_emb)
+        if new_head is not None:
+            model.get_output_embeddings().weight.copy_(new_head)
+            if getattr(model.get_output_embeddings(), "bias", None) is not None:
+                model.get_output_embeddings().bias.zero_()
+    if tied:
+        model.tie_weights()
+    for name in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        value = getattr(student_tok, name, None)
+        setattr(model.config, name, value)
+        if getattr(model, "generation_config", None) is not None:
+            setattr(model.generation_config, name, value)
+    return {**counts, "student_vocab": len(plan), "teacher_vocab": v_t, "tied_head": tied, "how": how}
+
+
+def init_student(source: str, layers: int, out: str | Path, tokenizer: str | None = None,
+                 embeddings: str = "transplant") -> Path:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise DskdError(f"--out {out} exists and is not empty", hint="choose another folder")
     tok = load_tokenizer(source)
+    student_tok = load_tokenizer(tokenizer) if tokenizer is not None else None  # before the model: fail fast
     model = load_causal_lm(source, dtype=torch.float32, device="cpu")
     parent, attr, old = _layer_list(model)
     keep = kept_layers(len(old), layers)
@@ -68,8 +158,19 @@ def init_student(source: str, layers: int, out: str | Path) -> Path:
     if getattr(model.config, "layer_types", None):
         model.config.layer_types = [model.config.layer_types[i] for i in keep]
     model = plain_model(model)
+    info = None
+    if student_tok is not None:
+        info = transplant_vocabulary(model, tok, student_tok, how=embeddings)
+        tok = student_tok
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
+    if info is not None:
+        import json
+
+        info.update(source=str(source), tokenizer=str(tokenizer), layers=keep)
+        (out / "transplant.json").write_text(json.dumps(info, indent=2) + "\n")
+        log.info("vocabulary of %s transplanted: %d rows copied, %d composed, %d random", tokenizer,
+                 info["copied"], info["composed"], info["random"])
     log.info("student with teacher layers %s written to %s", keep, out)
     return out
