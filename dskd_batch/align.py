@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .cache.format import atomic_write_json, read_json, remove_stale_tmp, replace_dir, tmp_path
+from .files import atomic_write_json, read_json, remove_stale_tmp, replace_dir, tmp_path
 from .data import Example, encode, render_prompt, target_positions
 from .errors import DskdError
 from .models import tokenizer_fingerprint

@@ -9,8 +9,6 @@ shards are skipped, temporary leftovers of a killed run are removed.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import shutil
@@ -25,9 +23,10 @@ import torch
 from .cache.format import (CODEC_FILE, FORMAT_VERSION, HEAD_FILE, MANIFEST, SETTINGS, SHARD_META, SHARDS, TEACHER,
                            TMP_MARK, atomic_write_json, dir_bytes, file_table, read_json, sha256_file,
                            shard_name, tmp_path)
+from .files import fingerprint
 from .cache.reader import LOSSLESS_HIDDEN, load_codec, verify_shard
 from .cache.writer import ShardWriter
-from .codecs import CompactCodec, HiddenCodec, codec_params, make_codec
+from .codecs import CompactCodec, HiddenCodec
 from .config import AlignConfig, CacheConfig
 from .data import Encoded, Example, data_fingerprint, encode, length_batches, load_examples, render_prompt, \
     split_long_texts, target_positions, template_fingerprint
@@ -88,7 +87,7 @@ def settings_diff(old: dict[str, Any], new: dict[str, Any], only: set[str] | Non
 
 def settings_fingerprint(settings: dict[str, Any]) -> str:
     ident = {k: v for k, v in flatten(settings).items() if k not in INFORMATIONAL}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return fingerprint(ident)
 
 
 def build_settings(cfg: CacheConfig, tok: Any, prep: Prepared, model: Any | None, dtype: torch.dtype) -> dict[str, Any]:

@@ -8,7 +8,7 @@ field names. The field docstrings (the comment string under each field) become `
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import DskdError

@@ -15,8 +15,6 @@ Run folder::
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -25,7 +23,7 @@ import torch
 from torch import nn
 
 from .batches import CacheExamples, CorpusExamples, LiveTeacher
-from .cache.format import atomic_write_json, read_json, remove_stale_tmp
+from .files import atomic_write_json, fingerprint, remove_stale_tmp
 from .config import DistillConfig, to_dict
 from .distributed import DistContext
 from .errors import DskdError
@@ -295,7 +293,7 @@ def _attach_lora(student: nn.Module, cfg: DistillConfig) -> nn.Module:
 def plan_fingerprint(cfg: DistillConfig, fps: dict[str, Any], student_fp: str, world: int) -> str:
     ident = {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE}
     ident.update(fingerprints={k: v for k, v in fps.items() if k != "cache_path"}, student=student_fp, world=world)
-    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return fingerprint(ident)
 
 
 def run(cfg: DistillConfig, *, on_step: Callable[[int], None] | None = None) -> Path:
@@ -411,7 +409,7 @@ def _write_final(out: Path, module: DistillModule, tok: Any, cfg: DistillConfig,
     it (a sharded student is gathered); the main process writes."""
     import shutil
 
-    from .cache.format import replace_dir, tmp_path
+    from .files import replace_dir, tmp_path
     from .trainer import load_student_weights
 
     exported: dict[str, Any] = {"which": "last", "step": trainer.step}

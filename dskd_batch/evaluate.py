@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .cache.format import atomic_write_json
+from .files import atomic_write_json
 from .config import EvalConfig
 from .data import Example, data_fingerprint, load_examples, render_prompt
 from .errors import DskdError

@@ -53,15 +53,14 @@ existing output. A cache made elsewhere (``[cache] out`` pointing at it) is chec
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .cache.format import MANIFEST, atomic_write_json, read_json
+from .cache.format import MANIFEST
+from .files import atomic_write_json, fingerprint, read_json
 from .config import AlignConfig, CacheConfig, DistillConfig, EvalConfig, to_dict
 from .errors import DskdError
 
@@ -231,8 +230,6 @@ def load_pipeline(path: str | Path) -> Pipeline:
                     str(doc.get("description", "")), tune, base_teacher, extra_caches)
 
 
-def _fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class _Stages:
@@ -290,7 +287,7 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False) -> list[str]:
     if p.teacher_tune is not None:
         tune = p.teacher_tune
         tdir = Path(tune.out)
-        teacher_fp = _fingerprint({"teacher": _run_ident(tune)})
+        teacher_fp = fingerprint({"teacher": _run_ident(tune)})
 
         def do_teacher(resume: bool) -> None:
             distill_run(dataclasses.replace(tune, resume=resume))
@@ -299,7 +296,7 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False) -> list[str]:
     cache_dir = Path(p.cache.out)
     cache_cfg = {k: v for k, v in to_dict(p.cache).items() if k != "student_tokenizer"}
     made_by = {"teacher": teacher_fp} if teacher_fp else {}  # caches of a tuned teacher depend on its stage
-    cache_fp = _fingerprint({"cache": cache_cfg, **made_by})
+    cache_fp = fingerprint({"cache": cache_cfg, **made_by})
 
     def do_cache(_resume: bool) -> None:
         cache_run(p.cache)
@@ -308,7 +305,7 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False) -> list[str]:
     cache_fps = {cache_dir: cache_fp}
     for key, ccfg in p.extra_caches.items():
         cdir = Path(ccfg.out)
-        cache_fps[cdir] = _fingerprint({"cache": to_dict(ccfg), **made_by})
+        cache_fps[cdir] = fingerprint({"cache": to_dict(ccfg), **made_by})
 
         def do_extra(_resume: bool, ccfg: CacheConfig = ccfg) -> None:
             cache_run(ccfg)
@@ -322,7 +319,7 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False) -> list[str]:
             align_run(AlignConfig(cache=str(cache_dir), student_tokenizer=p.cache.student_tokenizer))
 
     from_tuned = p.teacher_tune is not None and p.student_from == str(Path(p.teacher_tune.out) / "student")
-    student_fp = _fingerprint({"path": p.student_path} if p.student_path else
+    student_fp = fingerprint({"path": p.student_path} if p.student_path else
                               {"from": p.student_from, "layers": p.student_layers,
                                **({"teacher": teacher_fp} if from_tuned else {})})
     if p.student_from is not None:
@@ -343,7 +340,7 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False) -> list[str]:
     if p.evaluate is not None:  # the teacher's own row, read with the cache's template and limits
         tdir = Path(p.teacher_tune.out) if p.teacher_tune is not None else None
         edir = p.out / "teacher-eval"
-        efp = _fingerprint({"evaluate": p.evaluate, "teacher": teacher_fp or p.base_teacher, "cache": cache_fp})
+        efp = fingerprint({"evaluate": p.evaluate, "teacher": teacher_fp or p.base_teacher, "cache": cache_fp})
         spec = ({"model": str(tdir)} if tdir is not None else
                 {"model": p.base_teacher, "template": p.cache.template, "max_prompt_len": p.cache.max_prompt_len})
 
@@ -355,7 +352,7 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False) -> list[str]:
     for name, cfg in zip(p.run_names, p.runs):
         rdir = Path(cfg.out)
         dev_fp = cache_fps.get(Path(cfg.eval_data)) if cfg.eval_data else None  # a [dev_cache] it reads
-        fp = _fingerprint({"distill": _run_ident(cfg), "cache": cache_fps[Path(cfg.cache)], "student": student_fp,
+        fp = fingerprint({"distill": _run_ident(cfg), "cache": cache_fps[Path(cfg.cache)], "student": student_fp,
                            **({"dev": dev_fp} if dev_fp else {})})
 
         def do_distill(resume: bool, cfg: DistillConfig = cfg) -> None:
@@ -365,7 +362,7 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False) -> list[str]:
         run_dirs.append((name, rdir))
         if p.evaluate is not None:
             edir = rdir / "eval"
-            efp = _fingerprint({"evaluate": p.evaluate, "run": fp})
+            efp = fingerprint({"evaluate": p.evaluate, "run": fp})
 
             def do_eval(_resume: bool, rdir: Path = rdir, edir: Path = edir) -> None:
                 eval_run(EvalConfig(**{**p.evaluate, "model": str(rdir), "out": str(edir)}))

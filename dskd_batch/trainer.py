@@ -30,8 +30,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .batches import MicroBatch, epoch_order, global_batches, response_tokens, step_loader
-from .cache.format import (TMP_MARK, atomic_write_bytes, atomic_write_json, file_table, read_json, remove_stale_tmp,
-                           replace_dir, sha256_file, tmp_path)
+from .files import (TMP_MARK, atomic_write_bytes, atomic_write_json, file_table, read_json, remove_stale_tmp,
+                    replace_dir, sha256_file, tmp_path)
 from .distributed import DistContext
 from .errors import DskdError
 from .losses import fkl, token_ce

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from .batches import collate
-from .cache.format import atomic_write_json, read_json, replace_dir, tmp_path
+from .files import atomic_write_json, read_json, replace_dir, tmp_path
 from .errors import DskdError
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,6 @@ and tables hold what they should, bad input gets one clear error."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner

@@ -3,7 +3,6 @@ equals a single-process run; a run killed with SIGKILL resumes to the same cache
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

@@ -12,18 +12,14 @@
         shard.json             counts, fidelity sample, size + sha256 of every file above
       manifest.json            written last: its presence means the cache is complete
 
-Every file is written to a temporary name and renamed; a shard folder is renamed as a whole.
+Every file is written to a temporary name and renamed; a shard folder is renamed as a whole (the
+helpers live in :mod:`dskd_batch.files`, shared with checkpoints, alignments and reports).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import uuid
-from pathlib import Path
-from typing import Any
+from ..files import (TMP_MARK, atomic_write_bytes, atomic_write_json, dir_bytes, file_table,  # noqa: F401
+                     read_json, remove_stale_tmp, replace_dir, sha256_file, tmp_path)
 
 FORMAT_VERSION = 1
 SETTINGS = "settings.json"
@@ -35,70 +31,7 @@ CODEC_FILE = "hidden_codec.safetensors"
 SHARD_META = "shard.json"
 INDEX = "index.parquet"
 TOKENS = "tokens"
-TMP_MARK = ".tmp-"
 
 
 def shard_name(i: int) -> str:
     return f"shard.{i:05d}"
-
-
-def tmp_path(final: Path) -> Path:
-    return final.with_name(f"{final.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = tmp_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
-
-
-def read_json(path: Path) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_table(root: Path, skip: tuple[str, ...] = ()) -> dict[str, list]:
-    """relative path -> [size, sha256] for every file below ``root``."""
-    out: dict[str, list] = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            rel = p.relative_to(root).as_posix()
-            if rel not in skip:
-                out[rel] = [p.stat().st_size, sha256_file(p)]
-    return out
-
-
-def remove_stale_tmp(folder: Path, prefix: str = "") -> None:
-    """Delete temporary leftovers of killed runs (never a completed file or shard); with ``prefix``,
-    only those of the entry of that name."""
-    if not folder.exists():
-        return
-    for p in folder.iterdir():
-        if TMP_MARK in p.name and p.name.startswith(prefix):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished temporary folder into place, replacing what was there."""
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-
-
-def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
