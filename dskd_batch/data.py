@@ -250,6 +250,14 @@ class Encoded:
     prompt_len: int
 
 
+def encode_prompt(tokenizer: Any, prompt: str, *, max_prompt_len: int, template: str) -> list[int]:
+    """The prompt's token ids as training and evaluation read them: the tokenizer's special tokens
+    unless a chat template already wrote them (a plain-text row's empty prompt: its prefix, BOS if
+    any), cut to ``max_prompt_len``."""
+    add_special = template != "chat" or not prompt
+    return tokenizer(prompt, add_special_tokens=add_special)["input_ids"][:max_prompt_len]
+
+
 def encode(tokenizer: Any, prompt: str, response: str, *, max_prompt_len: int, max_len: int,
            template: str) -> Encoded:
     """The papers' truncation rule: prompt cut to ``max_prompt_len``, then prompt + response cut
@@ -259,8 +267,7 @@ def encode(tokenizer: Any, prompt: str, response: str, *, max_prompt_len: int, m
     A plain-text row (empty prompt) is the tokenizer's special prefix (BOS, if it adds one) and
     the text, cut to ``max_len``, with no EOS: a window of a longer document does not end it."""
     text = not prompt
-    add_special = template != "chat" or text  # a chat template already writes its special tokens
-    prompt_ids = tokenizer(prompt, add_special_tokens=add_special)["input_ids"][:max_prompt_len]
+    prompt_ids = encode_prompt(tokenizer, prompt, max_prompt_len=max_prompt_len, template=template)
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     if text:
         return Encoded((prompt_ids + response_ids)[:max_len], len(prompt_ids))

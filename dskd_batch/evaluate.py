@@ -23,7 +23,7 @@ import torch
 
 from .files import atomic_write_json
 from .config import EvalConfig
-from .data import Example, data_fingerprint, load_examples, render_prompt
+from .data import Example, data_fingerprint, encode_prompt, load_examples, render_prompt
 from .errors import DskdError
 from .generation import SamplingSettings, sample_responses
 from .models import load_causal_lm, load_tokenizer, model_fingerprint, resolve_device
@@ -148,8 +148,7 @@ def _prompt_ids(tok: Any, kind: str, row: dict[str, Any], prompt: dict[str, Any]
         text = row["prompt"]
         return text, tok(text, add_special_tokens=False)["input_ids"]
     text = render_prompt(row["example"], prompt["template"], tok)
-    ids = tok(text, add_special_tokens=prompt["template"] != "chat")["input_ids"][: prompt["max_prompt_len"]]
-    return text, ids
+    return text, encode_prompt(tok, text, max_prompt_len=int(prompt["max_prompt_len"]), template=prompt["template"])
 
 
 def _evaluate_set(model: Any, tok: Any, kind: str, rows: list[dict[str, Any]], prompt: dict[str, Any], seeds: list[int],
