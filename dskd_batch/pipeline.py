@@ -53,6 +53,7 @@ existing output. A cache made elsewhere (``[cache] out`` pointing at it) is chec
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import tomllib
 from dataclasses import dataclass, field
@@ -241,24 +242,50 @@ class _Stages:
         self.dry_run = dry_run
         self.done: list[str] = []
 
-    def stage(self, label: str, folder: Path, fp: str, complete: Callable[[], bool], work: Callable[[bool], Any]) -> None:
-        """Run ``work(resume)`` unless ``folder`` holds this stage, finished, with fingerprint ``fp``."""
+    def stage(self, label: str, folder: Path, settings: dict[str, Any], complete: Callable[[], bool],
+              work: Callable[[bool], Any]) -> str:
+        """Run ``work(resume)`` unless ``folder`` holds this stage, finished, made with ``settings``
+        (compared by fingerprint; the record keeps them, so a refusal names what changed).
+        Returns the stage's fingerprint."""
+        fp = fingerprint(settings)
         rec_path = self.dir / (label.replace(" ", "-") + ".json")
         rec = read_json(rec_path) if rec_path.exists() else None
         if rec is not None and rec.get("fingerprint") != fp and folder.exists():
-            raise DskdError(f"{label}: {folder} was made with other settings (fingerprint {rec.get('fingerprint')}, "
-                            f"this pipeline {fp})", hint=f"delete or move {folder} to redo this stage")
+            changed = _changes(rec.get("settings"), settings)
+            raise DskdError([f"{label}: {folder} was made with other settings (fingerprint {rec.get('fingerprint')}, "
+                             f"this pipeline {fp})"] + changed, hint=f"delete or move {folder} to redo this stage")
         same = rec is not None and rec.get("fingerprint") == fp and folder.exists()
         if same and complete():
             self.done.append(f"{label}: reused {folder}")
             log.info("%s: reused %s (fingerprint %s)", label, folder, fp)
-            return
+            return fp
         self.done.append(f"{label}: {'would run' if self.dry_run else ('resumed' if same else 'ran')} -> {folder}")
         if self.dry_run:
-            return
+            return fp
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(rec_path, {"stage": label, "folder": str(folder), "fingerprint": fp})
+        atomic_write_json(rec_path, {"stage": label, "folder": str(folder), "fingerprint": fp,
+                                     "settings": json.loads(json.dumps(settings, default=str))})
         work(same)
+        return fp
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return {k.rstrip("."): v for k, v in out.items()}
+
+
+def _changes(old: Any, new: dict[str, Any]) -> list[str]:
+    """What differs between a stage record's settings and this pipeline's (records written before
+    the settings were kept name nothing)."""
+    if not isinstance(old, dict):
+        return ["(the record predates kept settings: no itemised difference)"]
+    a, b = _flat(old), _flat(json.loads(json.dumps(new, default=str)))
+    return [f"{k}: was {a.get(k, '(absent)')!r}, now {b.get(k, '(absent)')!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k, "(absent)") != b.get(k, "(absent)")]
 
 
 def _run_ident(cfg: DistillConfig) -> dict[str, Any]:
@@ -287,30 +314,27 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False) -> list[str]:
     if p.teacher_tune is not None:
         tune = p.teacher_tune
         tdir = Path(tune.out)
-        teacher_fp = fingerprint({"teacher": _run_ident(tune)})
-
         def do_teacher(resume: bool) -> None:
             distill_run(dataclasses.replace(tune, resume=resume))
 
-        st.stage("teacher", tdir, teacher_fp, lambda: _finished(tdir), do_teacher)
+        teacher_fp = st.stage("teacher", tdir, {"teacher": _run_ident(tune)}, lambda: _finished(tdir), do_teacher)
     cache_dir = Path(p.cache.out)
     cache_cfg = {k: v for k, v in to_dict(p.cache).items() if k != "student_tokenizer"}
     made_by = {"teacher": teacher_fp} if teacher_fp else {}  # caches of a tuned teacher depend on its stage
-    cache_fp = fingerprint({"cache": cache_cfg, **made_by})
-
     def do_cache(_resume: bool) -> None:
         cache_run(p.cache)
 
-    st.stage("cache", cache_dir, cache_fp, lambda: (cache_dir / MANIFEST).exists(), do_cache)
+    cache_fp = st.stage("cache", cache_dir, {"cache": cache_cfg, **made_by}, lambda: (cache_dir / MANIFEST).exists(),
+                        do_cache)
     cache_fps = {cache_dir: cache_fp}
     for key, ccfg in p.extra_caches.items():
         cdir = Path(ccfg.out)
-        cache_fps[cdir] = fingerprint({"cache": to_dict(ccfg), **made_by})
 
         def do_extra(_resume: bool, ccfg: CacheConfig = ccfg) -> None:
             cache_run(ccfg)
 
-        st.stage(key.replace("_", " "), cdir, cache_fps[cdir], lambda cdir=cdir: (cdir / MANIFEST).exists(), do_extra)
+        cache_fps[cdir] = st.stage(key.replace("_", " "), cdir, {"cache": to_dict(ccfg), **made_by},
+                                   lambda cdir=cdir: (cdir / MANIFEST).exists(), do_extra)
     if p.cache.student_tokenizer:  # idempotent: an existing alignment is kept
         st.done.append(f"align: {', '.join(p.cache.student_tokenizer)} (an alignment already there is kept)")
         if not dry_run:
@@ -319,9 +343,10 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False) -> list[str]:
             align_run(AlignConfig(cache=str(cache_dir), student_tokenizer=p.cache.student_tokenizer))
 
     from_tuned = p.teacher_tune is not None and p.student_from == str(Path(p.teacher_tune.out) / "student")
-    student_fp = fingerprint({"path": p.student_path} if p.student_path else
-                              {"from": p.student_from, "layers": p.student_layers,
-                               **({"teacher": teacher_fp} if from_tuned else {})})
+    student_settings = ({"path": p.student_path} if p.student_path else
+                        {"from": p.student_from, "layers": p.student_layers,
+                         **({"teacher": teacher_fp} if from_tuned else {})})
+    student_fp = fingerprint(student_settings)
     if p.student_from is not None:
         from .student import init_student
 
@@ -334,40 +359,38 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False) -> list[str]:
                 shutil.rmtree(sdir)
             init_student(p.student_from, int(p.student_layers), sdir)
 
-        st.stage("student", sdir, student_fp, lambda: (sdir / "config.json").exists(), do_student)
+        st.stage("student", sdir, student_settings, lambda: (sdir / "config.json").exists(), do_student)
 
     run_dirs: list[tuple[str, Path]] = []
     if p.evaluate is not None:  # the teacher's own row, read with the cache's template and limits
         tdir = Path(p.teacher_tune.out) if p.teacher_tune is not None else None
         edir = p.out / "teacher-eval"
-        efp = fingerprint({"evaluate": p.evaluate, "teacher": teacher_fp or p.base_teacher, "cache": cache_fp})
         spec = ({"model": str(tdir)} if tdir is not None else
                 {"model": p.base_teacher, "template": p.cache.template, "max_prompt_len": p.cache.max_prompt_len})
 
         def do_teacher_eval(_resume: bool, edir: Path = edir, spec: dict = spec) -> None:
             eval_run(EvalConfig(**{**p.evaluate, **spec, "out": str(edir)}))
 
-        st.stage("evaluate teacher", edir, efp, lambda: (edir / "report.json").exists(), do_teacher_eval)
+        st.stage("evaluate teacher", edir, {"evaluate": p.evaluate, "teacher": teacher_fp or p.base_teacher,
+                                            "cache": cache_fp}, lambda: (edir / "report.json").exists(), do_teacher_eval)
         run_dirs.append(("teacher", edir))
     for name, cfg in zip(p.run_names, p.runs):
         rdir = Path(cfg.out)
         dev_fp = cache_fps.get(Path(cfg.eval_data)) if cfg.eval_data else None  # a [dev_cache] it reads
-        fp = fingerprint({"distill": _run_ident(cfg), "cache": cache_fps[Path(cfg.cache)], "student": student_fp,
-                           **({"dev": dev_fp} if dev_fp else {})})
-
         def do_distill(resume: bool, cfg: DistillConfig = cfg) -> None:
             distill_run(dataclasses.replace(cfg, resume=resume))
 
-        st.stage(f"distill {name}", rdir, fp, lambda rdir=rdir: _finished(rdir), do_distill)
+        fp = st.stage(f"distill {name}", rdir, {"distill": _run_ident(cfg), "cache": cache_fps[Path(cfg.cache)],
+                                                "student": student_fp, **({"dev": dev_fp} if dev_fp else {})},
+                      lambda rdir=rdir: _finished(rdir), do_distill)
         run_dirs.append((name, rdir))
         if p.evaluate is not None:
             edir = rdir / "eval"
-            efp = fingerprint({"evaluate": p.evaluate, "run": fp})
-
             def do_eval(_resume: bool, rdir: Path = rdir, edir: Path = edir) -> None:
                 eval_run(EvalConfig(**{**p.evaluate, "model": str(rdir), "out": str(edir)}))
 
-            st.stage(f"evaluate {name}", edir, efp, lambda edir=edir: (edir / "report.json").exists(), do_eval)
+            st.stage(f"evaluate {name}", edir, {"evaluate": p.evaluate, "run": fp},
+                     lambda edir=edir: (edir / "report.json").exists(), do_eval)
     if p.report_out is not None and not dry_run:
         target = p.out / p.report_out
         table, _ = make_report([str(r) for _, r in run_dirs], str(target), labels=[n for n, _ in run_dirs])

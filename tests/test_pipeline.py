@@ -110,8 +110,9 @@ def test_pipeline_runs_then_reuses_every_stage(llama_teacher, corpus, gpt2_stude
     lines = run_pipeline(p)
     assert [x.split(":")[0] for x in lines if "ran" in x] == ["distill sft", "evaluate sft"]
     p = tiny(tmp_path, llama_teacher, corpus, gpt2_student, runs.replace('method = "kd"', 'method = "kd"\ntemperature = 1.0'))
-    with pytest.raises(DskdError, match=r"distill kd: .*kd was made with other settings"):
+    with pytest.raises(DskdError, match=r"distill kd: .*kd was made with other settings") as e:
         run_pipeline(p)
+    assert "distill.temperature: was 2.0, now 1.0" in str(e.value)  # the refusal names what changed
 
 
 def test_interrupted_distill_resumes(llama_teacher, corpus, gpt2_student, tmp_path) -> None:
