@@ -199,10 +199,10 @@ def _cross_part(recs: list[Record]) -> tuple[TeacherBatch, CrossBatch]:
         x, t = r["input_ids"], r["teacher_input_ids"]
         span_s = target_positions(len(x), int(r["prompt_len"]))
         span_t = target_positions(len(t), int(r["teacher_prompt_len"]))
-        lo_s, lo_t, n_s, n_t = span_s.start, span_t.start, len(span_s), len(span_t)
+        n_s, n_t = len(span_s), len(span_t)
         for k in TEACHER_FIELDS:
             if r.get(k) is not None:
-                parts[k].append(r[k][lo_t:len(t) - 1])
+                parts[k].append(r[k][span_t.start:span_t.stop])
         c["eta_s"].append(r["eta_s"] + off_s)
         c["eta_t"].append(r["eta_t"] + off_t)
         c["eta_label"].append(r["eta_label"])
@@ -212,9 +212,9 @@ def _cross_part(recs: list[Record]) -> tuple[TeacherBatch, CrossBatch]:
         c["uld_t"].append(k + off_t)
         c["seg_s"].append(torch.full((n_s,), b))
         c["seg_t"].append(torch.full((n_t,), b))
-        c["s_inputs"].append(x[lo_s:len(x) - 1])
-        c["t_inputs"].append(t[lo_t:len(t) - 1])
-        c["t_targets"].append(t[lo_t + 1:])
+        c["s_inputs"].append(x[span_s.start:span_s.stop])
+        c["t_inputs"].append(t[span_t.start:span_t.stop])
+        c["t_targets"].append(t[span_t.start + 1:span_t.stop + 1])
         off_s += n_s
         off_t += n_t
     tb = TeacherBatch(**{k: (torch.cat(v) if v else None) for k, v in parts.items()})

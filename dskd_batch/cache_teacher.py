@@ -23,7 +23,7 @@ import torch
 from .cache.format import (CODEC_FILE, FORMAT_VERSION, HEAD_FILE, MANIFEST, SETTINGS, SHARD_META, SHARDS, TEACHER,
                            TMP_MARK, atomic_write_json, dir_bytes, file_table, read_json, sha256_file,
                            shard_name, tmp_path)
-from .files import fingerprint
+from .files import fingerprint, flatten
 from .cache.reader import LOSSLESS_HIDDEN, load_codec, verify_shard
 from .cache.writer import ShardWriter
 from .codecs import CompactCodec, HiddenCodec
@@ -63,17 +63,6 @@ def prepare_corpus(cfg: Any, tok: Any) -> Prepared:
     encoded = [encode(tok, p, ex.response, max_prompt_len=cfg.max_prompt_len, max_len=cfg.max_len,
                       template=cfg.template) for p, ex in zip(prompts, examples)]
     return Prepared(examples, prompts, encoded, len(report.skipped))
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def settings_diff(old: dict[str, Any], new: dict[str, Any], only: set[str] | None = None) -> list[str]:
@@ -528,8 +517,9 @@ def _run_locked(cfg: CacheConfig, ctx: DistContext, progress: bool, out: Path) -
                 log.warning("%s is unreadable: rebuilding it from the finished shards (re-hashing them)", out / MANIFEST)
                 finalize(out, full_verify=True)
                 return out
-    tf = TeacherForward(model, cfg.top_k, tok.pad_token_id, token_rows(model, tok))
-    head = head_and_embeddings(model, token_rows(model, tok))
+    vocab = token_rows(model, tok)
+    tf = TeacherForward(model, cfg.top_k, tok.pad_token_id, vocab)
+    head = head_and_embeddings(model, vocab)
     weight, bias = head["lm_head.weight"], head.get("lm_head.bias")
     if ctx.is_main or cfg.num_shards > 1:
         out.mkdir(parents=True, exist_ok=True)

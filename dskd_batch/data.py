@@ -290,7 +290,7 @@ def split_long_texts(examples: list[Example], tokenizer: Any, max_len: int) -> l
     text is dropped: window ``k`` of example ``ID`` is ``ID#k``, the windows' texts concatenate to
     the document exactly, and each window encodes to at most ``max_len`` tokens without
     truncation. Other examples pass through unchanged. Deterministic for a tokenizer and max_len."""
-    prefix = len(tokenizer("", add_special_tokens=True)["input_ids"])
+    prefix = len(encode_prompt(tokenizer, "", max_prompt_len=max_len, template="none"))  # a text row's BOS, if any
     budget = max_len - prefix
     if budget < 2:
         raise DskdError(f"max_len {max_len} leaves no room for text after the tokenizer's {prefix} special token(s)")

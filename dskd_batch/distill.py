@@ -243,8 +243,9 @@ def _live_teacher(cfg: DistillConfig, tok: Any, device: torch.device, probe_ids:
     if expect is not None and fp != expect:
         raise DskdError(f"--teacher {cfg.teacher} is not the teacher cache {cfg.cache} was made with "
                         f"(fingerprint {fp} vs {expect})", hint="give the cache's teacher (see `dskd-batch cache-info`)")
-    weights = head_and_embeddings(model, token_rows(model, tok))
-    tf = TeacherForward(model, cfg.teacher_top_k, tok.pad_token_id, token_rows(model, tok))
+    vocab = token_rows(model, tok)
+    weights = head_and_embeddings(model, vocab)
+    tf = TeacherForward(model, cfg.teacher_top_k, tok.pad_token_id, vocab)
     probe = tf([probe_ids], keep_logits=True)[0]
     chk = reconstruction_check(probe["logits"], probe["hidden"], None, weights["lm_head.weight"], weights.get("lm_head.bias"))
     exact = chk["exact_rel_err"] < 1e-4

@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .cache.format import MANIFEST
-from .files import atomic_write_json, fingerprint, read_json
+from .files import atomic_write_json, fingerprint, flatten, read_json
 from .config import AlignConfig, CacheConfig, DistillConfig, EvalConfig, to_dict
 from .errors import DskdError
 
@@ -269,21 +269,12 @@ class _Stages:
         return fp
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}."))
-    return {k.rstrip("."): v for k, v in out.items()}
-
-
 def _changes(old: Any, new: dict[str, Any]) -> list[str]:
     """What differs between a stage record's settings and this pipeline's (records written before
     the settings were kept name nothing)."""
     if not isinstance(old, dict):
         return ["(the record predates kept settings: no itemised difference)"]
-    a, b = _flat(old), _flat(json.loads(json.dumps(new, default=str)))
+    a, b = flatten(old), flatten(json.loads(json.dumps(new, default=str)))
     return [f"{k}: was {a.get(k, '(absent)')!r}, now {b.get(k, '(absent)')!r}"
             for k in sorted(set(a) | set(b)) if a.get(k, "(absent)") != b.get(k, "(absent)")]
 
