@@ -46,6 +46,7 @@ import torch
 
 from .files import atomic_write_json, read_json, remove_stale_tmp, replace_dir, tmp_path
 from .data import Example, encode, render_prompt, target_positions
+from .records import target_rows
 from .errors import DskdError
 from .models import tokenizer_fingerprint
 
@@ -304,15 +305,15 @@ class ExampleAlignment:
 
 def align_example(response: str, t_ids: list[int], t_prompt_len: int, t_argmax: np.ndarray, s_enc: Any,
                   t_table: TokenTable, s_table: TokenTable, t2s: np.ndarray) -> ExampleAlignment:
-    """Align one example. ``t_argmax`` is the teacher's argmax at every position of ``t_ids``."""
+    """Align one example. ``t_argmax`` is the teacher's argmax at its target positions (row k: the
+    k-th target position of ``t_ids``)."""
     text = response.encode("utf-8")
     t_tg = response_targets(t_ids, t_prompt_len)
     s_tg = response_targets(s_enc.input_ids, s_enc.prompt_len)
     t_sp = content_spans(t_tg, t_table, text)
     s_sp = content_spans(s_tg, s_table, text)
     ps, pt = eta_pairs(t_sp, s_sp, bool(t_tg) and t_tg[-1] == t_table.eos, bool(s_tg) and s_tg[-1] == s_table.eos)
-    lo = target_positions(len(t_ids), t_prompt_len).start
-    labels = [int(t2s[int(t_argmax[lo + k])]) for k in pt]
+    labels = [int(t2s[int(t_argmax[k])]) for k in pt]
     mined = mined_alignment(_texts_in_context(t_tg, t_sp, t_table, text), _texts_in_context(s_tg, s_sp, s_table, text))
     return ExampleAlignment(list(s_enc.input_ids), s_enc.prompt_len, ps, pt, labels, mined)
 
@@ -358,7 +359,8 @@ def build_alignment(cache: Any, student_tok: Any, student_source: str, *, force:
 
         pbar = tqdm(total=len(cache), unit="ex", desc="align", dynamic_ncols=True)
     for i in range(len(cache)):
-        rec = cache.token_arrays(i, ("input_ids", "argmax"))
+        rec = cache.token_arrays(i, ("input_ids", "positions", "argmax"))
+        rec["argmax"] = rec["argmax"][target_rows(rec)]
         ex = Example(rec["id"], rec["instruction"], rec["input"], rec["response"], rec["source"])
         s_prompt = render_prompt(ex, template, student_tok)
         s_enc = encode(student_tok, s_prompt, rec["response"], max_prompt_len=limits["max_prompt_len"],

@@ -29,10 +29,10 @@ import torch
 from .cache.reader import TeacherCache
 from .data import Encoded, target_positions
 from .methods import CrossBatch, TeacherBatch
+from .records import TEACHER_FIELDS, rows_at, training_positions
 from .teacher import TeacherForward
 
 Record = dict[str, Any]
-TEACHER_FIELDS = ("hidden", "topk_values", "topk_indices", "logsumexp", "argmax", "logits")
 
 
 class CacheExamples:
@@ -101,18 +101,20 @@ class LiveTeacher:
         self.calls = 0
         self.seconds = 0.0
 
-    def run(self, sequences: list[list[int]]) -> list[Record]:
-        """The teacher's records for token-id sequences (timed and counted)."""
+    def run(self, sequences: list[list[int]], positions: list[list[int]]) -> list[Record]:
+        """The teacher's records at ``positions`` of token-id sequences (timed and counted)."""
         import time
 
         t0 = time.perf_counter()
-        out = self.tf(sequences, keep_logits=self.keep_logits)
+        out = self.tf(sequences, positions=positions, keep_logits=self.keep_logits)
         self.seconds += time.perf_counter() - t0
         self.calls += 1
         return out
 
     def fill(self, recs: list[Record]) -> list[Record]:
-        for r, t in zip(recs, self.run([r["input_ids"].tolist() for r in recs])):
+        """Add the teacher's outputs at each record's training positions."""
+        outs = self.run([r["input_ids"].tolist() for r in recs], [training_positions(r).tolist() for r in recs])
+        for r, t in zip(recs, outs):
             r.update(t)
         return recs
 
@@ -172,21 +174,27 @@ def collate(recs: list[Record], pad_id: int, with_teacher: bool) -> MicroBatch:
     targets, parts = [], {k: [] for k in TEACHER_FIELDS}
     for b, r in enumerate(recs):
         x = r["input_ids"]
-        n, span = len(x), target_positions(len(x), int(r["prompt_len"]))
+        n, pos = len(x), training_positions(r)
         ids[b, :n] = x
         mask[b, :n] = 1
-        select[b, span.start:span.stop] = True
-        targets.append(x[span.start + 1:span.stop + 1])
+        select[b, pos] = True
+        targets.append(x[pos + 1])
         if with_teacher and not cross:
-            for k in TEACHER_FIELDS:
-                if r.get(k) is not None:
-                    parts[k].append(r[k][span.start:span.stop])
+            _teacher_rows(r, pos, parts)
     tb, cb = None, None
     if cross:
         tb, cb = _cross_part(recs)
     elif with_teacher:
         tb = TeacherBatch(**{k: (torch.cat(v) if v else None) for k, v in parts.items()})
     return MicroBatch(ids, mask, select, torch.cat(targets), tb, int(mask.sum()), cb)
+
+
+def _teacher_rows(rec: Record, pos: torch.Tensor, parts: dict[str, list]) -> None:
+    """Append the record's teacher rows at the positions ``pos`` to ``parts``."""
+    at = rows_at(rec, pos)
+    for k in TEACHER_FIELDS:
+        if rec.get(k) is not None:
+            parts[k].append(rec[k][at])
 
 
 def _cross_part(recs: list[Record]) -> tuple[TeacherBatch, CrossBatch]:
@@ -197,12 +205,11 @@ def _cross_part(recs: list[Record]) -> tuple[TeacherBatch, CrossBatch]:
     off_s = off_t = 0
     for b, r in enumerate(recs):
         x, t = r["input_ids"], r["teacher_input_ids"]
-        span_s = target_positions(len(x), int(r["prompt_len"]))
-        span_t = target_positions(len(t), int(r["teacher_prompt_len"]))
-        n_s, n_t = len(span_s), len(span_t)
-        for k in TEACHER_FIELDS:
-            if r.get(k) is not None:
-                parts[k].append(r[k][span_t.start:span_t.stop])
+        pos_s = training_positions(r)
+        pos_t = training_positions({"input_ids": t, "prompt_len": r["teacher_prompt_len"],
+                                    "targets": r.get("teacher_targets")})
+        n_s, n_t = len(pos_s), len(pos_t)
+        _teacher_rows(r, pos_t, parts)
         c["eta_s"].append(r["eta_s"] + off_s)
         c["eta_t"].append(r["eta_t"] + off_t)
         c["eta_label"].append(r["eta_label"])
@@ -212,9 +219,9 @@ def _cross_part(recs: list[Record]) -> tuple[TeacherBatch, CrossBatch]:
         c["uld_t"].append(k + off_t)
         c["seg_s"].append(torch.full((n_s,), b))
         c["seg_t"].append(torch.full((n_t,), b))
-        c["s_inputs"].append(x[span_s.start:span_s.stop])
-        c["t_inputs"].append(t[span_t.start:span_t.stop])
-        c["t_targets"].append(t[span_t.start + 1:span_t.stop + 1])
+        c["s_inputs"].append(x[pos_s])
+        c["t_inputs"].append(t[pos_t])
+        c["t_targets"].append(t[pos_t + 1])
         off_s += n_s
         off_t += n_t
     tb = TeacherBatch(**{k: (torch.cat(v) if v else None) for k, v in parts.items()})

@@ -29,11 +29,12 @@ from .cache.writer import ShardWriter
 from .codecs import CompactCodec, HiddenCodec
 from .config import AlignConfig, CacheConfig
 from .data import Encoded, Example, data_fingerprint, encode, length_batches, load_examples, render_prompt, \
-    split_long_texts, target_positions, template_fingerprint
+    split_long_texts, template_fingerprint
 from .distributed import DistContext
 from .errors import DskdError
 from .models import (dtype_name, head_and_embeddings, load_causal_lm, load_tokenizer, model_fingerprint,
                      resolve_device, resolve_dtype, token_rows, tokenizer_fingerprint)
+from .records import ArraySpecs, array_specs, rows_at, to_arrays
 from .teacher import TeacherForward, assemble_logits, reconstruct_logits, reconstruction_check
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def build_settings(cfg: CacheConfig, tok: Any, prep: Prepared, model: Any | None
         "template": {"name": cfg.template, "fingerprint": template_fingerprint(cfg.template, tok)},
         "limits": {"max_prompt_len": cfg.max_prompt_len, "max_len": cfg.max_len, "limit": cfg.limit},
         "storage": {"hidden": cfg.hidden, "top_k": cfg.top_k, "shard_size": cfg.shard_size,
-                    "compression_level": cfg.compression_level},
+                    "compression_level": cfg.compression_level, "positions": cfg.positions},
     }
     if cfg.generate:
         s["generation"] = {"max_new_tokens": cfg.gen_max_new_tokens, "temperature": cfg.gen_temperature,
@@ -111,17 +112,14 @@ def build_settings(cfg: CacheConfig, tok: Any, prep: Prepared, model: Any | None
     return s
 
 
-def array_specs(settings: dict[str, Any], codec: HiddenCodec | None) -> dict[str, tuple[str, tuple[int, ...]]]:
-    k = settings["storage"]["top_k"]
-    specs: dict[str, tuple[str, tuple[int, ...]]] = {
-        "input_ids": ("int32", ()), "logsumexp": ("float32", ()), "argmax": ("int32", ()),
-    }
-    if k:
-        specs["topk_values"] = ("float32", (k,))
-        specs["topk_indices"] = (settings["storage"]["topk_index_dtype"], (k,))
-    if codec is not None:
-        specs.update(codec.array_specs())
-    return specs
+def shard_specs(settings: dict[str, Any], codec: HiddenCodec | None) -> ArraySpecs:
+    st = settings["storage"]
+    return array_specs(st["top_k"], st.get("topk_index_dtype", "int32"), codec)
+
+
+def stored_positions(enc: Encoded, mode: str) -> list[int]:
+    """Where the teacher is stored for an example: its training targets, or every position."""
+    return list(range(len(enc.input_ids))) if mode == "all" else enc.targets()
 
 
 class FidelityAccumulator:
@@ -187,16 +185,18 @@ def _write_teacher_dir(out: Path, model: Any, tok: Any, codec_state: dict[str, t
 
 
 def calibrate_compact(tf: TeacherForward, prep: Prepared, weight: torch.Tensor, batch_tokens: int) -> CompactCodec:
-    """Fit the compact codec on the corpus's first examples (deterministic, so resumes agree)."""
+    """Fit the compact codec on the target positions of the corpus's first examples (deterministic,
+    so resumes agree)."""
     chosen, total = [], 0
     for i, enc in enumerate(prep.encoded):
         chosen.append(i)
-        total += len(enc.input_ids)
+        total += len(enc.targets())
         if total >= CALIBRATION_TOKENS:
             break
     hidden, idx, probs = [], [], []
     for batch in length_batches([len(prep.encoded[i].input_ids) for i in chosen], batch_tokens):
-        recs = tf([prep.encoded[chosen[j]].input_ids for j in batch], keep_logits=True)
+        encs = [prep.encoded[chosen[j]] for j in batch]
+        recs = tf([e.input_ids for e in encs], positions=[e.targets() for e in encs], keep_logits=True)
         for r in recs:
             p, ix = torch.topk(torch.softmax(r["logits"], -1), 64, dim=-1)
             hidden.append(r["hidden"])
@@ -226,14 +226,15 @@ class NormStats:
         acc[1] += float(x.sum())
         acc[2] += float((x * x).sum())
 
-    def add(self, ids: list[int], prompt_len: int, hidden: torch.Tensor | None) -> None:
-        span = target_positions(len(ids), prompt_len)
+    def add(self, ids: list[int], targets: list[int], hidden: torch.Tensor | None) -> None:
+        """One example: its token ids, its target positions and the teacher's hidden state there."""
+        pos = torch.as_tensor(targets, dtype=torch.long)
         if hidden is not None:
-            self._add("hidden", hidden[span.start:span.stop])
+            self._add("hidden", hidden)
         if self.embed is not None:
             t = torch.as_tensor(ids)
-            self._add("input_embed", self.embed[t[span.start:span.stop]])
-            self._add("target_embed", self.embed[t[span.start + 1:span.stop + 1]])
+            self._add("input_embed", self.embed[t[pos]])
+            self._add("target_embed", self.embed[t[pos + 1]])
 
     @staticmethod
     def merge(parts: list[dict[str, list]]) -> dict[str, Any]:
@@ -268,25 +269,19 @@ def write_shard(out: Path, s: int, cfg: CacheConfig, settings: dict[str, Any], p
     lengths = [len(prep.encoded[i].input_ids) for i in members]
     fid = FidelityAccumulator()
     norm = NormStats(embed)
-    specs = array_specs(settings, codec)
+    specs = shard_specs(settings, codec)
+    mode = settings["storage"].get("positions", "targets")
     with ShardWriter(out / SHARDS / shard_name(s), specs, compression_level=cfg.compression_level) as w:
         for batch in length_batches(lengths, cfg.batch_tokens):
             rows = [members[j] for j in batch]
-            recs = tf([prep.encoded[i].input_ids for i in rows], keep_logits=[j < cfg.fidelity_sample for j in batch])
+            recs = tf([prep.encoded[i].input_ids for i in rows],
+                      positions=[stored_positions(prep.encoded[i], mode) for i in rows],
+                      keep_logits=[j < cfg.fidelity_sample for j in batch])
             check_finite(rows, recs, prep)
             for i, rec in zip(rows, recs):
                 enc = prep.encoded[i]
-                n = len(enc.input_ids)
-                arrays: dict[str, np.ndarray] = {
-                    "input_ids": np.asarray(enc.input_ids, dtype=np.int32),
-                    "logsumexp": rec["logsumexp"].numpy(),
-                    "argmax": rec["argmax"].numpy().astype(np.int32),
-                }
-                if cfg.top_k:
-                    arrays["topk_values"] = rec["topk_values"].numpy()
-                    arrays["topk_indices"] = rec["topk_indices"].numpy()
-                if codec is not None:
-                    arrays.update(codec.encode(rec["hidden"]))
+                rec["input_ids"] = torch.as_tensor(enc.input_ids)
+                arrays = to_arrays(rec, specs, codec)
                 if "logits" in rec:
                     stored = codec.decode({k: arrays[k] for k in codec.array_specs()}) if codec is not None else None
                     res = reconstruction_check(rec["logits"], rec["hidden"], stored, weight, bias)
@@ -298,13 +293,16 @@ def write_shard(out: Path, s: int, cfg: CacheConfig, settings: dict[str, Any], p
                         res["assembled_t1"] = kl_stats(rec["logits"], asm, 1.0)
                         res["assembled_t2"] = kl_stats(rec["logits"], asm, 2.0)
                     fid.add(res)
-                norm.add(enc.input_ids, enc.prompt_len, rec.get("hidden"))
+                targets = enc.targets()
+                at = rows_at(rec, torch.as_tensor(targets, dtype=torch.long))
+                norm.add(enc.input_ids, targets, rec["hidden"][at])
                 ex = prep.examples[i]
                 w.add({"order": i, "id": ex.id, "instruction": ex.instruction, "input": ex.input,
                        "prompt": prep.prompts[i], "response": responses[i], "source": ex.source,
-                       "prompt_len": enc.prompt_len, "n_tokens": n}, arrays)
+                       "prompt_len": enc.prompt_len, "n_tokens": len(enc.input_ids),
+                       "n_positions": len(rec["positions"])}, arrays)
                 if pbar is not None:
-                    pbar.update(n)
+                    pbar.update(len(enc.input_ids))
         w.extra_meta["fidelity"] = fid.result()
         w.extra_meta["norm_sums"] = norm.sums
 
@@ -363,6 +361,7 @@ def finalize(out: Path, *, full_verify: bool = False) -> dict[str, Any]:
             problems += verify_shard(sdir, None)
         meta = read_json(sdir / SHARD_META)
         shards.append({"name": shard_name(s), "examples": meta["examples"], "tokens": meta["tokens"],
+                       "positions": meta["positions"],
                        "bytes": dir_bytes(sdir), "meta_sha256": sha256_file(sdir / SHARD_META)})
         fid.merge(meta.get("fidelity", {}))
         if "norm_sums" in meta:
@@ -380,6 +379,7 @@ def finalize(out: Path, *, full_verify: bool = False) -> dict[str, Any]:
         "settings": settings,
         "shards": shards,
         "totals": {"examples": total, "tokens": sum(s["tokens"] for s in shards),
+                   "positions": sum(s["positions"] for s in shards),
                    "bytes": sum(s["bytes"] for s in shards)},
         "fidelity": fidelity,
         "logits_reconstructable": reconstructable,
@@ -465,7 +465,7 @@ def check_finite(rows: list[int], recs: list[dict[str, Any]], prep: Prepared) ->
             if t is None or bool(torch.isfinite(t).all()):
                 continue
             flat = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(-1)
-            pos = int(flat.nonzero()[0, 0])
+            pos = int(rec["positions"][int(flat.nonzero()[0, 0])])
             bad.append(f"example {prep.examples[i].id} ({prep.examples[i].source}): the teacher's {key} is not finite "
                        f"from token position {pos} of {len(prep.encoded[i].input_ids)} "
                        f"({int(flat.sum())} position(s))")

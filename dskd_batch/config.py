@@ -61,6 +61,8 @@ class CacheConfig:
     "Storage of the teacher's last hidden state: fp32, fp16, bf16, compact (transform-coded, ~6 bits/value) or none."
     top_k: int = 64
     "Top-k teacher logits stored per position (0 stores none); log-sum-exp and argmax are always stored."
+    positions: str = "targets"
+    "Positions the teacher's outputs are stored at: `targets` (those training reads: each one before a response token or the final EOS; every token of plain text) or `all` (every position, as cache format 1 did: for analysis and size comparisons)."
     batch_tokens: int = 4096
     "Token budget of one teacher batch (length-sorted, padded only to the longest row in the batch)."
     shard_size: int = 256
@@ -102,6 +104,8 @@ class CacheConfig:
         problems: list[str] = []
         if self.template not in TEMPLATES:
             problems.append(f"template must be one of {TEMPLATES}, got {self.template!r}")
+        if self.positions not in ("targets", "all"):
+            problems.append(f"positions must be targets or all, got {self.positions!r}")
         if self.hidden not in HIDDEN_MODES:
             problems.append(f"hidden must be one of {HIDDEN_MODES}, got {self.hidden!r}")
         if self.dtype not in DTYPES:

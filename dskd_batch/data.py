@@ -249,6 +249,10 @@ class Encoded:
     input_ids: list[int]
     prompt_len: int
 
+    def targets(self) -> list[int]:
+        """The positions trained on (see :func:`target_positions`)."""
+        return list(target_positions(len(self.input_ids), self.prompt_len))
+
 
 def encode_prompt(tokenizer: Any, prompt: str, *, max_prompt_len: int, template: str) -> list[int]:
     """The prompt's token ids as training and evaluation read them: the tokenizer's special tokens

@@ -112,7 +112,7 @@ class OnPolicy:
         texts = [self.tok.decode(n, skip_special_tokens=True) or " " for n in new]
         t_encs = [encode(c.teacher_tok, r["prompt"], t, max_prompt_len=self.s.max_prompt_len,
                          max_len=self.s.max_len, template=self.s.template) for r, t in zip(recs, texts)]
-        teacher = self.live.run([e.input_ids for e in t_encs])
+        teacher = self.live.run([e.input_ids for e in t_encs], [e.targets() for e in t_encs])
         out = []
         for p, n, text, te, tr in zip(prompts, new, texts, t_encs, teacher):
             s_enc = Encoded(p + n + [self.tok.eos_token_id], len(p))

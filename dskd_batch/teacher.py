@@ -1,16 +1,19 @@
 """The one teacher-forward function, shared by stage one (caching) and the live teacher stage.
 
-It runs the model once on a right-padded batch and returns, per example and per position i
-(what the teacher emitted after reading ``input_ids[: i + 1]``):
+It runs the model's body once on a right-padded batch and returns, per example, the teacher's
+outputs at the requested positions ``positions`` (LongTensor[m]; position i holds what the teacher
+emitted after reading ``input_ids[: i + 1]``), the record layout of :mod:`dskd_batch.records`:
 
-- ``hidden``: the input of the LM head (after the final norm), fp32 [n, d]
-- ``topk_values`` / ``topk_indices``: top-k of the real logits [n, k]
-- ``logsumexp``: log-sum-exp of the full real logits [n]
-- ``argmax``: the teacher's top-1 token [n]
+- ``hidden``: the input of the LM head (after the final norm), fp32 [m, d]
+- ``topk_values`` / ``topk_indices``: top-k of the real logits [m, k]
+- ``logsumexp``: log-sum-exp of the full real logits [m]
+- ``argmax``: the teacher's top-1 token [m]
 
-The head input is captured with a forward hook on the model's own output head, so whatever the
-architecture does before its head (final norm, scaling) is included, and the logits are the
-model's real logits, soft-capping or bias included. Whether ``hidden @ W.T (+ b)`` reproduces
+A forward pre-hook on the model's own output head hands the head only the requested positions,
+so the head, top-k and log-sum-exp run where training reads them (the response positions, a small
+share of an instruction corpus's tokens) and nothing else. Whatever the architecture does before
+its head (final norm, scaling) is included, and the logits are the model's real logits,
+soft-capping or bias included. Whether ``hidden @ W.T (+ b)`` reproduces
 them is then checked, not assumed (see :func:`reconstruction_check`).
 """
 
@@ -24,7 +27,7 @@ Record = dict[str, Any]
 
 
 class TeacherForward:
-    """Callable wrapper around a causal LM that yields cache records for a batch of sequences."""
+    """Callable wrapper around a causal LM that yields teacher records for a batch of sequences."""
 
     def __init__(self, model: Any, top_k: int, pad_id: int, vocab: int | None = None) -> None:
         self.model = model
@@ -34,44 +37,71 @@ class TeacherForward:
         self.device = next(model.parameters()).device
         head = model.get_output_embeddings()
         self._captured: list[torch.Tensor] = []
-        self._hook = head.register_forward_hook(lambda mod, inp, out: self._captured.append(inp[0]))
+        self._select: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._hook = head.register_forward_pre_hook(self._gather)
+
+    def _gather(self, module: Any, args: tuple) -> tuple | None:
+        """The head's input at the selected (row, position) pairs only, as one [1, M, d] batch: the
+        head (and whatever the model does to its logits after it) runs on those positions alone."""
+        h = args[0]
+        if self._select is not None:
+            b, p = self._select
+            h = h[b, p].unsqueeze(0)
+        self._captured.append(h)
+        return (h, *args[1:])
 
     def close(self) -> None:
         self._hook.remove()
 
     @torch.no_grad()
-    def __call__(self, sequences: list[list[int]], *, keep_logits: bool | list[bool] = False) -> list[Record]:
-        """Run the teacher on ``sequences`` (token id lists); see the module docstring."""
+    def __call__(self, sequences: list[list[int]], *, positions: list[list[int]] | None = None,
+                 keep_logits: bool | list[bool] = False) -> list[Record]:
+        """Run the teacher on ``sequences`` (token id lists) and return its outputs at ``positions``
+        (per sequence, increasing; default: every position); see the module docstring."""
         lengths = [len(s) for s in sequences]
+        if positions is None:
+            positions = [list(range(n)) for n in lengths]
         width = max(lengths)
         ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(sequences), width), dtype=torch.long)
         for i, s in enumerate(sequences):
             ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
             mask[i, : len(s)] = 1
+        pos = [torch.as_tensor(p, dtype=torch.long) for p in positions]
+        for i, (p, n) in enumerate(zip(pos, lengths)):
+            if len(p) and (int(p.min()) < 0 or int(p.max()) >= n):
+                raise ValueError(f"sequence {i}: positions outside 0..{n - 1}")
+        rows = torch.cat([torch.full((len(p),), i, dtype=torch.long) for i, p in enumerate(pos)])
+        self._select = (rows.to(self.device), torch.cat(pos).to(self.device))
         self._captured.clear()
-        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False)
+        try:
+            out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False)
+        finally:
+            self._select = None
         if len(self._captured) != 1:
             raise RuntimeError(f"expected the output head to run once, it ran {len(self._captured)} times")
-        hidden = self._captured.pop()
-        logits = out.logits if out.logits.dtype == torch.float32 else out.logits.float()
+        hidden = self._captured.pop()[0].float().cpu()
+        logits = out.logits[0, :, :self.vocab]  # [M, V]: padded vocabulary rows cut off
+        logits = logits if logits.dtype == torch.float32 else logits.float()
         keep = keep_logits if isinstance(keep_logits, list) else [keep_logits] * len(sequences)
-        k = max(1, self.top_k)
+        counts = [len(p) for p in pos]
+        kept = {i: part.detach().clone().cpu() for i, part in enumerate(logits.split(counts)) if keep[i]}
+        tv, ti = torch.topk(logits, max(1, self.top_k), dim=-1)
+        top1 = tv[:, :1]
+        # exact log-sum-exp in one in-place pass (the logits are ours to overwrite now)
+        lse = (top1.squeeze(-1) + logits.sub_(top1).exp_().sum(-1).log()).cpu()
+        tv, ti = tv.cpu(), ti.cpu()
         records: list[Record] = []
-        for i, n in enumerate(lengths):
-            rows = logits[i, :n, :self.vocab]  # a view: padding (and padded vocabulary rows) never touched
-            rec: Record = {"hidden": hidden[i, :n].float().cpu()}
-            if keep[i]:
-                rec["logits"] = rows.detach().clone().cpu()
-            tv, ti = torch.topk(rows, k, dim=-1)
-            top1 = tv[:, :1]
-            # exact log-sum-exp in one in-place pass (the logits are ours to overwrite now)
-            rec["logsumexp"] = (top1.squeeze(-1) + rows.sub_(top1).exp_().sum(-1).log()).cpu()
-            rec["argmax"] = ti[:, 0].cpu()
+        lo = 0
+        for i, p in enumerate(pos):
+            hi = lo + len(p)
+            rec: Record = {"positions": p, "hidden": hidden[lo:hi], "logsumexp": lse[lo:hi], "argmax": ti[lo:hi, 0]}
             if self.top_k:
-                rec["topk_values"] = tv.cpu()
-                rec["topk_indices"] = ti.cpu()
+                rec["topk_values"], rec["topk_indices"] = tv[lo:hi], ti[lo:hi]
+            if i in kept:
+                rec["logits"] = kept[i]
             records.append(rec)
+            lo = hi
         return records
 
 

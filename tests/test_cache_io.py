@@ -35,7 +35,7 @@ def reference_cache(llama_teacher: Path, corpus: Path, tmp_path_factory) -> Path
 
 def test_layout_and_manifest(reference_cache: Path) -> None:
     m = json.loads((reference_cache / "manifest.json").read_text())
-    assert m["format_version"] == 1 and len(m["shards"]) == 4  # 13 examples / 4 per shard
+    assert m["format_version"] == 2 and len(m["shards"]) == 4  # 13 examples / 4 per shard
     assert sum(s["examples"] for s in m["shards"]) == 13
     for key in ("teacher", "tokenizer", "data", "template", "limits", "storage"):
         assert key in m["settings"]
@@ -102,11 +102,11 @@ def test_refuses_different_settings(llama_teacher, gpt2_teacher, corpus, referen
 def test_corrupt_or_missing_shard_is_named(reference_cache, tmp_path) -> None:
     out = tmp_path / "c"
     shutil.copytree(reference_cache, out)
-    chunk = sorted((out / "shards/shard.00001/tokens/hidden/c").rglob("*"))[-1]
+    chunk = sorted((out / "shards/shard.00001/positions/hidden/c").rglob("*"))[-1]
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
-    with pytest.raises(CacheCorruptError, match="shard shard.00001: file tokens/hidden/c/.* sha256"):
+    with pytest.raises(CacheCorruptError, match="shard shard.00001: file positions/hidden/c/.* sha256"):
         open_cache(out).verify()
     c = open_cache(out)
     c[0]  # shard 0 is fine
@@ -157,13 +157,13 @@ def test_storage_modes(mode, llama_teacher, corpus, tmp_path) -> None:
     if mode == "none":
         assert rec["hidden"] is None and c.logits_source == "topk"
         return
-    assert rec["hidden"].shape == (rec["input_ids"].shape[0], 32)
+    assert rec["hidden"].shape == (len(rec["positions"]), 32)
     fid = c.manifest["fidelity"]
     if mode == "bf16":
         assert fid["stored_t1"]["kl_mean"] < 1e-3 and c.logits_source == "hidden"
     else:
         assert c.logits_source == "assembled"
-        assert (out / "shards/shard.00000/tokens/hidden_packed").exists()
+        assert (out / "shards/shard.00000/positions/hidden_packed").exists()
         assert c.codec.nbytes + 2 <= 0.75 * 32
         assert fid["assembled_t1"]["top1_agreement"] == 1.0
 
@@ -184,3 +184,41 @@ def test_compact_codec_round_trip_is_deterministic() -> None:
     assert torch.equal(dec, again)
     rel = float(((dec - h).norm() / h.norm()))
     assert rel < 0.1, rel
+
+
+def test_format_1_cache_is_refused_with_what_to_run(reference_cache, tmp_path) -> None:
+    out = tmp_path / "old"
+    shutil.copytree(reference_cache, out)
+    m = json.loads((out / "manifest.json").read_text())
+    m["format_version"] = 1
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DskdError, match="cache format 1 is not supported") as e:
+        open_cache(out)
+    assert "cache-teacher" in str(e.value)
+    r = CliRunner().invoke(main, ["cache-info", str(out)])
+    assert r.exit_code != 0 and "format 1" in r.output
+
+
+def test_all_positions_hold_the_targets_rows_and_train_the_same(llama_teacher, corpus, reference_cache,
+                                                                tmp_path) -> None:
+    """``positions="all"`` (format 1's layout) stores a superset; what training reads is identical."""
+    from dskd_batch.batches import collate
+    from dskd_batch.cache.info import cache_summary
+
+    out = tmp_path / "all"
+    run(cfg(llama_teacher, corpus, out, positions="all"), progress=False)
+    full, tgt = open_cache(out), open_cache(reference_cache)
+    assert full.fingerprint != tgt.fingerprint  # a different cache: never mixed up
+    for i in (0, 5, 12):
+        a, b = full[i], tgt[i]
+        assert a["positions"].tolist() == list(range(len(a["input_ids"])))
+        assert set(b["positions"].tolist()) < set(a["positions"].tolist())
+    mb_all, mb_tgt = collate([full[i] for i in range(4)], 1, True), collate([tgt[i] for i in range(4)], 1, True)
+    assert torch.equal(mb_all.targets, mb_tgt.targets) and torch.equal(mb_all.select, mb_tgt.select)
+    for k in ("hidden", "topk_values", "topk_indices", "logsumexp", "argmax"):
+        torch.testing.assert_close(getattr(mb_all.teacher, k), getattr(mb_tgt.teacher, k), atol=2e-3, rtol=1e-3)
+    sa, st = cache_summary(full), cache_summary(tgt)
+    assert sa["positions"] == sa["tokens"] and st["positions"] < st["tokens"]
+    assert st["bytes_per_example"] < sa["bytes_per_example"]
+    for name in ("logsumexp", "argmax", "topk_values", "topk_indices", "hidden"):  # every per-position array shrinks
+        assert st["bytes_per_token"][name] < sa["bytes_per_token"][name]

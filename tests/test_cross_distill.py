@@ -73,8 +73,8 @@ def test_norm_stats_are_over_real_response_tokens(setup) -> None:
     hs = []
     for i in range(len(cache)):
         r = cache[i]
-        lo = max(r["prompt_len"], 1) - 1
-        hs.append(r["hidden"][lo:len(r["input_ids"]) - 1])
+        assert r["positions"].tolist() == list(range(max(r["prompt_len"], 1) - 1, len(r["input_ids"]) - 1))
+        hs.append(r["hidden"])  # stored at the response positions only
     h = torch.cat(hs).double()
     ns = cache.manifest["norm_stats"]["hidden"]
     assert ns["count"] == h.numel()

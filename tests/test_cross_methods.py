@@ -30,7 +30,8 @@ def batch(lengths=((5, 4), (3, 6))):
         label = torch.randint(-1, V_S, (len(eta_s),), generator=g)
         mined = torch.randint(-1, n_t, (n_s,), generator=g)
         recs.append({"input_ids": s_ids, "prompt_len": 2, "teacher_input_ids": t_ids, "teacher_prompt_len": 3,
-                     "hidden": torch.randn(len(t_ids), D_T, generator=g), "argmax": torch.zeros(len(t_ids), dtype=torch.long),
+                     "positions": torch.arange(2, 2 + n_t),  # the teacher's response positions
+                     "hidden": torch.randn(n_t, D_T, generator=g), "argmax": torch.zeros(n_t, dtype=torch.long),
                      "topk_values": None, "topk_indices": None, "logsumexp": None, "logits": None,
                      "eta_s": eta_s, "eta_t": eta_t, "eta_label": label, "mined_t": mined})
     return recs
@@ -50,12 +51,12 @@ def parts():
 def test_cross_part_flattens_indices_per_example() -> None:
     recs, tb, cross, *_ = parts()
     assert len(cross.seg_s) == 5 + 3 and len(cross.seg_t) == 4 + 6 and tb.hidden.shape == (10, D_T)
-    # the teacher hidden row at flat position eta_t is the record's row at prompt_len - 1 + eta_t
+    # the teacher hidden row at flat position eta_t is the record's row eta_t (its response positions)
     off_s = off_t = 0
     for b, r in enumerate(recs):
         sel = cross.seg_s[cross.eta_s] == b
         assert torch.equal(cross.eta_t[sel] - off_t, r["eta_t"])
-        assert torch.equal(tb.hidden[cross.eta_t[sel]], r["hidden"][2 + r["eta_t"]])
+        assert torch.equal(tb.hidden[cross.eta_t[sel]], r["hidden"][r["eta_t"]])
         assert torch.equal(cross.s_inputs[cross.seg_s == b], r["input_ids"][1:-1])
         assert torch.equal(cross.t_targets[cross.seg_t == b], r["teacher_input_ids"][3:])
         n_s, n_t = len(r["input_ids"]) - 2, len(r["teacher_input_ids"]) - 3

@@ -193,7 +193,7 @@ def test_refusals(fp32_cache, llama_teacher, corpus, gpt2_student, tmp_path):
 
     corrupt = tmp_path / "corrupt"
     shutil.copytree(fp32_cache, corrupt)
-    victim = next(p for p in sorted((corrupt / "shards" / "shard.00001" / "tokens" / "hidden").rglob("*")) if p.is_file() and p.name != "zarr.json")
+    victim = next(p for p in sorted((corrupt / "shards" / "shard.00001" / "positions" / "hidden").rglob("*")) if p.is_file() and p.name != "zarr.json")
     victim.write_bytes(victim.read_bytes()[:-3] + b"xyz")
     with pytest.raises(DskdError, match="shard.00001"):
         run(cfg(gpt2_student, tmp_path / "r4", cache=str(corrupt), method="dskd"))

@@ -114,8 +114,9 @@ def test_cache_of_text_rows_predicts_every_window_token(llama_teacher, text_corp
             continue
         body = tok(rec["response"], add_special_tokens=False)["input_ids"]
         assert rec["input_ids"].tolist()[rec["prompt_len"]:] == body and len(rec["input_ids"]) <= 40
-        # the stored argmax is the teacher's prediction at every position, targets included
-        assert rec["argmax"].shape[0] == len(rec["input_ids"])
+        # the teacher is stored at every position that predicts a token of the window
+        assert rec["positions"].tolist() == list(range(len(rec["input_ids"]) - 1))
+        assert rec["argmax"].shape[0] == len(rec["input_ids"]) - 1
 
 
 @pytest.mark.parametrize("method", ["kd", "dskd"])

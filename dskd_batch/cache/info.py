@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .format import SHARDS, TEACHER, TOKENS, dir_bytes
+from ..records import POSITIONS, TOKENS
+from .format import SHARDS, TEACHER, dir_bytes
 from .reader import TeacherCache
 
 
@@ -13,15 +14,17 @@ def cache_summary(cache: TeacherCache) -> dict[str, Any]:
     tokens = max(1, int(cache.manifest["totals"]["tokens"]))
     per_array: dict[str, int] = {}
     for s in cache.shards:
-        tdir = cache.path / SHARDS / s["name"] / TOKENS
-        for arr in tdir.iterdir():
-            per_array[arr.name] = per_array.get(arr.name, 0) + dir_bytes(arr)
+        for axis in (TOKENS, POSITIONS):
+            for arr in (cache.path / SHARDS / s["name"] / axis).iterdir():
+                per_array[arr.name] = per_array.get(arr.name, 0) + dir_bytes(arr)
     st = cache.settings
     return {
         "path": str(cache.path),
         "fingerprint": cache.fingerprint,
         "examples": len(cache),
         "tokens": cache.manifest["totals"]["tokens"],
+        "positions": cache.manifest["totals"]["positions"],
+        "bytes_per_example": round(sum(per_array.values()) / max(1, len(cache))),
         "shards": len(cache.shards),
         "bytes": {"shards": cache.manifest["totals"]["bytes"], "teacher": dir_bytes(cache.path / TEACHER)},
         "bytes_per_token": {k: round(v / tokens, 2) for k, v in sorted(per_array.items())}
@@ -65,9 +68,11 @@ def render_summary(info: dict[str, Any]) -> str:
         f"template     {info['template']['name']}   limits: prompt {info['limits']['max_prompt_len']}, total {info['limits']['max_len']}",
         f"storage      hidden={info['storage']['hidden']} top_k={info['storage']['top_k']} "
         f"shard_size={info['storage']['shard_size']} zstd level={info['storage']['compression_level']}",
-        f"contents     {info['examples']} examples, {info['tokens']} tokens, {info['shards']} shards, "
+        f"contents     {info['examples']} examples, {info['tokens']} tokens, teacher stored at {info['positions']} "
+        f"positions ({info['storage'].get('positions', 'targets')}), {info['shards']} shards, "
         f"{info['bytes']['shards'] / 2**20:.1f} MiB (+ {info['bytes']['teacher'] / 2**20:.1f} MiB teacher head/embeddings)",
-        "bytes/token  " + ", ".join(f"{k} {v}" for k, v in info["bytes_per_token"].items()),
+        "bytes/token  " + ", ".join(f"{k} {v}" for k, v in info["bytes_per_token"].items())
+        + f"   ({info['bytes_per_example']} bytes per example)",
         f"logits       source={info['logits_source']} (h @ W.T reproduces the teacher: {info['logits_reconstructable']})",
     ]
     fid = info["fidelity"]

@@ -1,10 +1,10 @@
 """Reading a teacher cache: ``open_cache(path)`` returns a sequence of example records.
 
 A record is a dict with ``id``, ``prompt``, ``response``, ``instruction``, ``input``,
-``input_ids`` (LongTensor[n]), ``prompt_len``, ``hidden`` (FloatTensor[n, d] or None),
-``topk_values``/``topk_indices`` ([n, k]), ``logsumexp`` and ``argmax`` ([n]); position i holds what
-the teacher emitted after reading ``input_ids[: i + 1]``. The teacher stage of ``distill`` yields
-the same records, so methods cannot tell a cache from a live teacher.
+``input_ids`` (LongTensor[n]), ``prompt_len``, ``positions`` (LongTensor[m]) and the teacher's
+outputs at those positions: ``hidden`` (FloatTensor[m, d] or None), ``topk_values``/``topk_indices``
+([m, k] or None), ``logsumexp`` and ``argmax`` ([m]); see :mod:`dskd_batch.records`. The teacher
+stage of ``distill`` yields the same records, so methods cannot tell a cache from a live teacher.
 
 Each shard is checked against its recorded sha256s the first time it is read (``verify="lazy"``,
 the default; cheap next to training), on open (``"full"``), or never (``"none"``).
@@ -28,8 +28,10 @@ import torch
 from ..codecs import HiddenCodec, make_codec
 from ..errors import CacheCorruptError, DskdError
 from ..teacher import assemble_logits, reconstruct_logits
+from ..records import POSITIONS, TOKENS, from_arrays
 from .format import (CODEC_FILE, FORMAT_VERSION, HEAD_FILE, INDEX, MANIFEST, SETTINGS, SHARD_META, SHARDS,
-                     TEACHER, TOKENS, read_json, sha256_file)
+                     TEACHER, read_json, sha256_file)
+from .writer import LENGTH, OFFSET
 
 LOSSLESS_HIDDEN = ("fp32", "fp16", "bf16")
 
@@ -78,10 +80,11 @@ class _Shard:
 
         self.path = path
         self.meta = read_json(path / SHARD_META)
-        self.chunk = int(self.meta["chunk_tokens"])
+        self.chunks = self.meta["chunk_rows"]
         table = pq.read_table(path / INDEX)
         self.index = {name: table.column(name).to_pylist() for name in table.column_names}
-        self.arrays = {p.name: zarr.open_array(str(p), mode="r") for p in sorted((path / TOKENS).iterdir())}
+        self.arrays = {p.name: (axis, zarr.open_array(str(p), mode="r"))
+                       for axis in (TOKENS, POSITIONS) for p in sorted((path / axis).iterdir())}
         self.codec = codec
         self._lru: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._max = max_chunks * max(1, len(self.arrays))
@@ -93,8 +96,10 @@ class _Shard:
             if key in self._lru:
                 self._lru.move_to_end(key)
                 return self._lru[key]
+        axis, arr = self.arrays[name]
+        size = self.chunks[axis]
         try:
-            data = self.arrays[name][c * self.chunk:(c + 1) * self.chunk]
+            data = arr[c * size:(c + 1) * size]
         except Exception as e:  # noqa: BLE001 - zarr/blosc raise many kinds
             raise CacheCorruptError(f"shard {self.path.name}: array {name} chunk {c} cannot be read ({e})",
                                     hint=f"run `dskd-batch verify {self.path.parent.parent}`") from e
@@ -104,11 +109,17 @@ class _Shard:
                 self._lru.popitem(last=False)
         return data
 
-    def read(self, name: str, start: int, n: int) -> np.ndarray:
-        first, last = start // self.chunk, (start + n - 1) // self.chunk
+    def read(self, name: str, j: int) -> np.ndarray:
+        """Example j's rows of array ``name`` (on the array's own axis)."""
+        axis = self.arrays[name][0]
+        start, n = int(self.index[OFFSET[axis]][j]), int(self.index[LENGTH[axis]][j])
+        if n == 0:
+            return self.arrays[name][1][0:0]
+        size = self.chunks[axis]
+        first, last = start // size, (start + n - 1) // size
         parts = [self._chunk(name, c) for c in range(first, last + 1)]
         data = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        lo = start - first * self.chunk
+        lo = start - first * size
         return data[lo:lo + n]
 
     def texts(self, j: int) -> dict[str, Any]:
@@ -117,26 +128,11 @@ class _Shard:
         return rec
 
     def token_arrays(self, j: int, names: tuple[str, ...]) -> dict[str, Any]:
-        """Example j's texts and the named per-token arrays (raw numpy, nothing decoded)."""
-        off, n = int(self.index["offset"][j]), int(self.index["n_tokens"][j])
-        return {**self.texts(j), **{k: self.read(k, off, n) for k in names}}
+        """Example j's texts and the named arrays (raw numpy, nothing decoded)."""
+        return {**self.texts(j), **{k: self.read(k, j) for k in names}}
 
     def example(self, j: int) -> dict[str, Any]:
-        off, n = int(self.index["offset"][j]), int(self.index["n_tokens"][j])
-        rec = self.texts(j)
-        rec["input_ids"] = torch.from_numpy(self.read("input_ids", off, n).astype(np.int64))
-        rec["logsumexp"] = torch.from_numpy(self.read("logsumexp", off, n).astype(np.float32))
-        rec["argmax"] = torch.from_numpy(self.read("argmax", off, n).astype(np.int64))
-        if "topk_values" in self.arrays:
-            rec["topk_values"] = torch.from_numpy(self.read("topk_values", off, n).astype(np.float32))
-            rec["topk_indices"] = torch.from_numpy(self.read("topk_indices", off, n).astype(np.int64))
-        else:
-            rec["topk_values"] = rec["topk_indices"] = None
-        if self.codec is not None:
-            rec["hidden"] = self.codec.decode({k: self.read(k, off, n) for k in self.codec.array_specs()})
-        else:
-            rec["hidden"] = None
-        return rec
+        return {**self.texts(j), **from_arrays({k: self.read(k, j) for k in self.arrays}, self.codec)}
 
 
 class TeacherCache(Sequence):
@@ -167,9 +163,14 @@ class TeacherCache(Sequence):
             self.manifest = read_json(manifest_path)
         except json.JSONDecodeError as e:
             raise CacheCorruptError(f"{manifest_path}: malformed manifest ({e})") from e
-        if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise DskdError(f"{self.path}: cache format {self.manifest.get('format_version')} is not supported "
-                            f"(this dskd-batch reads format {FORMAT_VERSION})")
+        version = self.manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            old = isinstance(version, int) and version < FORMAT_VERSION
+            raise DskdError(f"{self.path}: cache format {version} is not supported (this dskd-batch reads format "
+                            f"{FORMAT_VERSION}" + ("; format 1 stored the teacher at every position, format 2 only "
+                                                   "where training reads it)" if old else ")"),
+                            hint="rebuild it: run `dskd-batch cache-teacher` with the same settings into a new --out "
+                                 "folder" if old else "use the dskd-batch version that wrote it")
         self.settings: dict[str, Any] = self.manifest["settings"]
         self.shards: list[dict[str, Any]] = self.manifest["shards"]
         missing = [s["name"] for s in self.shards if not (self.path / SHARDS / s["name"] / SHARD_META).exists()]
@@ -202,7 +203,8 @@ class TeacherCache(Sequence):
         return s, int(i - self._cum[s])
 
     def token_arrays(self, i: int, names: tuple[str, ...] = ("input_ids", "argmax")) -> dict[str, Any]:
-        """Example i's texts, prompt_len and the named per-token arrays, without decoding hidden states."""
+        """Example i's texts, prompt_len and the named arrays (raw numpy: ``input_ids`` has a row per
+        token, the teacher's arrays and ``positions`` one per stored position), nothing decoded."""
         s, j = self._locate(i)
         return self._shard(s).token_arrays(j, names)
 
@@ -232,6 +234,11 @@ class TeacherCache(Sequence):
         for info in self.shards:
             out += pq.read_table(self.path / SHARDS / info["name"] / INDEX, columns=[name]).column(name).to_pylist()
         return out
+
+    @property
+    def stored_positions(self) -> str:
+        """Which positions the cache stores the teacher at: ``targets`` or ``all``."""
+        return self.settings["storage"].get("positions", "targets")
 
     def example_lengths(self) -> tuple[list[int], list[int]]:
         """(n_tokens, prompt_len) of every example, in order, from the shard indexes alone."""
@@ -285,7 +292,7 @@ class TeacherCache(Sequence):
         return self.manifest["logits_source"]
 
     def teacher_logits(self, rec: dict[str, Any]) -> torch.Tensor:
-        """Full-vocabulary teacher logits [n, V] for a record, from the best source the cache has."""
+        """Full-vocabulary teacher logits [m, V] at a record's positions, from the best source the cache has."""
         src = self.logits_source
         if src == "hidden":
             return reconstruct_logits(rec["hidden"], self.lm_head, self.lm_head_bias)
