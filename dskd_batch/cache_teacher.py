@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .cache.format import (CODEC_FILE, FORMAT_VERSION, HEAD_FILE, MANIFEST, SETTINGS, SHARD_META, SHARDS, TEACHER,
