@@ -344,6 +344,11 @@ def build_alignment(cache: Any, student_tok: Any, student_source: str, *, force:
     remove_stale_tmp(cache.path / ALIGN_DIR, prefix=fp)
     st = cache.settings
     template, limits = st["template"]["name"], st["limits"]
+    chats = [i for i, m in enumerate(cache.index_column("messages")) if m]
+    if chats:
+        raise DskdError(f"cache {cache.path} holds {len(chats)} conversation(s) (messages rows): aligning them to another "
+                        "tokenizer is not supported yet", hint="use a same-vocabulary method (kd, dskd) for conversations, "
+                        "or prompt/response rows for cross-tokenizer distillation")
     t_tok = cache.tokenizer()
     if tokenizer_fingerprint(t_tok) == fp:
         raise DskdError(f"{student_source} is the teacher's own tokenizer: same-vocabulary methods need no alignment")

@@ -36,11 +36,17 @@ Record = dict[str, Any]
 
 
 class CacheExamples:
+    """Example sources expose, per example, ``n_tokens``, ``prompt_len`` and ``n_targets`` (the
+    positions trained on: known before any record is read, so a step's token count needs no
+    communication) and ``records(idxs)``."""
+
     has_teacher = True
 
     def __init__(self, cache: TeacherCache) -> None:
         self.cache = cache
         self.n_tokens, self.prompt_len = cache.example_lengths()
+        self.n_targets = (cache.index_column("n_positions") if cache.stored_positions == "targets" else
+                          [len(target_positions(n, p)) for n, p in zip(self.n_tokens, self.prompt_len)])
         self.groups: list[range] | None = cache.shard_ranges()
 
     def __len__(self) -> int:
@@ -60,6 +66,7 @@ class AlignedExamples(CacheExamples):
         self.alignment = alignment
         self.n_tokens = alignment.student_lengths()
         self.prompt_len = alignment.student_prompt_len.tolist()
+        self.n_targets = [len(target_positions(n, p)) for n, p in zip(self.n_tokens, self.prompt_len)]
 
     def records(self, idxs: list[int]) -> list[Record]:
         out = []
@@ -68,6 +75,7 @@ class AlignedExamples(CacheExamples):
             row = self.alignment.row(i)
             rec["teacher_input_ids"] = rec.pop("input_ids")
             rec["teacher_prompt_len"] = rec.pop("prompt_len")
+            rec["teacher_targets"] = rec.pop("targets", None)
             rec["input_ids"] = torch.from_numpy(row.pop("student_ids").astype("int64"))
             rec["prompt_len"] = int(self.alignment.student_prompt_len[i])
             rec.update({k: torch.from_numpy(v.astype("int64")) for k, v in row.items()})
@@ -82,6 +90,7 @@ class CorpusExamples:
         self.encoded = encoded
         self.n_tokens = [len(e.input_ids) for e in encoded]
         self.prompt_len = [e.prompt_len for e in encoded]
+        self.n_targets = [len(e.targets()) for e in encoded]
         self.groups = None
 
     def __len__(self) -> int:
@@ -89,7 +98,8 @@ class CorpusExamples:
 
     def records(self, idxs: list[int]) -> list[Record]:
         return [{"input_ids": torch.tensor(self.encoded[i].input_ids, dtype=torch.long),
-                 "prompt_len": self.encoded[i].prompt_len} for i in idxs]
+                 "prompt_len": self.encoded[i].prompt_len, "targets": self.encoded[i].explicit_targets}
+                for i in idxs]
 
 
 class LiveTeacher:
@@ -117,11 +127,6 @@ class LiveTeacher:
         for r, t in zip(recs, outs):
             r.update(t)
         return recs
-
-
-def response_tokens(n_tokens: int, prompt_len: int) -> int:
-    """Positions trained on: those whose next token is a response token (EOS included)."""
-    return len(target_positions(n_tokens, prompt_len))
 
 
 def epoch_order(n: int, groups: list[range] | None, seed: int, epoch: int) -> list[int]:

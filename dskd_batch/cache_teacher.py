@@ -9,6 +9,7 @@ shards are skipped, temporary leftovers of a killed run are removed.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -27,7 +28,7 @@ from .cache.reader import LOSSLESS_HIDDEN, load_codec, verify_shard
 from .cache.writer import ShardWriter
 from .codecs import CompactCodec, HiddenCodec
 from .config import AlignConfig, CacheConfig
-from .data import Encoded, Example, data_fingerprint, encode, length_batches, load_examples, render_prompt, \
+from .data import Encoded, Example, data_fingerprint, encode, encode_example, length_batches, load_examples, render_prompt, \
     split_long_texts, template_fingerprint
 from .distributed import DistContext
 from .errors import DskdError
@@ -59,9 +60,16 @@ def prepare_corpus(cfg: Any, tok: Any) -> Prepared:
         first = next(ex for ex in examples if ex.is_text)
         raise DskdError(f"{first.source}: --generate samples a response for each prompt; a plain-text row has no prompt",
                         hint="cache plain text without --generate")
+    chat = next((ex for ex in examples if ex.is_chat), None)
+    if chat is not None and getattr(cfg, "generate", False):
+        raise DskdError(f"{chat.source}: --generate samples one response per prompt; a conversation has several "
+                        "assistant turns", hint="cache conversations without --generate")
+    if chat is not None and getattr(cfg, "positions", "targets") == "all":
+        raise DskdError(f"{chat.source}: --positions all is for prompt/response and text rows; a conversation's "
+                        "targets are its assistant turns", hint="cache conversations with --positions targets")
     prompts = [render_prompt(ex, cfg.template, tok) for ex in examples]
-    encoded = [encode(tok, p, ex.response, max_prompt_len=cfg.max_prompt_len, max_len=cfg.max_len,
-                      template=cfg.template) for p, ex in zip(prompts, examples)]
+    encoded = [encode_example(tok, ex, p, max_prompt_len=cfg.max_prompt_len, max_len=cfg.max_len,
+                              template=cfg.template) for p, ex in zip(prompts, examples)]
     return Prepared(examples, prompts, encoded, len(report.skipped))
 
 
@@ -298,6 +306,7 @@ def write_shard(out: Path, s: int, cfg: CacheConfig, settings: dict[str, Any], p
                 ex = prep.examples[i]
                 w.add({"order": i, "id": ex.id, "instruction": ex.instruction, "input": ex.input,
                        "prompt": prep.prompts[i], "response": responses[i], "source": ex.source,
+                       "messages": json.dumps([list(m) for m in ex.messages], ensure_ascii=False) if ex.messages else "",
                        "prompt_len": enc.prompt_len, "n_tokens": len(enc.input_ids),
                        "n_positions": len(rec["positions"])}, arrays)
                 if pbar is not None:

@@ -1,10 +1,12 @@
 """Corpus loading, prompt templates and the papers' truncation rule.
 
-A corpus is JSONL, Parquet or a saved ``datasets`` folder. Three row shapes are accepted as they
+A corpus is JSONL, Parquet or a saved ``datasets`` folder. Four row shapes are accepted as they
 are: ``prompt``/``response``, ``instruction``/``input``/``output`` (the Self-Instruct seed shape,
-where ``instances`` holds a list of ``{input, output}``, gives one example per instance) and
-``text`` (plain text: every token is a target, no prompt, no EOS appended; a document longer than
-``max_len`` tokens is cut into consecutive windows by :func:`split_long_texts`). Every problem
+where ``instances`` holds a list of ``{input, output}``, gives one example per instance),
+``messages`` (a conversation of ``{role, content}`` turns, rendered with the tokenizer's chat
+template: every assistant turn is a target, see :func:`encode_conversation`) and ``text`` (plain
+text: every token is a target, no prompt, no EOS appended; a document longer than ``max_len``
+tokens is cut into consecutive windows by :func:`split_long_texts`). Every problem
 names the file and line (or row) it was found on.
 """
 
@@ -41,11 +43,18 @@ class Example:
     response: str
     source: str
     "Where it came from: `file:line` (JSONL) or `file#row` (Parquet / datasets)."
+    messages: tuple[tuple[str, str], ...] = ()
+    "A conversation's turns as (role, content), up to its last assistant turn; empty for other shapes."
 
     @property
     def is_text(self) -> bool:
         """A plain-text row: no prompt (every other shape needs a non-empty one)."""
-        return not self.instruction
+        return not self.instruction and not self.messages
+
+    @property
+    def is_chat(self) -> bool:
+        """A conversation row (``messages``): every assistant turn is a target."""
+        return bool(self.messages)
 
 
 @dataclass
@@ -118,10 +127,39 @@ def _text(row: dict, key: str, where: str) -> str:
     return value
 
 
-def _normalise(row: Any, where: str) -> list[tuple[str, str, str, str]]:
-    """Row -> list of (instruction, input, response, source)."""
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _conversation(messages: Any, where: str) -> tuple[str, str, str, str, tuple[tuple[str, str], ...]]:
+    """A ``messages`` list -> (last user turn, "", last assistant turn, source, turns up to the last
+    assistant turn); later turns are dropped (nothing would be trained on them)."""
+    if not isinstance(messages, list) or not messages:
+        raise DskdError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+    turns = []
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DskdError(f"{where}: message {j} must be an object with 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise DskdError(f"{where}: message {j} has unknown role {m['role']!r} (roles: {', '.join(ROLES)})")
+        if not isinstance(m["content"], str):
+            raise DskdError(f"{where}: message {j}: 'content' must be a string, got {type(m['content']).__name__}")
+        turns.append((m["role"], m["content"]))
+    last = max((j for j, (role, _) in enumerate(turns) if role == "assistant"), default=None)
+    if last is None:
+        raise DskdError(f"{where}: the conversation has no assistant turn (nothing to train on)")
+    if not turns[last][1].strip():
+        raise DskdError(f"{where}: message {last}: empty assistant turn")
+    turns = turns[:last + 1]
+    user = next((c for role, c in reversed(turns) if role == "user"), "")
+    return (user, "", turns[last][1], where, tuple(turns))
+
+
+def _normalise(row: Any, where: str) -> list[tuple]:
+    """Row -> list of (instruction, input, response, source[, messages])."""
     if not isinstance(row, dict):
         raise DskdError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+    if "messages" in row:
+        return [_conversation(row["messages"], where)]
     if "text" in row and not any(k in row for k in ("prompt", "response", "instruction")):
         text = row["text"]
         if not isinstance(text, str):
@@ -162,9 +200,10 @@ def _normalise(row: Any, where: str) -> list[tuple[str, str, str, str]]:
     return items
 
 
-def example_id(instruction: str, inp: str, response: str) -> str:
+def example_id(instruction: str, inp: str, response: str, messages: tuple = ()) -> str:
     """Stable content hash of an example (duplicates get a ``-N`` suffix on load)."""
-    h = hashlib.sha256(json.dumps([instruction, inp, response], ensure_ascii=False).encode()).hexdigest()
+    parts: list[Any] = [instruction, inp, response] + ([[list(m) for m in messages]] if messages else [])
+    h = hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()
     return h[:16]
 
 
@@ -191,11 +230,12 @@ def load_examples(data: str | Path, *, limit: int | None = None, skip_bad_rows: 
                 raise DskdError(e.problems, hint="fix the row, or pass --skip-bad-rows to skip such rows") from None
             skipped.append(e.problems[0])
             continue
-        for instruction, inp, response, src in items:
-            base = example_id(instruction, inp, response)
+        for instruction, inp, response, src, *chat in items:
+            messages = chat[0] if chat else ()
+            base = example_id(instruction, inp, response, messages)
             n = seen.get(base, 0)
             seen[base] = n + 1
-            examples.append(Example(base if n == 0 else f"{base}-{n}", instruction, inp, response, src))
+            examples.append(Example(base if n == 0 else f"{base}-{n}", instruction, inp, response, src, messages))
             if limit is not None and len(examples) >= limit:
                 break
         if limit is not None and len(examples) >= limit:
@@ -211,6 +251,9 @@ def render_prompt(ex: Example, template: str, tokenizer: Any = None) -> str:
     """The prompt text the model reads before the response (none for a plain-text row)."""
     if ex.is_text:
         return ""
+    if ex.is_chat:  # the turns before the last assistant turn, and the assistant's header
+        _check_chat(ex, template, tokenizer)
+        return tokenizer.apply_chat_template(_turns(ex.messages[:-1]), tokenize=False, add_generation_prompt=True)
     if template == "alpaca":
         if ex.input.strip():
             return f"{ALPACA_HEAD_INPUT}### Instruction:\n{ex.instruction}\n\n### Input:\n{ex.input}\n\n### Response:\n"
@@ -239,7 +282,10 @@ def template_fingerprint(template: str, tokenizer: Any = None) -> str:
 def data_fingerprint(examples: list[Example]) -> str:
     h = hashlib.sha256()
     for ex in examples:
-        h.update(json.dumps([ex.id, ex.instruction, ex.input, ex.response], ensure_ascii=False).encode())
+        parts: list[Any] = [ex.id, ex.instruction, ex.input, ex.response]
+        if ex.messages:
+            parts.append([list(m) for m in ex.messages])
+        h.update(json.dumps(parts, ensure_ascii=False).encode())
         h.update(b"\n")
     return h.hexdigest()[:16]
 
@@ -248,10 +294,78 @@ def data_fingerprint(examples: list[Example]) -> str:
 class Encoded:
     input_ids: list[int]
     prompt_len: int
+    explicit_targets: tuple[int, ...] | None = None
+    "A conversation's target positions (its assistant turns); None: the prompt/response rule."
 
     def targets(self) -> list[int]:
         """The positions trained on (see :func:`target_positions`)."""
+        if self.explicit_targets is not None:
+            return list(self.explicit_targets)
         return list(target_positions(len(self.input_ids), self.prompt_len))
+
+
+def _turns(messages: tuple[tuple[str, str], ...]) -> list[dict[str, str]]:
+    return [{"role": r, "content": c} for r, c in messages]
+
+
+def _check_chat(ex: Example, template: str, tokenizer: Any) -> None:
+    if template != "chat":
+        raise DskdError(f"{ex.source}: a conversation (messages) is rendered with the tokenizer's chat template",
+                        hint="use --template chat")
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise DskdError(f"{ex.source}: a conversation needs a tokenizer with a chat template; this one has none",
+                        hint="use a chat model's tokenizer, or prompt/response rows with --template alpaca")
+
+
+def encode_conversation(tokenizer: Any, ex: Example, *, max_len: int) -> Encoded:
+    """A conversation rendered with the tokenizer's chat template. Its targets are the tokens of
+    every assistant turn, the turn's end-of-turn marker included (whitespace after it is not);
+    system, user and tool turns and the template's headers never are. The rendered text is cut
+    into pieces at the assistant turns and each piece is tokenized on its own, so the target mask
+    is exact. Cut to ``max_len`` tokens (no EOS appended: the end-of-turn marker ends a turn);
+    ``prompt_len`` is where the last assistant turn starts (what evaluation and on-policy sampling
+    generate from)."""
+    _check_chat(ex, "chat", tokenizer)
+    turns = _turns(ex.messages)
+    full = tokenizer.apply_chat_template(turns, tokenize=False)
+    cuts: list[tuple[int, int]] = []  # (start, end) character spans of the assistant turns in `full`
+    for k, (role, _content) in enumerate(ex.messages):
+        if role != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(turns[:k], tokenize=False, add_generation_prompt=True) if k else ""
+        upto = tokenizer.apply_chat_template(turns[:k + 1], tokenize=False)
+        if not (upto.startswith(before) and full.startswith(upto)):
+            raise DskdError(f"{ex.source}: the chat template does not render assistant turn {k} as an extension of the "
+                            "turns before it, so its tokens cannot be told apart",
+                            hint="use prompt/response rows for this model")
+        end = len(upto.rstrip())
+        cuts.append((len(before), end))
+    ids: list[int] = []
+    targets: list[int] = []
+    prompt_len = 0
+    pos = 0
+    for start, end in cuts:
+        ids += tokenizer(full[pos:start], add_special_tokens=False)["input_ids"] if start > pos else []
+        turn = tokenizer(full[start:end], add_special_tokens=False)["input_ids"]
+        prompt_len = len(ids)
+        targets += range(max(len(ids), 1) - 1, len(ids) + len(turn) - 1)
+        ids += turn
+        pos = end
+    ids = ids[:max_len]
+    targets = [p for p in targets if p + 1 < len(ids)]
+    if not targets:
+        raise DskdError(f"{ex.source}: no assistant token is left within max_len = {max_len} tokens",
+                        hint="raise --max-len, or shorten the conversation")
+    return Encoded(ids, min(prompt_len, len(ids)), tuple(targets))
+
+
+def encode_example(tokenizer: Any, ex: Example, prompt: str, *, max_prompt_len: int, max_len: int,
+                   template: str) -> Encoded:
+    """Any row shape's token ids and targets: a conversation through its chat template, any other
+    through :func:`encode` with its rendered ``prompt``."""
+    if ex.is_chat:
+        return encode_conversation(tokenizer, ex, max_len=max_len)
+    return encode(tokenizer, prompt, ex.response, max_prompt_len=max_prompt_len, max_len=max_len, template=template)
 
 
 def encode_prompt(tokenizer: Any, prompt: str, *, max_prompt_len: int, template: str) -> list[int]:

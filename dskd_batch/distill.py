@@ -198,6 +198,7 @@ def _cross_vocab_head(cache: Any, method: Any, al: Any) -> TeacherHead:
 
 def _limited(examples: CacheExamples, n: int) -> CacheExamples:
     examples.n_tokens, examples.prompt_len = examples.n_tokens[:n], examples.prompt_len[:n]
+    examples.n_targets = examples.n_targets[:n]
     if examples.groups:
         examples.groups = [range(r.start, min(r.stop, n)) for r in examples.groups if r.start < n]
     return examples

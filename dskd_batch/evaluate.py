@@ -200,13 +200,13 @@ def response_nll(model: Any, tok: Any, examples: list[Example], prompt: dict[str
     import math
 
     from .batches import CorpusExamples, collate
-    from .data import encode
+    from .data import encode_example
     from .losses import token_ce
 
     max_len = int(prompt.get("max_len") or 512)
-    src = CorpusExamples([encode(tok, render_prompt(ex, prompt["template"], tok), ex.response,
-                                 max_prompt_len=int(prompt["max_prompt_len"]), max_len=max_len,
-                                 template=prompt["template"]) for ex in examples])
+    src = CorpusExamples([encode_example(tok, ex, render_prompt(ex, prompt["template"], tok),
+                                         max_prompt_len=int(prompt["max_prompt_len"]), max_len=max_len,
+                                         template=prompt["template"]) for ex in examples])
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
     order = sorted(range(len(src)), key=lambda i: -src.n_tokens[i])
@@ -215,7 +215,8 @@ def response_nll(model: Any, tok: Any, examples: list[Example], prompt: dict[str
         logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
         total += float(token_ce(logits[mb.select].float(), mb.targets).sum())
         tokens += mb.targets.numel()
-    n_bytes = sum(len(ex.response.encode("utf-8")) for ex in examples)
+    n_bytes = sum(len(t.encode("utf-8")) for ex in examples for t in  # a conversation: every assistant turn
+                  ([c for role, c in ex.messages if role == "assistant"] if ex.is_chat else [ex.response]))
     return {"nats_per_token": total / max(tokens, 1), "tokens": tokens,
             "bits_per_byte": total / math.log(2) / max(n_bytes, 1), "bytes": n_bytes}
 

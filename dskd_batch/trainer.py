@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .batches import MicroBatch, epoch_order, global_batches, response_tokens, step_loader
+from .batches import MicroBatch, epoch_order, global_batches, step_loader
 from .files import (TMP_MARK, atomic_write_bytes, atomic_write_json, file_table, read_json, remove_stale_tmp,
                     replace_dir, sha256_file, tmp_path)
 from .distributed import DistContext
@@ -447,7 +447,7 @@ class Trainer:
         mf = MetricsLog(metrics_path, log_to, config=config) if self.ctx.is_main else None
         try:
             for epoch, k, batch, micro in loader:
-                n_resp = sum(response_tokens(ex.n_tokens[i], ex.prompt_len[i]) for i in batch)
+                n_resp = sum(ex.n_targets[i] for i in batch)
                 self._scale_on_policy(micro, n_resp)
                 sums: dict[str, float] = {}
                 tokens = 0

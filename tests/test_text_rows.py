@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import SHARED
 
-from dskd_batch.batches import response_tokens
+
 from dskd_batch.config import CacheConfig, DistillConfig
 from dskd_batch.data import encode, load_examples, render_prompt, split_long_texts
 from dskd_batch.errors import DskdError
@@ -58,9 +58,9 @@ def test_windows_cover_the_document_once_and_every_token_is_a_target(tiny_tokeni
                 body = tok(w.response, add_special_tokens=False)["input_ids"]
                 assert len(enc.input_ids) <= max_len and enc.input_ids[enc.prompt_len:] == body  # nothing cut
                 assert enc.input_ids[-1] != tok.eos_token_id or body[-1] == tok.eos_token_id  # no EOS appended
-                n_targets += response_tokens(len(enc.input_ids), enc.prompt_len)
+                n_targets += len(enc.targets())
                 if enc.prompt_len:  # a BOS-adding tokenizer: every token of the window is predicted
-                    assert response_tokens(len(enc.input_ids), enc.prompt_len) == len(body)
+                    assert len(enc.targets()) == len(body)
             # the windows re-tokenise to the document's tokens, give or take a merge at each cut
             assert abs(sum(len(tok(w.response, add_special_tokens=False)["input_ids"]) for w in wins) - len(whole)) \
                 <= len(wins)

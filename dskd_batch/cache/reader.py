@@ -75,10 +75,11 @@ def load_codec(cache_dir: Path, settings: dict[str, Any]) -> HiddenCodec | None:
 
 
 class _Shard:
-    def __init__(self, path: Path, codec: HiddenCodec | None, max_chunks: int = 8) -> None:
+    def __init__(self, path: Path, codec: HiddenCodec | None, max_chunks: int = 8, targets_stored: bool = True) -> None:
         import zarr
 
         self.path = path
+        self.targets_stored = targets_stored
         self.meta = read_json(path / SHARD_META)
         self.chunks = self.meta["chunk_rows"]
         table = pq.read_table(path / INDEX)
@@ -123,7 +124,8 @@ class _Shard:
         return data[lo:lo + n]
 
     def texts(self, j: int) -> dict[str, Any]:
-        rec: dict[str, Any] = {k: self.index[k][j] for k in ("id", "instruction", "input", "prompt", "response", "source")}
+        rec: dict[str, Any] = {k: self.index[k][j] for k in ("id", "instruction", "input", "prompt", "response", "source",
+                                                             "messages")}
         rec["prompt_len"] = int(self.index["prompt_len"][j])
         return rec
 
@@ -132,7 +134,10 @@ class _Shard:
         return {**self.texts(j), **{k: self.read(k, j) for k in names}}
 
     def example(self, j: int) -> dict[str, Any]:
-        return {**self.texts(j), **from_arrays({k: self.read(k, j) for k in self.arrays}, self.codec)}
+        rec = {**self.texts(j), **from_arrays({k: self.read(k, j) for k in self.arrays}, self.codec)}
+        if self.targets_stored:  # the stored positions are the training targets (a conversation's assistant turns)
+            rec["targets"] = rec["positions"]
+        return rec
 
 
 class TeacherCache(Sequence):
@@ -220,7 +225,7 @@ class TeacherCache(Sequence):
             if problems:
                 raise CacheCorruptError(problems, hint=f"run `dskd-batch verify {self.path}`; re-run cache-teacher to rewrite bad shards")
             self._verified.add(s)
-        shard = _Shard(sdir, self.codec, max_chunks=self.chunk_cache)
+        shard = _Shard(sdir, self.codec, max_chunks=self.chunk_cache, targets_stored=self.stored_positions == "targets")
         with self._lock:
             self._open[s] = shard
             while self.max_open_shards is not None and len(self._open) > self.max_open_shards:

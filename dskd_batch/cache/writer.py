@@ -24,7 +24,7 @@ from .format import INDEX, SHARD_META, atomic_write_json, file_table, tmp_path
 
 INDEX_SCHEMA = pa.schema([
     ("id", pa.string()), ("instruction", pa.string()), ("input", pa.string()), ("prompt", pa.string()),
-    ("response", pa.string()), ("source", pa.string()), ("prompt_len", pa.int32()),
+    ("response", pa.string()), ("source", pa.string()), ("messages", pa.string()), ("prompt_len", pa.int32()),
     ("n_tokens", pa.int32()), ("offset", pa.int64()), ("n_positions", pa.int32()), ("pos_offset", pa.int64()),
 ])
 LENGTH = {TOKENS: "n_tokens", POSITIONS: "n_positions"}  # index column: an example's rows on each axis

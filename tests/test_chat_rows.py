@@ -1,0 +1,213 @@
+"""Conversation rows ({"messages": [...]}): the targets are exactly the assistant turns (end-of-turn
+marker included), the cache stores the teacher there, KD from the cache equals KD with the live
+teacher, evaluation answers the last turn, and each bad row is one clear error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SHARED
+
+from dskd_batch.config import CacheConfig, DistillConfig
+from dskd_batch.data import encode_conversation, load_examples, render_prompt
+from dskd_batch.errors import DskdError
+
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+TWO_TURNS = [{"role": "system", "content": "You are brief."},
+             {"role": "user", "content": "What is the capital of Italy?"},
+             {"role": "assistant", "content": "Rome."},
+             {"role": "user", "content": "And of France?"},
+             {"role": "assistant", "content": "Paris is the capital of France."}]
+ROWS = [{"messages": TWO_TURNS},
+        {"messages": [{"role": "user", "content": "Name a primary colour."}, {"role": "assistant", "content": "Red."}]},
+        {"prompt": "Two plus three?", "response": "Five."},
+        {"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello there!"},
+                      {"role": "user", "content": "Thanks."}]}]  # a trailing user turn: dropped
+
+
+def _write(path: Path, rows: list) -> Path:
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def _example(messages: list) -> object:
+    return load_examples_from([{"messages": messages}])[0]
+
+
+def load_examples_from(rows: list, tmp: Path | None = None) -> list:
+    import tempfile
+
+    d = Path(tempfile.mkdtemp()) if tmp is None else tmp
+    return load_examples(_write(d / "rows.jsonl", rows)).examples
+
+
+def _chat_tokenizers() -> list:
+    from transformers import AutoTokenizer
+
+    names = [n for n in ("smollm2", "qwen2", "llama3") if (SHARED / "tokenizers" / n).is_dir()]
+    toks = [AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / n)) for n in names]
+    return [t for t in toks if t.chat_template]
+
+
+@pytest.mark.skipif(not (SHARED / "tokenizers").is_dir(), reason="needs ../shared/tokenizers")
+def test_targets_are_exactly_the_assistant_turns_with_real_chat_templates() -> None:
+    toks = _chat_tokenizers()
+    assert toks, "no tokenizer with a chat template in ../shared/tokenizers"
+    ex = _example(TWO_TURNS)
+    for tok in toks:
+        enc = encode_conversation(tok, ex, max_len=512)
+        ids, targets = enc.input_ids, enc.targets()
+        assert targets == sorted(set(targets)) and all(0 <= p < len(ids) - 1 for p in targets)
+        # the targets fall into contiguous runs, one per assistant turn
+        runs, start = [], targets[0]
+        for a, b in zip(targets, targets[1:] + [None]):
+            if b != a + 1:
+                runs.append([ids[p + 1] for p in range(start, a + 1)])
+                start = b
+        assert len(runs) == 2
+        probe = tok.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": "XYZ"}],
+                                        tokenize=False)
+        marker = probe[probe.rindex("XYZ") + 3:].rstrip()  # the template's end-of-turn text, e.g. <|im_end|>
+        assert marker
+        for run, content in zip(runs, ("Rome.", "Paris is the capital of France.")):
+            assert tok.decode(run).strip() == content + marker  # the content and its end-of-turn marker, nothing else
+        # system and user turns (and the template's headers) are never targets
+        others = [ids[p + 1] for p in range(len(ids) - 1) if p not in set(targets)]
+        rest = tok.decode(others)
+        assert "You are brief." in rest and "What is the capital of Italy?" in rest and "And of France?" in rest
+        # the prompt of the last turn is what evaluation and on-policy sampling generate from
+        prompt = render_prompt(ex, "chat", tok)
+        assert prompt == tok.apply_chat_template(TWO_TURNS[:-1], tokenize=False, add_generation_prompt=True)
+        assert tok.decode(ids[:enc.prompt_len]) == tok.decode(tok(prompt, add_special_tokens=False)["input_ids"])
+
+
+def test_bad_conversations_are_one_clear_error(tmp_path: Path, tiny_tokenizer_dir: Path) -> None:
+    bad = {
+        "no assistant turn": [{"role": "user", "content": "Hi"}],
+        "unknown role 'robot'": [{"role": "robot", "content": "Hi"}, {"role": "assistant", "content": "Yo"}],
+        "'content' must be a string": [{"role": "user", "content": ["Hi"]}, {"role": "assistant", "content": "Yo"}],
+        "must be a non-empty list": [],
+    }
+    for k, (msg, messages) in enumerate(bad.items()):
+        p = _write(tmp_path / f"bad{k}.jsonl", [{"messages": [{"role": "user", "content": "ok"},
+                                                              {"role": "assistant", "content": "fine"}]},
+                                                {"messages": messages}])
+        with pytest.raises(DskdError, match=f"bad{k}.jsonl:2: .*{msg}"):
+            load_examples(p)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))  # no chat template
+    ex = load_examples(_write(tmp_path / "ok.jsonl", ROWS[:1])).examples[0]
+    with pytest.raises(DskdError, match="ok.jsonl:1: a conversation needs a tokenizer with a chat template"):
+        render_prompt(ex, "chat", tok)
+    with pytest.raises(DskdError, match="rendered with the tokenizer's chat template"):
+        render_prompt(ex, "alpaca", tok)
+
+
+@pytest.fixture(scope="module")
+def chat_teacher(llama_teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import AutoTokenizer
+
+    d = tmp_path_factory.mktemp("chat-teacher")
+    for f in llama_teacher.iterdir():
+        shutil.copy(f, d / f.name)
+    tok = AutoTokenizer.from_pretrained(str(d))
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(str(d))
+    return d
+
+
+@pytest.fixture(scope="module")
+def chat_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write(tmp_path_factory.mktemp("chat") / "train.jsonl", ROWS)
+
+
+def _cache(teacher: Path, data: Path, out: Path, **kw) -> Path:
+    from dskd_batch.cache_teacher import run
+
+    base = dict(teacher=str(teacher), data=str(data), out=str(out), hidden="fp32", top_k=8, max_len=96,
+                max_prompt_len=48, template="chat")
+    return run(CacheConfig(**{**base, **kw}), progress=False)
+
+
+def test_cache_stores_the_teacher_at_the_assistant_turns(chat_teacher, chat_corpus, tmp_path):
+    from transformers import AutoTokenizer
+
+    from dskd_batch import open_cache
+    from dskd_batch.models import load_causal_lm
+
+    cache = open_cache(_cache(chat_teacher, chat_corpus, tmp_path / "c"))
+    tok = AutoTokenizer.from_pretrained(str(chat_teacher))
+    model = load_causal_lm(str(chat_teacher))
+    examples = load_examples(chat_corpus).examples
+    assert len(cache) == 4 and [cache[i]["id"] for i in range(4)] == [ex.id for ex in examples]
+    for i, ex in enumerate(examples):
+        rec = cache[i]
+        if not ex.is_chat:
+            continue
+        enc = encode_conversation(tok, ex, max_len=96)
+        assert rec["positions"].tolist() == enc.targets() and rec["input_ids"].tolist() == enc.input_ids
+        assert json.loads(rec["messages"]) == [list(m) for m in ex.messages]
+        with torch.no_grad():
+            real = model(input_ids=rec["input_ids"][None]).logits[0][rec["positions"]]
+        torch.testing.assert_close(rec["logsumexp"], torch.logsumexp(real, -1), atol=1e-5, rtol=1e-5)
+        assert torch.equal(rec["argmax"], real.argmax(-1))
+        turns = tok.decode(rec["input_ids"][rec["positions"] + 1])
+        assert "Thanks." not in turns and tok.eos_token in turns
+    assert not any("Thanks" in json.loads(cache[i]["messages"] or "[]").__str__() for i in range(4))
+    with pytest.raises(DskdError, match="conversation.*not supported yet"):
+        from dskd_batch.align import build_alignment
+
+        build_alignment(cache, AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / "gpt2"))
+                        if (SHARED / "tokenizers" / "gpt2").is_dir() else tok, "other")
+
+
+@pytest.mark.parametrize("method", ["kd", "dskd"])
+def test_chat_rows_kd_from_cache_equals_live(method, chat_teacher, chat_corpus, tmp_path):
+    from dskd_batch.distill import run
+
+    cache = _cache(chat_teacher, chat_corpus, tmp_path / "c")
+    common = dict(student=str(chat_teacher), method=method, batch_size=2, lr=1e-3, max_steps=2, device="cpu",
+                  lr_schedule="constant", shuffle="global", max_len=96, max_prompt_len=48, template="chat")
+    a = run(DistillConfig(out=str(tmp_path / "a"), cache=str(cache), **common))
+    b = run(DistillConfig(out=str(tmp_path / "b"), teacher=str(chat_teacher), data=str(chat_corpus), **common))
+    ma = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
+    assert len(ma) == len(mb) == 2
+    for ra, rb in zip(ma, mb):
+        for k in ("loss", "ce", "kd", "response_tokens"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), (k, ra, rb)
+
+
+def test_chat_rows_refused_where_they_do_not_fit(chat_teacher, chat_corpus, tmp_path):
+    with pytest.raises(DskdError, match="a conversation has several assistant turns"):
+        _cache(chat_teacher, chat_corpus, tmp_path / "g", generate=True)
+    with pytest.raises(DskdError, match="--positions all is for prompt/response and text rows"):
+        _cache(chat_teacher, chat_corpus, tmp_path / "a", positions="all")
+    with pytest.raises(DskdError, match="rendered with the tokenizer's chat template"):
+        _cache(chat_teacher, chat_corpus, tmp_path / "t", template="alpaca")
+    assert not any((tmp_path / n).exists() for n in ("g", "a", "t"))
+    long = _write(tmp_path / "long.jsonl", [{"messages": [{"role": "user", "content": "word " * 200},
+                                                          {"role": "assistant", "content": "ok"}]}])
+    with pytest.raises(DskdError, match="long.jsonl:1: no assistant token is left within max_len = 96"):
+        _cache(chat_teacher, long, tmp_path / "l")
+
+
+def test_evaluate_answers_the_last_turn(chat_teacher, chat_corpus, tmp_path):
+    from dskd_batch.config import EvalConfig
+    from dskd_batch.evaluate import run as evaluate
+
+    out = evaluate(EvalConfig(model=str(chat_teacher), data=str(chat_corpus), seeds="1", device="cpu",
+                              template="chat", max_new_tokens=4, out=str(tmp_path / "e")))
+    rep = json.loads((out / "report.json").read_text())
+    (s,) = rep["sets"].values()
+    assert s["examples"] == 4 and s["nll"]["tokens"] > 0
+    gens = {g["references"][0]: g for g in s["generations"]}
+    last = gens["Paris is the capital of France."]  # the reference is the last assistant turn ...
+    assert last["prompt"].endswith("And of France?<|endoftext|>\n<|assistant|>")  # ... answered after the turns before it
+    assert "Rome." in last["prompt"]
