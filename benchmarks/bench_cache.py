@@ -117,20 +117,24 @@ def modes(teacher: str, data: str, limit: int, work: Path, modes_: list[str]) ->
     for mode in modes_:
         out = work / f"mode-{mode}"
         t = time.perf_counter()
-        # compact is fitted on the corpus's first CALIBRATION_TOKENS tokens: its fidelity is read from
-        # the last shard only, which lies past them (held out), so the figure is not in-sample.
-        n = limit * 3 if mode == "compact" else limit
+        # compact is fitted on the corpus's first examples (calibration_examples): its fidelity is read
+        # from the last shard only, which lies past them (held out), so the figure is not in-sample.
+        n = limit
+        if mode == "compact":
+            from dskd_batch.cache_teacher import calibration_examples
+
+            big = CacheConfig(teacher=teacher, data=data, out=str(out), limit=limit * 100)
+            chosen, _ = calibration_examples(prepare_corpus(big, load_tokenizer(teacher)))
+            n = (-(-len(chosen) // limit) + 1) * limit
         run(CacheConfig(teacher=teacher, data=data, out=str(out), hidden=mode, top_k=64, limit=n,
                         shard_size=limit, fidelity_sample=limit), progress=False)
         info = cache_summary(open_cache(out))
         if mode == "compact":
-            from dskd_batch.cache_teacher import CALIBRATION_TOKENS
-
             shards = open_cache(out).shards
-            before = sum(sh["tokens"] for sh in shards[:-1])
-            assert before >= CALIBRATION_TOKENS, "raise --fidelity-examples: the held-out shard overlaps calibration"
+            before = sum(sh["examples"] for sh in shards[:-1])
+            assert before >= len(chosen), "the held-out shard overlaps the calibration examples"
             info["fidelity"] = json.loads((out / "shards" / shards[-1]["name"] / "shard.json").read_text())["fidelity"]
-            info["fidelity"]["held_out_after_tokens"] = before
+            info["fidelity"]["held_out_after_examples"] = before
         bpt = info["bytes_per_token"]
         topk = bpt.get("topk_values", 0) + bpt.get("topk_indices", 0)
         hidden = sum(v for k, v in bpt.items() if k.startswith("hidden"))

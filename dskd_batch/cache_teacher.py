@@ -40,7 +40,8 @@ from .teacher import TeacherForward, assemble_logits, reconstruct_logits, recons
 log = logging.getLogger(__name__)
 
 INFORMATIONAL = ("teacher.source", "data.source")
-CALIBRATION_TOKENS = 8192
+CALIBRATION_TOKENS = 8192  # positions the compact codec is fitted on ...
+CALIBRATION_SCAN_TOKENS = 4 * CALIBRATION_TOKENS  # ... found in at most this many tokens of the corpus's first examples
 
 
 @dataclass
@@ -191,25 +192,46 @@ def _write_teacher_dir(out: Path, model: Any, tok: Any, codec_state: dict[str, t
         raise
 
 
-def calibrate_compact(tf: TeacherForward, prep: Prepared, weight: torch.Tensor, batch_tokens: int) -> CompactCodec:
-    """Fit the compact codec on the target positions of the corpus's first examples (deterministic,
-    so resumes agree)."""
-    chosen, total = [], 0
+def calibration_examples(prep: Prepared) -> tuple[list[int], bool]:
+    """The corpus's first examples the compact codec is fitted on: until they hold
+    CALIBRATION_TOKENS target positions, or CALIBRATION_SCAN_TOKENS tokens in all (and then
+    whether their other positions must top the sample up: a corpus of short responses)."""
+    chosen, targets, tokens = [], 0, 0
     for i, enc in enumerate(prep.encoded):
         chosen.append(i)
-        total += len(enc.targets())
-        if total >= CALIBRATION_TOKENS:
+        targets += len(enc.targets())
+        tokens += len(enc.input_ids)
+        if targets >= CALIBRATION_TOKENS or tokens >= CALIBRATION_SCAN_TOKENS:
             break
-    hidden, idx, probs = [], [], []
+    return chosen, targets < CALIBRATION_TOKENS
+
+
+def calibrate_compact(tf: TeacherForward, prep: Prepared, weight: torch.Tensor, batch_tokens: int) -> CompactCodec:
+    """Fit the compact codec on the hidden states it will encode: the target positions of the
+    corpus's first examples, topped up with their other positions where those are too few for a
+    d x d covariance (deterministic, so resumes agree)."""
+    chosen, top_up = calibration_examples(prep)
+    rows: dict[str, list[torch.Tensor]] = {"hidden": [], "idx": [], "probs": []}
+    extra: dict[str, list[torch.Tensor]] = {"hidden": [], "idx": [], "probs": []}
     for batch in length_batches([len(prep.encoded[i].input_ids) for i in chosen], batch_tokens):
         encs = [prep.encoded[chosen[j]] for j in batch]
-        recs = tf([e.input_ids for e in encs], positions=[e.targets() for e in encs], keep_logits=True)
-        for r in recs:
+        recs = tf([e.input_ids for e in encs], positions=None if top_up else [e.targets() for e in encs],
+                  keep_logits=True)
+        for e, r in zip(encs, recs):
             p, ix = torch.topk(torch.softmax(r["logits"], -1), 64, dim=-1)
-            hidden.append(r["hidden"])
-            idx.append(ix)
-            probs.append(p)
-    return CompactCodec.fit(torch.cat(hidden), weight, torch.cat(idx), torch.cat(probs))
+            is_target = torch.zeros(len(r["positions"]), dtype=torch.bool)
+            is_target[rows_at(r, torch.as_tensor(e.targets(), dtype=torch.long))] = True
+            for part, mask in ((rows, is_target), (extra, ~is_target)):
+                part["hidden"].append(r["hidden"][mask])
+                part["idx"].append(ix[mask])
+                part["probs"].append(p[mask])
+    got = {k: torch.cat(v) for k, v in rows.items()}
+    if top_up:
+        need = max(0, CALIBRATION_TOKENS - len(got["hidden"]))
+        got = {k: torch.cat([got[k], torch.cat(extra[k])[:need]]) for k in got}
+        log.info("compact codec: %d target positions in the first %d examples, topped up with %d other positions",
+                 sum(len(h) for h in rows["hidden"]), len(chosen), min(need, sum(len(h) for h in extra["hidden"])))
+    return CompactCodec.fit(got["hidden"], weight, got["idx"], got["probs"])
 
 
 def shard_done(out: Path, s: int) -> bool:
@@ -536,7 +558,7 @@ def _run_locked(cfg: CacheConfig, ctx: DistContext, progress: bool, out: Path) -
         if not (out / TEACHER).exists():
             codec_state = None
             if cfg.hidden == "compact":
-                log.info("calibrating the compact hidden-state codec on the first %d tokens", CALIBRATION_TOKENS)
+                log.info("calibrating the compact hidden-state codec on %d positions", CALIBRATION_TOKENS)
                 codec_state = calibrate_compact(tf, prep, weight, cfg.batch_tokens).state_dict()
             _write_teacher_dir(out, model, tok, codec_state)
     ctx.barrier()

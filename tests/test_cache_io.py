@@ -166,6 +166,7 @@ def test_storage_modes(mode, llama_teacher, corpus, tmp_path) -> None:
         assert (out / "shards/shard.00000/positions/hidden_packed").exists()
         assert c.codec.nbytes + 2 <= 0.75 * 32
         assert fid["assembled_t1"]["top1_agreement"] == 1.0
+        assert fid["stored_t1"]["kl_mean"] < 1e-3  # a codec fitted on too few positions would be far off
 
 
 def test_compact_codec_round_trip_is_deterministic() -> None:
