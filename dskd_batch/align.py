@@ -35,7 +35,7 @@ import difflib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .files import atomic_write_json, read_json, remove_stale_tmp, replace_dir, tmp_path
-from .data import Example, encode, render_prompt, target_positions
+from .data import Example, encode_example, render_prompt, target_positions
 from .records import target_rows
 from .errors import DskdError
 from .models import tokenizer_fingerprint
@@ -56,8 +56,8 @@ ALIGN_DIR = "alignments"
 ALIGN_FILE = "alignment.json"
 ALIGN_EXAMPLES = "examples.parquet"
 VOCAB_MAP = "vocab_map.safetensors"
-ALIGN_VERSION = 1
-_LIST_COLUMNS = ("student_ids", "eta_s", "eta_t", "eta_label", "mined_t")
+ALIGN_VERSION = 2  # 2: student_targets (conversations)
+_LIST_COLUMNS = ("student_ids", "eta_s", "eta_t", "eta_label", "mined_t", "student_targets")
 
 
 # -- the bytes of every token ------------------------------------------------------------------------
@@ -301,21 +301,67 @@ class ExampleAlignment:
     eta_t: list[int]
     eta_label: list[int]
     mined_t: list[int]
+    student_targets: list[int] = field(default_factory=list)  # a conversation's; empty: the prompt/response rule
+
+
+def _align_segment(text: bytes, t_tg: list[int], s_tg: list[int], t_table: TokenTable, s_table: TokenTable,
+                   ends: tuple[bool, bool] | None) -> tuple[list[int], list[int], list[int]]:
+    """ETA pairs and MinED matches of one span of targets that covers ``text`` on both sides.
+    ``ends``: whether each side ends with its end token (None: a conversation turn, whose last
+    target is its end-of-turn marker when it lies outside the text)."""
+    t_sp = content_spans(t_tg, t_table, text)
+    s_sp = content_spans(s_tg, s_table, text)
+    if ends is None:
+        ends = (bool(t_sp) and t_sp[-1] is None, bool(s_sp) and s_sp[-1] is None)
+    ps, pt = eta_pairs(t_sp, s_sp, *ends)
+    mined = mined_alignment(_texts_in_context(t_tg, t_sp, t_table, text), _texts_in_context(s_tg, s_sp, s_table, text))
+    return ps, pt, mined
 
 
 def align_example(response: str, t_ids: list[int], t_prompt_len: int, t_argmax: np.ndarray, s_enc: Any,
                   t_table: TokenTable, s_table: TokenTable, t2s: np.ndarray) -> ExampleAlignment:
-    """Align one example. ``t_argmax`` is the teacher's argmax at its target positions (row k: the
-    k-th target position of ``t_ids``)."""
-    text = response.encode("utf-8")
+    """Align one prompt/response (or text) example. ``t_argmax`` is the teacher's argmax at its
+    target positions (row k: the k-th target position of ``t_ids``)."""
     t_tg = response_targets(t_ids, t_prompt_len)
     s_tg = response_targets(s_enc.input_ids, s_enc.prompt_len)
-    t_sp = content_spans(t_tg, t_table, text)
-    s_sp = content_spans(s_tg, s_table, text)
-    ps, pt = eta_pairs(t_sp, s_sp, bool(t_tg) and t_tg[-1] == t_table.eos, bool(s_tg) and s_tg[-1] == s_table.eos)
+    ps, pt, mined = _align_segment(response.encode("utf-8"), t_tg, s_tg, t_table, s_table,
+                                   (bool(t_tg) and t_tg[-1] == t_table.eos, bool(s_tg) and s_tg[-1] == s_table.eos))
     labels = [int(t2s[int(t_argmax[k])]) for k in pt]
-    mined = mined_alignment(_texts_in_context(t_tg, t_sp, t_table, text), _texts_in_context(s_tg, s_sp, s_table, text))
     return ExampleAlignment(list(s_enc.input_ids), s_enc.prompt_len, ps, pt, labels, mined)
+
+
+def runs(positions: list[int]) -> list[list[int]]:
+    """Maximal runs of consecutive positions (a conversation's targets: one run per assistant turn)."""
+    out: list[list[int]] = []
+    for p in positions:
+        if out and p == out[-1][-1] + 1:
+            out[-1].append(p)
+        else:
+            out.append([p])
+    return out
+
+
+def align_conversation(turns: list[str], t_ids: list[int], t_targets: list[int], t_argmax: np.ndarray, s_enc: Any,
+                       t_table: TokenTable, s_table: TokenTable, t2s: np.ndarray) -> ExampleAlignment:
+    """Align a conversation turn by turn: the k-th assistant turn's targets on each side cover the
+    text ``turns[k]``, and pairs never cross turns. Indices are into each side's flat target list
+    (``t_targets`` and ``s_enc.targets()``), as for one response."""
+    s_targets = s_enc.targets()
+    t_runs, s_runs = runs(t_targets), runs(s_targets)
+    ps_all, pt_all, mined_all = [], [], [-1] * len(s_targets)
+    t_off = s_off = 0
+    for k in range(min(len(t_runs), len(s_runs), len(turns))):
+        t_tg = [t_ids[p + 1] for p in t_runs[k]]
+        s_tg = [s_enc.input_ids[p + 1] for p in s_runs[k]]
+        ps, pt, mined = _align_segment(turns[k].encode("utf-8"), t_tg, s_tg, t_table, s_table, None)
+        ps_all += [j + s_off for j in ps]
+        pt_all += [j + t_off for j in pt]
+        mined_all[s_off:s_off + len(mined)] = [m + t_off if m >= 0 else -1 for m in mined]
+        t_off += len(t_runs[k])
+        s_off += len(s_runs[k])
+    labels = [int(t2s[int(t_argmax[k])]) for k in pt_all]
+    return ExampleAlignment(list(s_enc.input_ids), s_enc.prompt_len, ps_all, pt_all, labels, mined_all,
+                            list(s_targets))
 
 
 # -- building and reading the sidecar --------------------------------------------------------------
@@ -344,11 +390,6 @@ def build_alignment(cache: Any, student_tok: Any, student_source: str, *, force:
     remove_stale_tmp(cache.path / ALIGN_DIR, prefix=fp)
     st = cache.settings
     template, limits = st["template"]["name"], st["limits"]
-    chats = [i for i, m in enumerate(cache.index_column("messages")) if m]
-    if chats:
-        raise DskdError(f"cache {cache.path} holds {len(chats)} conversation(s) (messages rows): aligning them to another "
-                        "tokenizer is not supported yet", hint="use a same-vocabulary method (kd, dskd) for conversations, "
-                        "or prompt/response rows for cross-tokenizer distillation")
     t_tok = cache.tokenizer()
     if tokenizer_fingerprint(t_tok) == fp:
         raise DskdError(f"{student_source} is the teacher's own tokenizer: same-vocabulary methods need no alignment")
@@ -365,19 +406,26 @@ def build_alignment(cache: Any, student_tok: Any, student_source: str, *, force:
         pbar = tqdm(total=len(cache), unit="ex", desc="align", dynamic_ncols=True)
     for i in range(len(cache)):
         rec = cache.token_arrays(i, ("input_ids", "positions", "argmax"))
-        rec["argmax"] = rec["argmax"][target_rows(rec)]
-        ex = Example(rec["id"], rec["instruction"], rec["input"], rec["response"], rec["source"])
+        if cache.stored_positions != "targets":  # every position stored: keep the targets' rows
+            rows = target_rows(rec)
+            rec["argmax"] = rec["argmax"][rows if isinstance(rows, slice) else rows.numpy()]
+        messages = tuple(tuple(m) for m in json.loads(rec["messages"])) if rec.get("messages") else ()
+        ex = Example(rec["id"], rec["instruction"], rec["input"], rec["response"], rec["source"], messages)
         s_prompt = render_prompt(ex, template, student_tok)
-        s_enc = encode(student_tok, s_prompt, rec["response"], max_prompt_len=limits["max_prompt_len"],
-                       max_len=limits["max_len"], template=template)
-        a = align_example(rec["response"], rec["input_ids"].tolist(), rec["prompt_len"], rec["argmax"], s_enc,
-                          t_table, s_table, t2s)
+        s_enc = encode_example(student_tok, ex, s_prompt, max_prompt_len=limits["max_prompt_len"],
+                               max_len=limits["max_len"], template=template)
+        if ex.is_chat:
+            a = align_conversation([c for role, c in messages if role == "assistant"], rec["input_ids"].tolist(),
+                                   rec["positions"].tolist(), rec["argmax"], s_enc, t_table, s_table, t2s)
+        else:
+            a = align_example(rec["response"], rec["input_ids"].tolist(), rec["prompt_len"], rec["argmax"], s_enc,
+                              t_table, s_table, t2s)
         for k in _LIST_COLUMNS:
             cols[k].append(getattr(a, k))
         cols["student_prompt_len"].append(a.student_prompt_len)
         totals["examples"] += 1
         totals["student_positions"] += len(a.mined_t)
-        totals["teacher_positions"] += len(target_positions(len(rec["input_ids"]), rec["prompt_len"]))
+        totals["teacher_positions"] += len(rec["argmax"])
         totals["eta_pairs"] += len(a.eta_s)
         totals["eta_labelled"] += sum(1 for x in a.eta_label if x >= 0)
         totals["mined_pairs"] += sum(1 for x in a.mined_t if x >= 0)
@@ -448,6 +496,10 @@ class Alignment:
     def student_lengths(self) -> list[int]:
         off = self._lists["student_ids"][0]
         return np.diff(off).tolist()
+
+    def target_counts(self) -> list[int]:
+        """Per example, how many explicit student targets it has (a conversation's; 0 otherwise)."""
+        return np.diff(self._lists["student_targets"][0]).tolist()
 
     def shared_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(student ids, teacher ids) of the tokens both vocabularies share by text."""

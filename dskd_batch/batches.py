@@ -66,7 +66,8 @@ class AlignedExamples(CacheExamples):
         self.alignment = alignment
         self.n_tokens = alignment.student_lengths()
         self.prompt_len = alignment.student_prompt_len.tolist()
-        self.n_targets = [len(target_positions(n, p)) for n, p in zip(self.n_tokens, self.prompt_len)]
+        explicit = alignment.target_counts()  # a conversation's student targets (0: the prompt/response rule)
+        self.n_targets = [e or len(target_positions(n, p)) for e, n, p in zip(explicit, self.n_tokens, self.prompt_len)]
 
     def records(self, idxs: list[int]) -> list[Record]:
         out = []
@@ -77,6 +78,9 @@ class AlignedExamples(CacheExamples):
             rec["teacher_prompt_len"] = rec.pop("prompt_len")
             rec["teacher_targets"] = rec.pop("targets", None)
             rec["input_ids"] = torch.from_numpy(row.pop("student_ids").astype("int64"))
+            targets = row.pop("student_targets")
+            if len(targets):
+                rec["targets"] = torch.from_numpy(targets.astype("int64"))
             rec["prompt_len"] = int(self.alignment.student_prompt_len[i])
             rec.update({k: torch.from_numpy(v.astype("int64")) for k, v in row.items()})
             out.append(rec)

@@ -43,7 +43,7 @@ own ground truth at every student position; sums are normalised by the student's
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -142,6 +142,29 @@ class LossSettings:
         return distance(self.distance)(s, t, temperature=self.temperature, **dict(self.distance_args))
 
 
+@dataclass
+class LossInputs:
+    """What a method's loss reads, for the N response positions of a micro-batch (or of a chunk)."""
+
+    s: Tensor  # [N, V_S'] student logits, fp32 (V_S' >= vocab: a padded head's rows included)
+    h_s: Tensor  # [N, d_S] the student's head inputs
+    targets: Tensor  # [N] target token ids
+    teacher: TeacherBatch | None  # the teacher's record at the teacher's positions
+    head: TeacherHead | None  # the frozen teacher head
+    projectors: nn.ModuleDict  # the method's projectors (t2s, s2t, query), trained or frozen
+    student_head: Tensor  # W_S [V_S', d_S]
+    vocab: int  # the student tokenizer's size: logits and head rows beyond it are cut
+    cross: CrossBatch | None = None  # the alignment, for a student with another tokenizer
+    student_embed: Tensor | None = None  # E_S, for methods that need it (needs_embeddings)
+
+    def projector(self, name: str) -> nn.Module | None:
+        return self.projectors[name] if name in self.projectors else None
+
+    def sliced(self) -> "LossInputs":
+        """The same inputs with the student logits and head cut to the real vocabulary."""
+        return replace(self, s=self.s[:, :self.vocab], student_head=self.student_head[:self.vocab])
+
+
 class Method:
     """Base: supervised fine-tuning (CE on the targets)."""
 
@@ -168,10 +191,9 @@ class Method:
     def projector_spec(self) -> dict[str, bool]:
         return {"t2s": False, "s2t": False}
 
-    def losses(self, s: Tensor, h_s: Tensor, targets: Tensor, tb: TeacherBatch | None, head: TeacherHead | None,
-               projectors: nn.ModuleDict, student_head: Tensor, vocab: int, cross: CrossBatch | None = None,
-               student_embed: Tensor | None = None) -> dict[str, Tensor]:
-        ce = token_ce(s[:, :vocab], targets).sum()
+    def losses(self, x: LossInputs) -> dict[str, Tensor]:
+        """Sums over the positions: ``objective`` (what is minimised), ``ce`` and the logged terms."""
+        ce = token_ce(x.s[:, :x.vocab], x.targets).sum()
         return {"objective": ce, "ce": ce.detach()}
 
     def combine(self, ce: Tensor, terms: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -190,10 +212,10 @@ class VanillaKD(Method):
     name = "kd"
     needs_teacher = True
 
-    def losses(self, s, h_s, targets, tb, head, projectors, student_head, vocab, cross=None,  # type: ignore[override]
-               student_embed=None):
-        ce = token_ce(s[:, :vocab], targets).sum()
-        return self.combine(ce, {"kd": self.ls.dist(s[:, :vocab], head.logits(tb)[:, :vocab]).sum()})
+    def losses(self, x: LossInputs) -> dict[str, Tensor]:
+        s = x.s[:, :x.vocab]
+        ce = token_ce(s, x.targets).sum()
+        return self.combine(ce, {"kd": self.ls.dist(s, x.head.logits(x.teacher)[:, :x.vocab]).sum()})
 
 
 def dskd_terms(s: Tensor, h_s: Tensor, targets: Tensor, t_logits: Tensor, h_t: Tensor, t_argmax: Tensor,
@@ -221,10 +243,6 @@ def dskd_terms(s: Tensor, h_s: Tensor, targets: Tensor, t_logits: Tensor, h_t: T
     return out
 
 
-def _get(projectors: nn.ModuleDict, name: str) -> nn.Module | None:
-    return projectors[name] if name in projectors else None
-
-
 class DSKD(Method):
     name = "dskd"
     needs_teacher = True
@@ -234,13 +252,12 @@ class DSKD(Method):
     def projector_spec(self) -> dict[str, bool]:
         return {"t2s": self.ls.student_space, "s2t": self.ls.teacher_space}
 
-    def losses(self, s, h_s, targets, tb, head, projectors, student_head, vocab, cross=None,  # type: ignore[override]
-               student_embed=None):
-        s = s[:, :vocab]
-        ce = token_ce(s, targets).sum()
-        t_logits = head.logits(tb)[:, :vocab]
-        terms = dskd_terms(s, h_s, targets, t_logits, tb.hidden, tb.argmax, _get(projectors, "t2s"),
-                           _get(projectors, "s2t"), student_head[:vocab], _sliced(head, vocab), self.ls)
+    def losses(self, x: LossInputs) -> dict[str, Tensor]:
+        x = x.sliced()
+        ce = token_ce(x.s, x.targets).sum()
+        t_logits = x.head.logits(x.teacher)[:, :x.vocab]
+        terms = dskd_terms(x.s, x.h_s, x.targets, t_logits, x.teacher.hidden, x.teacher.argmax, x.projector("t2s"),
+                           x.projector("s2t"), x.student_head, _sliced(x.head, x.vocab), self.ls)
         return self.combine(ce, terms)
 
 
@@ -264,16 +281,12 @@ class CrossVocabMethod(Method):
     def prepare(self, cache: Any, alignment: Any | None) -> None:
         self.s2t_vocab = alignment.s2t
 
-    def losses(self, s, h_s, targets, tb, head, projectors, student_head, vocab, cross=None,  # type: ignore[override]
-               student_embed=None):
-        s = s[:, :vocab]
-        ce = token_ce(s, targets).sum()
-        terms = self.kd_terms(s, h_s, targets, tb, head, projectors, student_head[:vocab], cross, student_embed)
-        return self.combine(ce, terms)
+    def losses(self, x: LossInputs) -> dict[str, Tensor]:
+        x = x.sliced()
+        return self.combine(token_ce(x.s, x.targets).sum(), self.kd_terms(x))
 
-    def kd_terms(self, s: Tensor, h_s: Tensor, targets: Tensor, tb: TeacherBatch, head: TeacherHead,
-                 projectors: nn.ModuleDict, student_head: Tensor, cross: CrossBatch,
-                 student_embed: Tensor | None) -> dict[str, Tensor]:
+    def kd_terms(self, x: LossInputs) -> dict[str, Tensor]:
+        """The KD terms (``kd``: their sum) from inputs already cut to the student's vocabulary."""
         raise NotImplementedError
 
 
@@ -285,13 +298,14 @@ class DSKDETA(CrossVocabMethod):
     def projector_spec(self) -> dict[str, bool]:
         return {"t2s": self.ls.student_space, "s2t": self.ls.teacher_space}
 
-    def kd_terms(self, s, h_s, targets, tb, head, projectors, student_head, cross, student_embed):
+    def kd_terms(self, x: LossInputs) -> dict[str, Tensor]:
+        cross = x.cross
         keep = cross.eta_label >= 0
         ps, pt, label = cross.eta_s[keep], cross.eta_t[keep], cross.eta_label[keep]
-        tp = tb.rows(pt)
-        terms = dskd_terms(s[ps], h_s[ps], label, head.logits(tp), tp.hidden, label, _get(projectors, "t2s"),
-                           _get(projectors, "s2t"), student_head, head, self.ls)
-        terms["aligned"] = torch.tensor(float(len(ps)), device=s.device)
+        tp = x.teacher.rows(pt)
+        terms = dskd_terms(x.s[ps], x.h_s[ps], label, x.head.logits(tp), tp.hidden, label, x.projector("t2s"),
+                           x.projector("s2t"), x.student_head, x.head, self.ls)
+        terms["aligned"] = torch.tensor(float(len(ps)), device=x.s.device)
         return terms
 
 
@@ -324,14 +338,16 @@ class DSKDCMA(CrossVocabMethod):
         scores = q @ k.T / math.sqrt(k.shape[-1])
         return scores.masked_fill(cross.seg_s[:, None] != cross.seg_t[None, :], float("-inf"))
 
-    def kd_terms(self, s, h_s, targets, tb, head, projectors, student_head, cross, student_embed):
-        if head.embed is None or student_embed is None:
+    def kd_terms(self, x: LossInputs) -> dict[str, Tensor]:
+        s, h_s, targets, tb, head, cross = x.s, x.h_s, x.targets, x.teacher, x.head, x.cross
+        student_head = x.student_head
+        if head.embed is None or x.student_embed is None:
             raise ValueError("dskd-cma needs the teacher's and the student's input embeddings")
-        e_s, e_t = student_embed.detach().float(), head.embed
-        scores = self.attention_scores(projectors["query"], e_s, e_t, cross, targets)
+        e_s, e_t = x.student_embed.detach().float(), head.embed
+        scores = self.attention_scores(x.projectors["query"], e_s, e_t, cross, targets)
         out: dict[str, Tensor] = {}
         kd = s.new_zeros((), dtype=torch.float32)
-        t2s, s2t = _get(projectors, "t2s"), _get(projectors, "s2t")
+        t2s, s2t = x.projector("t2s"), x.projector("s2t")
         if t2s is not None:
             v_in = e_t[cross.t_targets] / self.norm["target_std"] + tb.hidden.float() / self.norm["hidden_std"]
             v = t2s(v_in.to(t2s.weight.dtype)).float()
@@ -366,7 +382,8 @@ def mined_teacher_logits(t_logits: Tensor, s2t_vocab: Tensor, v_s: int) -> Tenso
 class MinED(CrossVocabMethod):
     name = "mined"
 
-    def kd_terms(self, s, h_s, targets, tb, head, projectors, student_head, cross, student_embed):
+    def kd_terms(self, x: LossInputs) -> dict[str, Tensor]:
+        s, targets, tb, head, cross = x.s, x.targets, x.teacher, x.head, x.cross
         aligned = cross.mined_t >= 0
         teacher = torch.full_like(s, NEG).float()
         teacher[torch.arange(len(targets), device=s.device), targets] = 0.0  # one-hot ground truth
@@ -390,10 +407,11 @@ def uld_distance(s: Tensor, t: Tensor, temperature: float) -> Tensor:
 class ULD(CrossVocabMethod):
     name = "uld"
 
-    def kd_terms(self, s, h_s, targets, tb, head, projectors, student_head, cross, student_embed):
-        t_logits = head.logits(tb.rows(cross.uld_t))
-        kd = uld_distance(s[cross.uld_s], t_logits, self.ls.temperature).sum()
-        return {"kd": kd, "aligned": torch.tensor(float(len(cross.uld_s)), device=s.device)}
+    def kd_terms(self, x: LossInputs) -> dict[str, Tensor]:
+        cross = x.cross
+        t_logits = x.head.logits(x.teacher.rows(cross.uld_t))
+        kd = uld_distance(x.s[cross.uld_s], t_logits, self.ls.temperature).sum()
+        return {"kd": kd, "aligned": torch.tensor(float(len(cross.uld_s)), device=x.s.device)}
 
 
 METHOD_CLASSES: dict[str, type[Method]] = {"sft": Method, "seqkd": SeqKD, "kd": VanillaKD, "dskd": DSKD,

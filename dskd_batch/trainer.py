@@ -35,7 +35,7 @@ from .files import (TMP_MARK, atomic_write_bytes, atomic_write_json, file_table,
 from .distributed import DistContext
 from .errors import DskdError
 from .losses import fkl, token_ce
-from .methods import KD_GRAD, Method, TeacherHead
+from .methods import KD_GRAD, LossInputs, Method, TeacherHead
 from .projectors import PROJECTOR_FILE
 from .sharding import (full_optim_state, full_state, is_sharded, load_full_optim_state, load_full_state, local_value,
                        split_state)
@@ -113,7 +113,7 @@ class DistillModule(nn.Module):
                       ) -> dict[str, torch.Tensor]:
         s = self.student.get_output_embeddings()(h)
         w_s = self.student.get_output_embeddings().weight
-        return self.method.losses(s.float(), h, targets, tb, head, self.projectors, w_s, self.vocab)
+        return self.method.losses(LossInputs(s.float(), h, targets, tb, head, self.projectors, w_s, self.vocab))
 
     def _parts(self, n: int) -> list[slice]:
         """The chunks of ``n`` response positions."""
@@ -183,8 +183,8 @@ class DistillModule(nn.Module):
         s, h = self._student(mb)
         w_s = self.student.get_output_embeddings().weight
         e_s = self.student.get_input_embeddings().weight if mb.cross is not None else None
-        return self.method.losses(s.float(), h, mb.targets, mb.teacher, head, self.projectors, w_s, self.vocab,
-                                  cross=mb.cross, student_embed=e_s)
+        return self.method.losses(LossInputs(s.float(), h, mb.targets, mb.teacher, head, self.projectors, w_s,
+                                             self.vocab, cross=mb.cross, student_embed=e_s))
 
 
 @dataclass

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dskd_batch.batches import _cross_part
-from dskd_batch.methods import (DSKDCMA, DSKDETA, ULD, CrossBatch, LossSettings, MinED, TeacherBatch, TeacherHead,
-                                uld_distance)
+from dskd_batch.methods import (DSKDCMA, DSKDETA, ULD, CrossBatch, LossInputs, LossSettings, MinED, TeacherBatch,
+                                TeacherHead, uld_distance)
 from dskd_batch.projectors import build_projectors
 
 torch.manual_seed(0)
@@ -76,7 +76,7 @@ def test_mined_matches_a_naive_loop() -> None:
     m = MinED(LossSettings(temperature=2.0))
     s2t = torch.randint(-1, V_T, (V_S,))
     m.s2t_vocab = s2t
-    got = m.kd_terms(s.float(), h_s, targets, tb, head, nn.ModuleDict(), None, cross, None)["kd"]
+    got = m.kd_terms(LossInputs(s.float(), h_s, targets, tb, head, nn.ModuleDict(), None, V_S, cross))["kd"]
     t_logits = tb.hidden.double() @ head.weight.double().T
     want = 0.0
     for j in range(len(targets)):
@@ -91,7 +91,8 @@ def test_mined_matches_a_naive_loop() -> None:
 
 def test_uld_matches_a_naive_loop() -> None:
     recs, tb, cross, targets, s, h_s, head = parts()
-    got = ULD(LossSettings(temperature=1.0)).kd_terms(s, h_s, targets, tb, head, nn.ModuleDict(), None, cross, None)["kd"]
+    got = ULD(LossSettings(temperature=1.0)).kd_terms(LossInputs(s, h_s, targets, tb, head, nn.ModuleDict(), None, V_S,
+                                                                cross))["kd"]
     want = 0.0
     t_logits = tb.hidden.double() @ head.weight.double().T
     for js, it in zip(cross.uld_s.tolist(), cross.uld_t.tolist()):
@@ -111,7 +112,7 @@ def test_eta_matches_a_naive_loop_and_skips_unmapped_tops() -> None:
     ls = LossSettings(temperature=2.0, agreement_mask=True)
     proj = build_projectors(D_S, D_T, t2s=True, s2t=True, init="random", seed=0).double()
     w_s = torch.randn(V_S, D_S, dtype=torch.float64)
-    out = DSKDETA(ls).kd_terms(s, h_s, targets, tb, head, proj, w_s, cross, None)
+    out = DSKDETA(ls).kd_terms(LossInputs(s, h_s, targets, tb, head, proj, w_s, V_S, cross))
     t2s_ce = t2s_kd = s2t_kd = 0.0
     n = 0
     for j, i, lab in zip(cross.eta_s.tolist(), cross.eta_t.tolist(), cross.eta_label.tolist()):
@@ -141,7 +142,7 @@ def test_cma_matches_per_example_attention() -> None:
     proj = build_projectors(D_S, D_T, t2s=True, s2t=True, query=True, init="random", seed=0)
     w_s = torch.randn(V_S, D_S)
     e_s = torch.randn(V_S, D_S)
-    out = m.kd_terms(s.float(), h_s.float(), targets, tb, head, proj, w_s, cross, e_s)
+    out = m.kd_terms(LossInputs(s.float(), h_s.float(), targets, tb, head, proj, w_s, V_S, cross, e_s))
     t2s_ce = s2t_kd = 0.0
     for b in range(2):
         js, it = torch.nonzero(cross.seg_s == b).flatten(), torch.nonzero(cross.seg_t == b).flatten()

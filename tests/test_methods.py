@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from dskd_batch.methods import DSKD, LossSettings, TeacherBatch, TeacherHead, VanillaKD, dskd_terms
+from dskd_batch.methods import DSKD, LossInputs, LossSettings, TeacherBatch, TeacherHead, VanillaKD, dskd_terms
 
 N, V, DS, DT = 7, 11, 5, 6
 
@@ -91,16 +91,17 @@ def test_method_objective_and_zero_cases():
     tb = TeacherBatch(hidden=h_t, argmax=(h_t @ w_t.detach().T).argmax(-1))
     proj = nn.ModuleDict({"t2s": t2s, "s2t": s2t})
     ls = LossSettings(temperature=2.0, kd_rate=0.3)
-    out = DSKD(ls).losses(s, h_s, targets, tb, head, proj, w_s, V)
+    out = DSKD(ls).losses(LossInputs(s, h_s, targets, tb, head, proj, w_s, V))
     assert torch.allclose(out["objective"], 0.7 * out["ce"] + 0.3 * out["kd"])
 
     # vanilla KD: identical distributions give zero KD; objective = (1-r) CE + r KD
-    kd = VanillaKD(ls).losses(t_l := (h_t @ w_t.detach().T).requires_grad_(), h_s, targets, tb, head, proj, w_s, V)
+    kd = VanillaKD(ls).losses(LossInputs(t_l := (h_t @ w_t.detach().T).requires_grad_(), h_s, targets, tb, head, proj, w_s, V))
     assert float(kd["kd"]) == pytest.approx(0.0, abs=1e-6)
     assert torch.allclose(kd["objective"], 0.7 * naive_ce(t_l, targets).sum().float(), rtol=1e-5)
 
     # an all-masked (empty) batch gives exactly zero for every term
-    empty = DSKD(ls).losses(s[:0], h_s[:0], targets[:0], TeacherBatch(hidden=h_t[:0], argmax=targets[:0]), head, proj, w_s, V)
+    empty = DSKD(ls).losses(LossInputs(s[:0], h_s[:0], targets[:0], TeacherBatch(hidden=h_t[:0], argmax=targets[:0]), head, proj,
+                                       w_s, V))
     assert all(float(v.detach()) == 0.0 for v in empty.values())
 
 
