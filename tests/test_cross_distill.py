@@ -162,3 +162,49 @@ def test_corrupt_alignment_is_one_clear_error(setup, tmp_path) -> None:
         run(DistillConfig(student=str(setup["student"]), out=str(tmp_path / "r"), cache=str(cache),
                           method="uld", verify="none"))
     assert "--force" in e.value.render() and not (tmp_path / "r").exists()
+
+
+def test_aligned_cache_batches_equal_the_live_teachers(setup) -> None:
+    """Format 2 across vocabularies: the micro-batch that the aligned cache gives for a student of
+    another tokenizer equals the one built from a live teacher forward and an on-the-fly alignment
+    (the on-policy path): same teacher rows at the same positions, same pairs."""
+    from transformers import AutoTokenizer
+
+    from dskd_batch.align import align_example, open_alignment, token_table, vocab_map
+    from dskd_batch.batches import AlignedExamples, LiveTeacher, collate
+    from dskd_batch.cache.reader import open_cache
+    from dskd_batch.data import Example, encode, render_prompt
+    from dskd_batch.models import load_causal_lm
+    from dskd_batch.records import training_positions
+    from dskd_batch.teacher import TeacherForward
+
+    cache = open_cache(setup["cache"])
+    st = AutoTokenizer.from_pretrained(str(setup["student"]))
+    t_tok = cache.tokenizer()
+    t_table, s_table = token_table(t_tok), token_table(st)
+    t2s = vocab_map(t_table, s_table)
+    live = LiveTeacher(TeacherForward(load_causal_lm(str(setup["root"] / "teacher")), 8, t_tok.pad_token_id), False)
+    idxs = [0, 3, 7, 11]
+    cached = AlignedExamples(cache, open_alignment(cache, st, "student")).records(idxs)
+    fresh = []
+    for i in idxs:
+        c = cache[i]
+        t_ids = c["input_ids"].tolist()
+        tr = live.run([t_ids], [training_positions(c).tolist()])[0]
+        s_enc = encode(st, render_prompt(Example(c["id"], c["instruction"], c["input"], c["response"], c["source"]),
+                                         "alpaca", st), c["response"], max_prompt_len=96, max_len=128, template="alpaca")
+        a = align_example(c["response"], t_ids, c["prompt_len"], tr["argmax"].numpy(), s_enc, t_table, s_table, t2s)
+        rec = dict(tr)
+        rec.update(input_ids=torch.tensor(s_enc.input_ids), prompt_len=s_enc.prompt_len,
+                   teacher_input_ids=torch.tensor(t_ids), teacher_prompt_len=c["prompt_len"],
+                   **{k: torch.tensor(getattr(a, k), dtype=torch.long) for k in ("eta_s", "eta_t", "eta_label", "mined_t")})
+        fresh.append(rec)
+    live.tf.close()
+    a, b = collate(cached, st.pad_token_id or 0, True), collate(fresh, st.pad_token_id or 0, True)
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.targets, b.targets)
+    for k in a.cross.__dataclass_fields__:
+        assert torch.equal(getattr(a.cross, k), getattr(b.cross, k)), k
+    for k in ("hidden", "topk_values", "logsumexp"):
+        torch.testing.assert_close(getattr(a.teacher, k), getattr(b.teacher, k), atol=1e-5, rtol=1e-5)
+    assert torch.equal(a.teacher.argmax, b.teacher.argmax) and torch.equal(a.teacher.topk_indices, b.teacher.topk_indices)
+    assert a.cross.eta_s.numel() > 10
