@@ -25,7 +25,8 @@ import torch
 
 from dskd_batch.cache.info import cache_summary
 from dskd_batch.cache.reader import open_cache
-from dskd_batch.cache_teacher import prepare_corpus, run, write_shard, build_settings
+from dskd_batch.cache_teacher import build_settings, run, write_shard
+from dskd_batch.data import prepare_corpus
 from dskd_batch.codecs import PlainCodec
 from dskd_batch.config import CacheConfig
 from dskd_batch.data import length_batches

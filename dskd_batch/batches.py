@@ -3,7 +3,8 @@ global batch becomes micro-batches of tensors.
 
 Sources of examples (all yield the same record dicts as the cache reader):
 
-- :class:`CacheExamples`: a teacher cache (records carry the teacher's outputs).
+- :class:`CacheExamples`: a teacher cache (records carry the teacher's outputs);
+  :class:`~dskd_batch.cross.batches.AlignedExamples` the same for a student of another tokenizer.
 - :class:`CorpusExamples`: a corpus encoded with the student's tokenizer (no teacher outputs).
 - :class:`LiveTeacher` fills the teacher fields of records by running the teacher with
   :class:`~dskd_batch.teacher.TeacherForward`, the function stage one uses.
@@ -22,23 +23,64 @@ import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .cache.reader import TeacherCache
 from .data import Encoded, target_positions
-from .methods import CrossBatch, TeacherBatch
-from .records import TEACHER_FIELDS, rows_at, training_positions
+from .records import TEACHER_FIELDS, TeacherBatch, rows_at, training_positions
 from .teacher import TeacherForward
+
+if TYPE_CHECKING:
+    from .cross.methods import CrossBatch
 
 Record = dict[str, Any]
 
 
-class CacheExamples:
-    """Example sources expose, per example, ``n_tokens``, ``prompt_len`` and ``n_targets`` (the
-    positions trained on: known before any record is read, so a step's token count needs no
-    communication) and ``records(idxs)``."""
+class Source:
+    """The one interface of where training examples and the teacher's outputs come from: a cache,
+    a cache aligned for another tokenizer, a corpus (no teacher), a corpus with the live teacher,
+    any of them with on-policy sampling on top. The training loop sees only this.
+
+    A source knows, per example, ``n_tokens``, ``prompt_len`` and ``n_targets`` (the positions
+    trained on: known before any record is read, so a step's token count needs no
+    communication), its shard ``groups`` (or None), whether its records carry the teacher
+    (``has_teacher``) and whether it may be read ahead in a background thread (``runs_ahead``:
+    not when a model runs inside it). ``records(idxs)`` gives the record dicts of
+    :mod:`dskd_batch.records`; ``micro_batch`` turns them into tensors; ``prepare_step`` may adjust
+    a step's micro-batches once all of them are known (every process calls it); ``metrics``
+    adds the source's own figures to each logged record; ``close`` releases what it holds."""
+
+    has_teacher = True
+    runs_ahead = True
+    n_tokens: list[int]
+    prompt_len: list[int]
+    n_targets: list[int]
+    groups: list[range] | None = None
+
+    def __len__(self) -> int:
+        return len(self.n_tokens)
+
+    def records(self, idxs: list[int]) -> list[Record]:
+        raise NotImplementedError
+
+    def micro_batch(self, idxs: list[int], *, pad_id: int, with_teacher: bool, epoch: int, step: int, rank: int,
+                    index: int) -> "MicroBatch":
+        return collate(self.records(idxs), pad_id, with_teacher)
+
+    def prepare_step(self, micro: list["MicroBatch"], n_targets: int, ctx: Any) -> None:
+        """Called once per optimizer step with this process's micro-batches."""
+
+    def metrics(self, steps_since: int) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class CacheExamples(Source):
+    """A teacher cache: records carry the teacher's outputs."""
 
     has_teacher = True
 
@@ -49,45 +91,13 @@ class CacheExamples:
                           [len(target_positions(n, p)) for n, p in zip(self.n_tokens, self.prompt_len)])
         self.groups: list[range] | None = cache.shard_ranges()
 
-    def __len__(self) -> int:
-        return len(self.n_tokens)
-
     def records(self, idxs: list[int]) -> list[Record]:
         return [self.cache[i] for i in idxs]
 
 
-class AlignedExamples(CacheExamples):
-    """A cache seen by a student with another tokenizer: the student's token ids and the alignment
-    come from the cache's alignment sidecar, the teacher's record from the cache."""
+class CorpusExamples(Source):
+    """A corpus encoded with the student's tokenizer: no teacher outputs."""
 
-    def __init__(self, cache: TeacherCache, alignment: Any) -> None:
-        self.cache = cache
-        self.groups = cache.shard_ranges()
-        self.alignment = alignment
-        self.n_tokens = alignment.student_lengths()
-        self.prompt_len = alignment.student_prompt_len.tolist()
-        explicit = alignment.target_counts()  # a conversation's student targets (0: the prompt/response rule)
-        self.n_targets = [e or len(target_positions(n, p)) for e, n, p in zip(explicit, self.n_tokens, self.prompt_len)]
-
-    def records(self, idxs: list[int]) -> list[Record]:
-        out = []
-        for i in idxs:
-            rec = self.cache[i]
-            row = self.alignment.row(i)
-            rec["teacher_input_ids"] = rec.pop("input_ids")
-            rec["teacher_prompt_len"] = rec.pop("prompt_len")
-            rec["teacher_targets"] = rec.pop("targets", None)
-            rec["input_ids"] = torch.from_numpy(row.pop("student_ids").astype("int64"))
-            targets = row.pop("student_targets")
-            if len(targets):
-                rec["targets"] = torch.from_numpy(targets.astype("int64"))
-            rec["prompt_len"] = int(self.alignment.student_prompt_len[i])
-            rec.update({k: torch.from_numpy(v.astype("int64")) for k, v in row.items()})
-            out.append(rec)
-        return out
-
-
-class CorpusExamples:
     has_teacher = False
 
     def __init__(self, encoded: list[Encoded]) -> None:
@@ -96,9 +106,6 @@ class CorpusExamples:
         self.prompt_len = [e.prompt_len for e in encoded]
         self.n_targets = [len(e.targets()) for e in encoded]
         self.groups = None
-
-    def __len__(self) -> int:
-        return len(self.encoded)
 
     def records(self, idxs: list[int]) -> list[Record]:
         return [{"input_ids": torch.tensor(self.encoded[i].input_ids, dtype=torch.long),
@@ -131,6 +138,82 @@ class LiveTeacher:
         for r, t in zip(recs, outs):
             r.update(t)
         return recs
+
+
+class LiveSource(Source):
+    """A corpus whose records the live teacher fills as they are read."""
+
+    has_teacher = True
+    runs_ahead = False  # the teacher runs in the loop's thread
+
+    def __init__(self, corpus: CorpusExamples, live: LiveTeacher) -> None:
+        self.corpus, self.live = corpus, live
+        self.n_tokens, self.prompt_len, self.n_targets = corpus.n_tokens, corpus.prompt_len, corpus.n_targets
+        self.groups = corpus.groups
+
+    def records(self, idxs: list[int]) -> list[Record]:
+        return self.live.fill(self.corpus.records(idxs))
+
+    def metrics(self, steps_since: int) -> dict[str, float]:
+        return {"teacher_s": self.live.seconds}
+
+    def close(self) -> None:
+        self.live.tf.close()
+
+
+class OnPolicySource(Source):
+    """Another source, and on the steps :meth:`~dskd_batch.onpolicy.OnPolicy.active` picks, each
+    micro-batch also carries the student's own samples for its prompts, scored by the live teacher
+    (``MicroBatch.on_policy``); the KD of such a step is normalised by its sampled tokens."""
+
+    runs_ahead = False  # the student samples in the loop's thread
+
+    def __init__(self, inner: Source, on_policy: Any) -> None:
+        self.inner, self.op = inner, on_policy
+        self.has_teacher = inner.has_teacher
+        self.n_tokens, self.prompt_len, self.n_targets = inner.n_tokens, inner.prompt_len, inner.n_targets
+        self.groups = inner.groups
+        self._prev: dict[str, float] = {}
+
+    def records(self, idxs: list[int]) -> list[Record]:
+        return self.inner.records(idxs)
+
+    def micro_batch(self, idxs: list[int], *, pad_id: int, with_teacher: bool, epoch: int, step: int, rank: int,
+                    index: int) -> "MicroBatch":
+        recs = self.inner.records(idxs)
+        mb = collate(recs, pad_id, with_teacher)
+        if self.op.active(epoch, step):
+            mb.on_policy = collate(self.op.records(recs, epoch, step, rank, index), pad_id, True)
+        return mb
+
+    def prepare_step(self, micro: list["MicroBatch"], n_targets: int, ctx: Any) -> None:
+        """Scale the KD of an on-policy step: ground-truth target tokens / sampled tokens (all processes)."""
+        import torch.distributed as dist
+
+        ops = [mb.on_policy for mb in micro if mb.on_policy is not None]
+        if not ops:  # an off-policy step (every process makes the same choice)
+            return
+        n_op = torch.tensor(float(sum(int(op.select.sum()) for op in ops)), dtype=torch.float64)
+        if ctx.enabled:
+            dist.all_reduce(n_op)
+        self.op.stats.steps += 1
+        for mb in micro:
+            mb.kd_scale = n_targets / max(float(n_op), 1.0)
+
+    def metrics(self, steps_since: int) -> dict[str, float]:
+        st = self.op.stats
+        d = {k: getattr(st, k) - self._prev.get(k, 0) for k in ("steps", "samples", "sample_tokens", "teacher_seconds",
+                                                               "sample_seconds")}
+        self._prev = {k: getattr(st, k) for k in d}
+        return {**self.inner.metrics(steps_since),
+                "on_policy_share": d["steps"] / max(steps_since, 1),
+                "sample_len": d["sample_tokens"] / d["samples"] if d["samples"] else 0.0,
+                "teacher_s_per_batch": d["teacher_seconds"] / d["steps"] if d["steps"] else 0.0,
+                "sample_s_per_batch": d["sample_seconds"] / d["steps"] if d["steps"] else 0.0}
+
+    def close(self) -> None:
+        self.op.live.tf.close()
+        self.inner.close()
 
 
 def epoch_order(n: int, groups: list[range] | None, seed: int, epoch: int) -> list[int]:
@@ -189,52 +272,23 @@ def collate(recs: list[Record], pad_id: int, with_teacher: bool) -> MicroBatch:
         select[b, pos] = True
         targets.append(x[pos + 1])
         if with_teacher and not cross:
-            _teacher_rows(r, pos, parts)
+            teacher_rows(r, pos, parts)
     tb, cb = None, None
     if cross:
-        tb, cb = _cross_part(recs)
+        from .cross.batches import cross_part
+
+        tb, cb = cross_part(recs)
     elif with_teacher:
         tb = TeacherBatch(**{k: (torch.cat(v) if v else None) for k, v in parts.items()})
     return MicroBatch(ids, mask, select, torch.cat(targets), tb, int(mask.sum()), cb)
 
 
-def _teacher_rows(rec: Record, pos: torch.Tensor, parts: dict[str, list]) -> None:
+def teacher_rows(rec: Record, pos: torch.Tensor, parts: dict[str, list]) -> None:
     """Append the record's teacher rows at the positions ``pos`` to ``parts``."""
     at = rows_at(rec, pos)
     for k in TEACHER_FIELDS:
         if rec.get(k) is not None:
             parts[k].append(rec[k][at])
-
-
-def _cross_part(recs: list[Record]) -> tuple[TeacherBatch, CrossBatch]:
-    """The teacher's response positions of records aligned to another tokenizer, and the alignment
-    as flat indices into the micro-batch's student (N) and teacher (M) positions."""
-    parts: dict[str, list] = {k: [] for k in TEACHER_FIELDS}
-    c: dict[str, list] = {k: [] for k in CrossBatch.__dataclass_fields__}
-    off_s = off_t = 0
-    for b, r in enumerate(recs):
-        x, t = r["input_ids"], r["teacher_input_ids"]
-        pos_s = training_positions(r)
-        pos_t = training_positions({"input_ids": t, "prompt_len": r["teacher_prompt_len"],
-                                    "targets": r.get("teacher_targets")})
-        n_s, n_t = len(pos_s), len(pos_t)
-        _teacher_rows(r, pos_t, parts)
-        c["eta_s"].append(r["eta_s"] + off_s)
-        c["eta_t"].append(r["eta_t"] + off_t)
-        c["eta_label"].append(r["eta_label"])
-        c["mined_t"].append(torch.where(r["mined_t"] >= 0, r["mined_t"] + off_t, r["mined_t"]))
-        k = torch.arange(min(n_s, n_t))
-        c["uld_s"].append(k + off_s)
-        c["uld_t"].append(k + off_t)
-        c["seg_s"].append(torch.full((n_s,), b))
-        c["seg_t"].append(torch.full((n_t,), b))
-        c["s_inputs"].append(x[pos_s])
-        c["t_inputs"].append(t[pos_t])
-        c["t_targets"].append(t[pos_t + 1])
-        off_s += n_s
-        off_t += n_t
-    tb = TeacherBatch(**{k: (torch.cat(v) if v else None) for k, v in parts.items()})
-    return tb, CrossBatch(**{k: torch.cat(v).long() for k, v in c.items()})
 
 
 def prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
@@ -267,27 +321,16 @@ def prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
         stop.set()
 
 
-def step_loader(examples: Any, steps: list[tuple[int, int, list[int]]], *, batch_size: int, world: int, rank: int,
-                pad_id: int, live: LiveTeacher | None, with_teacher: bool,
-                background: bool, on_policy: Any = None) -> Iterator[tuple[int, int, list[int], list[MicroBatch]]]:
-    """(epoch, step-in-epoch, global batch, this process's micro-batches) for each listed step.
-    On an on-policy step each micro-batch carries the student's samples scored by the live
-    teacher (``on_policy``, an :class:`~dskd_batch.onpolicy.OnPolicy`)."""
+def step_loader(source: Source, steps: list[tuple[int, int, list[int]]], *, batch_size: int, world: int, rank: int,
+                pad_id: int, with_teacher: bool) -> Iterator[tuple[int, int, list[int], list[MicroBatch]]]:
+    """(epoch, step-in-epoch, global batch, this process's micro-batches) for each listed step,
+    read ahead in a background thread where the source allows it."""
 
     def gen() -> Iterator[tuple[int, int, list[int], list[MicroBatch]]]:
         for epoch, k, batch in steps:
-            micro = []
-            active = on_policy is not None and on_policy.active(epoch, k)
-            for m, idxs in enumerate(micro_batches(batch, examples.n_tokens, batch_size, world, rank)):
-                recs = examples.records(idxs)
-                if live is not None:
-                    recs = live.fill(recs)
-                mb = collate(recs, pad_id, with_teacher)
-                if active:
-                    mb.on_policy = collate(on_policy.records(recs, epoch, k, rank, m), pad_id, True)
-                micro.append(mb)
+            micro = [source.micro_batch(idxs, pad_id=pad_id, with_teacher=with_teacher, epoch=epoch, step=k, rank=rank,
+                                        index=m)
+                     for m, idxs in enumerate(micro_batches(batch, source.n_tokens, batch_size, world, rank))]
             yield epoch, k, batch, micro
 
-    return prefetch(gen()) if background else gen()
-
-
+    return prefetch(gen()) if source.runs_ahead else gen()

@@ -14,7 +14,6 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,7 @@ from .cache.reader import LOSSLESS_HIDDEN, load_codec, verify_shard
 from .cache.writer import ShardWriter
 from .codecs import CompactCodec, HiddenCodec
 from .config import AlignConfig, CacheConfig
-from .data import Encoded, Example, data_fingerprint, encode, encode_example, length_batches, load_examples, render_prompt, \
-    split_long_texts, template_fingerprint
+from .data import Encoded, Prepared, data_fingerprint, encode, length_batches, prepare_corpus, template_fingerprint
 from .distributed import DistContext
 from .errors import DskdError
 from .models import (dtype_name, head_and_embeddings, load_causal_lm, load_tokenizer, model_fingerprint,
@@ -42,36 +40,6 @@ log = logging.getLogger(__name__)
 INFORMATIONAL = ("teacher.source", "data.source")
 CALIBRATION_TOKENS = 8192  # positions the compact codec is fitted on ...
 CALIBRATION_SCAN_TOKENS = 4 * CALIBRATION_TOKENS  # ... found in at most this many tokens of the corpus's first examples
-
-
-@dataclass
-class Prepared:
-    examples: list[Example]
-    prompts: list[str]
-    encoded: list[Encoded]
-    skipped: int
-
-
-def prepare_corpus(cfg: Any, tok: Any) -> Prepared:
-    """Read, render and encode ``cfg.data`` (a CacheConfig or DistillConfig) with ``tok``."""
-    report = load_examples(cfg.data, limit=cfg.limit, skip_bad_rows=getattr(cfg, "skip_bad_rows", False),
-                           split=getattr(cfg, "split", None))
-    examples = split_long_texts(report.examples, tok, cfg.max_len)  # plain text: windows, nothing dropped
-    if getattr(cfg, "generate", False) and any(ex.is_text for ex in examples):
-        first = next(ex for ex in examples if ex.is_text)
-        raise DskdError(f"{first.source}: --generate samples a response for each prompt; a plain-text row has no prompt",
-                        hint="cache plain text without --generate")
-    chat = next((ex for ex in examples if ex.is_chat), None)
-    if chat is not None and getattr(cfg, "generate", False):
-        raise DskdError(f"{chat.source}: --generate samples one response per prompt; a conversation has several "
-                        "assistant turns", hint="cache conversations without --generate")
-    if chat is not None and getattr(cfg, "positions", "targets") == "all":
-        raise DskdError(f"{chat.source}: --positions all is for prompt/response and text rows; a conversation's "
-                        "targets are its assistant turns", hint="cache conversations with --positions targets")
-    prompts = [render_prompt(ex, cfg.template, tok) for ex in examples]
-    encoded = [encode_example(tok, ex, p, max_prompt_len=cfg.max_prompt_len, max_len=cfg.max_len,
-                              template=cfg.template) for p, ex in zip(prompts, examples)]
-    return Prepared(examples, prompts, encoded, len(report.skipped))
 
 
 def settings_diff(old: dict[str, Any], new: dict[str, Any], only: set[str] | None = None) -> list[str]:
@@ -431,7 +399,7 @@ def run(cfg: CacheConfig, *, progress: bool = True) -> Path:
     try:
         out = _run(cfg, ctx, progress)
         if cfg.student_tokenizer and ctx.is_main and (out / MANIFEST).exists():
-            from .align import run as align
+            from .cross.align import run as align
 
             align(AlignConfig(cache=str(out), student_tokenizer=cfg.student_tokenizer))
         return out

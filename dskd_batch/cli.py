@@ -111,7 +111,7 @@ def run_cmd(pipeline: Path, dry_run: bool) -> None:
 @config_options(AlignConfig, exclude=("cache",))
 def align_cmd(cache: str, **kwargs: Any) -> None:
     """Align a cache for student tokenizers (for dskd-eta, dskd-cma, mined and uld); no teacher needed."""
-    from .align import run
+    from .cross.align import run
 
     for path, stats in run(AlignConfig(cache=cache, **kwargs)):
         click.echo(f"alignment: {path}\n  ETA pairs cover {stats['eta_coverage']:.1%} of the student's response tokens "

@@ -462,3 +462,34 @@ def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     if cur:
         batches.append(cur)
     return batches
+
+
+@dataclass
+class Prepared:
+    examples: list[Example]
+    prompts: list[str]
+    encoded: list[Encoded]
+    skipped: int
+
+
+def prepare_corpus(cfg: Any, tok: Any) -> Prepared:
+    """Read, render and encode ``cfg.data`` (a CacheConfig, a DistillConfig or anything with their
+    data fields) with ``tok``: the one corpus preparation of stage one, stage two and alignment."""
+    report = load_examples(cfg.data, limit=cfg.limit, skip_bad_rows=getattr(cfg, "skip_bad_rows", False),
+                           split=getattr(cfg, "split", None))
+    examples = split_long_texts(report.examples, tok, cfg.max_len)  # plain text: windows, nothing dropped
+    if getattr(cfg, "generate", False) and any(ex.is_text for ex in examples):
+        first = next(ex for ex in examples if ex.is_text)
+        raise DskdError(f"{first.source}: --generate samples a response for each prompt; a plain-text row has no prompt",
+                        hint="cache plain text without --generate")
+    chat = next((ex for ex in examples if ex.is_chat), None)
+    if chat is not None and getattr(cfg, "generate", False):
+        raise DskdError(f"{chat.source}: --generate samples one response per prompt; a conversation has several "
+                        "assistant turns", hint="cache conversations without --generate")
+    if chat is not None and getattr(cfg, "positions", "targets") == "all":
+        raise DskdError(f"{chat.source}: --positions all is for prompt/response and text rows; a conversation's "
+                        "targets are its assistant turns", hint="cache conversations with --positions targets")
+    prompts = [render_prompt(ex, cfg.template, tok) for ex in examples]
+    encoded = [encode_example(tok, ex, p, max_prompt_len=cfg.max_prompt_len, max_len=cfg.max_len,
+                              template=cfg.template) for p, ex in zip(prompts, examples)]
+    return Prepared(examples, prompts, encoded, len(report.skipped))

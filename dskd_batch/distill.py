@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .batches import CacheExamples, CorpusExamples, LiveTeacher
+from .batches import CacheExamples, CorpusExamples, LiveSource, LiveTeacher, OnPolicySource, Source
 from .files import atomic_write_json, fingerprint, remove_stale_tmp
 from .config import DistillConfig, to_dict
 from .distributed import DistContext
@@ -48,12 +48,11 @@ RESUMABLE = ("resume", "save_steps", "keep_checkpoints", "log_steps", "verify", 
 
 @dataclasses.dataclass
 class Sources:
-    examples: Any
+    examples: Source  # what the trainer reads (a cache, an aligned cache, a corpus, a corpus + live teacher)
     head: TeacherHead | None
     d_teacher: int | None
     template: dict[str, Any]
     fingerprints: dict[str, Any]
-    live: LiveTeacher | None = None
     cache: Any = None
     shared_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # pinv rows across vocabularies
 
@@ -108,8 +107,8 @@ def _from_cache(cfg: DistillConfig, student_tok: Any, method: Any) -> Sources:
            "data": st["data"]["fingerprint"]}
     al = None
     if method.cross_vocab:
-        from .align import open_alignment
-        from .batches import AlignedExamples
+        from .cross.align import open_alignment
+        from .cross.batches import AlignedExamples
 
         al = open_alignment(cache, student_tok, cfg.student)
         examples: CacheExamples = AlignedExamples(cache, al)
@@ -168,7 +167,7 @@ def _validation(cfg: DistillConfig, student_tok: Any, src: Sources, method: Any,
         head = TeacherHead(dev.lm_head, dev.lm_head_bias, dev.logits_source).to(device)
         val = Validation(examples, True, cfg.batch_size, cfg.eval_steps, cfg.keep_best, str(path), head)
     else:
-        from .cache_teacher import prepare_corpus
+        from .data import prepare_corpus
 
         t = src.template
         spec = SimpleNamespace(data=str(path), template=t["template"], max_prompt_len=int(t["max_prompt_len"]),
@@ -205,7 +204,7 @@ def _limited(examples: CacheExamples, n: int) -> CacheExamples:
 
 
 def _from_corpus(cfg: DistillConfig, student_tok: Any, method: Any, device: torch.device) -> Sources:
-    from .cache_teacher import prepare_corpus
+    from .data import prepare_corpus
     from .data import data_fingerprint, template_fingerprint
 
     tok = student_tok
@@ -223,8 +222,8 @@ def _from_corpus(cfg: DistillConfig, student_tok: Any, method: Any, device: torc
     if cfg.teacher is None or not method.needs_teacher:
         return Sources(examples, None, None, template, fps)
     live, weights, fps["teacher"] = _live_teacher(cfg, tok, device, prep.encoded[0].input_ids)
-    return Sources(examples, TeacherHead(weights["lm_head.weight"], weights.get("lm_head.bias"), "hidden"),
-                   int(weights["lm_head.weight"].shape[1]), template, fps, live=live)
+    return Sources(LiveSource(examples, live), TeacherHead(weights["lm_head.weight"], weights.get("lm_head.bias"), "hidden"),
+                   int(weights["lm_head.weight"].shape[1]), template, fps)
 
 
 def _live_teacher(cfg: DistillConfig, tok: Any, device: torch.device, probe_ids: list[int],
@@ -273,7 +272,7 @@ def _on_policy(cfg: DistillConfig, src: Sources, student: nn.Module, student_tok
                                expect=st["teacher"]["fingerprint"])
     cross = None
     if method.cross_vocab:
-        from .align import token_table, vocab_map
+        from .cross.align import token_table, vocab_map
 
         t_table, s_table = token_table(t_tok), token_table(student_tok)
         cross = CrossTokenizer(t_tok, t_table, s_table, vocab_map(t_table, s_table))
@@ -356,9 +355,10 @@ def _run(cfg: DistillConfig, ctx: DistContext, on_step: Callable[[int], None] | 
                      cfg.keep_checkpoints, cfg.log_steps, cfg.precision,
                      plan_fingerprint(cfg, src.fingerprints, student_fp, ctx.world_size), cfg.skip_nonfinite)
     on_policy = _on_policy(cfg, src, module.student, student_tok, method, device) if cfg.on_policy else None
-    trainer = Trainer(module, plan, src.examples, run_dir=out, ctx=ctx, device=device, pad_id=student_tok.pad_token_id,
-                      head=src.head, live=src.live, tokenizer=student_tok, wrap=_wrapper(cfg, ctx, device),
-                      on_step=on_step, on_policy=on_policy, validation=validation)
+    source = OnPolicySource(src.examples, on_policy) if on_policy is not None else src.examples
+    trainer = Trainer(module, plan, source, run_dir=out, ctx=ctx, device=device, pad_id=student_tok.pad_token_id,
+                      head=src.head, tokenizer=student_tok, wrap=_wrapper(cfg, ctx, device),
+                      on_step=on_step, validation=validation)
     cks = list_checkpoints(out)
     if cfg.resume and cks:
         trainer.load_checkpoint(cks[-1])
@@ -380,9 +380,7 @@ def _run(cfg: DistillConfig, ctx: DistContext, on_step: Callable[[int], None] | 
              f"/{cfg.distance}" if method.needs_teacher else "", len(src.examples), trainer.total_steps,
              trainer.global_batch, device, ctx.world_size)
     final = trainer.train(out / METRICS, cfg.log_to, to_dict(cfg)) if trainer.step < trainer.total_steps else {}
-    for live in (src.live, on_policy.live if on_policy is not None else None):
-        if live is not None:
-            live.tf.close()
+    source.close()
     exported = _write_final(out, module, student_tok, cfg, trainer, ctx.is_main)  # every process (FSDP gathers)
     if ctx.is_main:
         run_info["exported"] = exported

@@ -106,7 +106,7 @@ class OnPolicy:
         return out
 
     def _cross_records(self, recs: list[Record], prompts: list[list[int]], new: list[list[int]]) -> list[Record]:
-        from .align import align_example
+        from .cross.align import align_example
 
         c = self.cross
         texts = [self.tok.decode(n, skip_special_tokens=True) or " " for n in new]

@@ -329,7 +329,7 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False) -> list[str]:
     if p.cache.student_tokenizer:  # idempotent: an existing alignment is kept
         st.done.append(f"align: {', '.join(p.cache.student_tokenizer)} (an alignment already there is kept)")
         if not dry_run:
-            from .align import run as align_run
+            from .cross.align import run as align_run
 
             align_run(AlignConfig(cache=str(cache_dir), student_tokenizer=p.cache.student_tokenizer))
 

@@ -16,11 +16,12 @@ arrays come from the cache's codec.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from .data import target_positions
 
@@ -52,6 +53,27 @@ TEACHER_FIELDS: tuple[str, ...] = (CODEC_FIELD, *(c.name for c in COLUMNS if c.t
 
 _NUMPY = {torch.long: np.int64, torch.float32: np.float32}
 ArraySpecs = dict[str, tuple[str, str, tuple[int, ...]]]  # name -> (axis, numpy dtype, per-row shape)
+
+
+@dataclass
+class TeacherBatch:
+    """The teacher's record at N positions of a micro-batch, one attribute per name of
+    :data:`TEACHER_FIELDS` (any may be None if not available)."""
+
+    hidden: Tensor | None = None  # [N, d_T]
+    logsumexp: Tensor | None = None  # [N]
+    argmax: Tensor | None = None  # [N]
+    topk_values: Tensor | None = None  # [N, k]
+    topk_indices: Tensor | None = None  # [N, k]
+    logits: Tensor | None = None  # [N, V_T] when the source gave real logits
+
+    def to(self, device: torch.device) -> "TeacherBatch":
+        return TeacherBatch(**{k: (v.to(device, non_blocking=True) if v is not None else None)
+                               for k, v in self.__dict__.items()})
+
+    def rows(self, idx: Tensor) -> "TeacherBatch":
+        """The record at the positions ``idx``."""
+        return TeacherBatch(**{k: (v[idx] if v is not None else None) for k, v in self.__dict__.items()})
 
 
 def array_specs(top_k: int, index_dtype: str, codec: Any | None) -> ArraySpecs:
@@ -110,3 +132,6 @@ def rows_at(rec: dict[str, Any], wanted: torch.Tensor) -> torch.Tensor | slice:
 def target_rows(rec: dict[str, Any]) -> torch.Tensor | slice:
     """Which of a record's stored rows hold its training positions."""
     return rows_at(rec, training_positions(rec))
+
+
+assert tuple(f.name for f in fields(TeacherBatch)) == TEACHER_FIELDS, "TeacherBatch must hold exactly TEACHER_FIELDS"

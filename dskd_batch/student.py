@@ -85,7 +85,7 @@ def transplant_vocabulary(model: Any, teacher_tok: Any, student_tok: Any, seed: 
     """Give ``model`` (the teacher's architecture and weights) ``student_tok``'s vocabulary, in
     place; returns the counts of copied, composed and random rows. ``how="random"`` makes every row
     random (the baseline the transplant is measured against)."""
-    from .align import text_index, token_table
+    from .cross.align import text_index, token_table
 
     tt, st = token_table(teacher_tok), token_table(student_tok)
     index = text_index(tt)

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
 Record = dict[str, Any]
 
@@ -103,6 +104,43 @@ class TeacherForward:
             records.append(rec)
             lo = hi
         return records
+
+
+class TeacherHead:
+    """The frozen teacher head W_T (and bias) and the rule that turns a batch into full logits."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, logits_source: str, embed: Tensor | None = None) -> None:
+        self.weight = weight.detach().float()  # frozen: never part of the autograd graph
+        self.bias = bias.detach().float() if bias is not None else None
+        self.logits_source = logits_source
+        self.embed = embed.detach().float() if embed is not None else None  # E_T, for CMA
+
+    def to(self, device: torch.device) -> "TeacherHead":
+        return TeacherHead(self.weight.to(device), self.bias.to(device) if self.bias is not None else None,
+                           self.logits_source, self.embed.to(device) if self.embed is not None else None)
+
+    def project(self, h: Tensor) -> Tensor:
+        """h @ W_T^T (+ b): logits of teacher-space states (gradient flows into h only)."""
+        out = h.float() @ self.weight.T
+        return out + self.bias if self.bias is not None else out
+
+    @torch.no_grad()
+    def logits(self, tb: Any) -> Tensor:
+        """Full-vocabulary teacher logits [m, V] of a teacher record or batch (anything with the
+        fields of :data:`dskd_batch.records.TEACHER_FIELDS` as attributes), from the best source
+        the cache has: the real logits if given, ``hidden`` (h @ W.T), ``assembled`` (exact top-k +
+        a tail rebuilt from a lossy hidden state) or ``topk`` (exact top-k, flat tail). The one
+        place this rule lives."""
+        if tb.logits is not None:
+            return tb.logits.float()
+        if self.logits_source == "hidden":
+            return self.project(tb.hidden)
+        if tb.topk_values is None:
+            raise ValueError("the teacher batch has neither exact hidden states nor top-k logits")
+        n = tb.topk_values.shape[0]
+        approx = (self.project(tb.hidden) if self.logits_source == "assembled"
+                  else torch.zeros(n, self.weight.shape[0], device=self.weight.device))
+        return assemble_logits(approx, tb.topk_values, tb.topk_indices, tb.logsumexp)
 
 
 def reconstruct_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

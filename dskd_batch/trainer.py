@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .batches import MicroBatch, epoch_order, global_batches, step_loader
+from .batches import MicroBatch, Source, epoch_order, global_batches, step_loader
 from .files import (TMP_MARK, atomic_write_bytes, atomic_write_json, file_table, read_json, remove_stale_tmp,
                     replace_dir, sha256_file, tmp_path)
 from .distributed import DistContext
@@ -294,30 +294,28 @@ def verify_checkpoint(ck: Path) -> dict[str, Any]:
 
 
 class Trainer:
-    def __init__(self, module: DistillModule, plan: TrainPlan, examples: Any, *, run_dir: Path, ctx: DistContext,
-                 device: torch.device, pad_id: int, head: TeacherHead | None, live: Any = None,
+    def __init__(self, module: DistillModule, plan: TrainPlan, source: Source, *, run_dir: Path, ctx: DistContext,
+                 device: torch.device, pad_id: int, head: TeacherHead | None,
                  tokenizer: Any = None, wrap: Callable[[DistillModule], nn.Module] | None = None,
-                 on_step: Callable[[int], None] | None = None, on_policy: Any = None,
+                 on_step: Callable[[int], None] | None = None,
                  validation: Validation | None = None) -> None:
         self.module = module
         self.validation = validation
         self.best = (BestKeeper(run_dir, validation.keep_best) if validation is not None and validation.keep_best
                      else None)
-        self.on_policy = on_policy
         self.plan = plan
-        self.examples = examples
+        self.source = source
         self.run_dir = run_dir
         self.ctx = ctx
         self.device = device
         self.pad_id = pad_id
         self.head = head
-        self.live = live
         self.tokenizer = tokenizer
         self.on_step = on_step
         self.global_batch = plan.batch_size * plan.grad_accum * ctx.world_size
-        self.steps_per_epoch = len(examples) // self.global_batch
+        self.steps_per_epoch = len(source) // self.global_batch
         if self.steps_per_epoch == 0:
-            raise DskdError(f"the training set has {len(examples)} examples, fewer than one global batch "
+            raise DskdError(f"the training set has {len(source)} examples, fewer than one global batch "
                             f"({plan.batch_size} x {plan.grad_accum} x {ctx.world_size} processes = {self.global_batch})",
                             hint="lower --batch-size or --grad-accum")
         self.total_steps = plan.max_steps or plan.epochs * self.steps_per_epoch
@@ -328,7 +326,6 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self.with_teacher = module.method.needs_teacher
-        self._op_prev: dict[str, float] = {}
 
     # -- state ------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -415,7 +412,7 @@ class Trainer:
         steps: list[tuple[int, int, list[int]]] = []
         epoch = 0
         while len(steps) < self.total_steps:
-            order = epoch_order(len(self.examples), self.examples.groups, self.plan.seed, epoch)
+            order = epoch_order(len(self.source), self.source.groups, self.plan.seed, epoch)
             for k, b in enumerate(global_batches(order, self.global_batch)):
                 steps.append((epoch, k, b))
             epoch += 1
@@ -432,11 +429,10 @@ class Trainer:
         to that tracker (:mod:`dskd_batch.tracking`) too. Returns the last logged training record."""
         self.module.train()
         head = self.head.to(self.device) if self.head is not None else None
-        ex = self.examples
+        ex = self.source
         steps = self._plan_steps()
         loader = step_loader(ex, steps, batch_size=self.plan.batch_size, world=self.ctx.world_size, rank=self.ctx.rank,
-                             pad_id=self.pad_id, live=self.live, with_teacher=self.with_teacher,
-                             background=self.live is None and self.on_policy is None, on_policy=self.on_policy)
+                             pad_id=self.pad_id, with_teacher=self.with_teacher)
         params = [p for p in self.module.parameters() if p.requires_grad]
         last: dict[str, float] = {}
         t_last, tok_last, steps_since = time.perf_counter(), 0, 0
@@ -448,7 +444,7 @@ class Trainer:
         try:
             for epoch, k, batch, micro in loader:
                 n_resp = sum(ex.n_targets[i] for i in batch)
-                self._scale_on_policy(micro, n_resp)
+                ex.prepare_step(micro, n_resp, self.ctx)
                 sums: dict[str, float] = {}
                 tokens = 0
                 finite = True
@@ -503,7 +499,7 @@ class Trainer:
         if not float(bad):
             return False
         try:
-            recs = self.examples.records(batch[:8])
+            recs = self.source.records(batch[:8])
             names = [str(r.get("id", f"#{i}")) for r, i in zip(recs, batch)]
         except Exception:  # noqa: BLE001 - naming is best effort
             names = [f"#{i}" for i in batch[:8]]
@@ -531,28 +527,6 @@ class Trainer:
         self.ctx.barrier()
         return ev
 
-    def _scale_on_policy(self, micro: list[MicroBatch], n_resp: int) -> None:
-        """Normalise the KD of an on-policy step by its sampled response tokens (all processes)."""
-        ops = [mb.on_policy for mb in micro if mb.on_policy is not None]
-        if not ops:  # an off-policy step (every process makes the same choice)
-            return
-        n_op = torch.tensor(float(sum(int(op.select.sum()) for op in ops)), dtype=torch.float64)
-        if self.ctx.enabled:
-            dist.all_reduce(n_op)
-        self.on_policy.stats.steps += 1
-        for mb in micro:
-            mb.kd_scale = n_resp / max(float(n_op), 1.0)
-
-    def _on_policy_metrics(self, steps_since: int) -> dict[str, float]:
-        st, prev = self.on_policy.stats, self._op_prev
-        d = {k: getattr(st, k) - prev.get(k, 0) for k in ("steps", "samples", "sample_tokens", "teacher_seconds",
-                                                          "sample_seconds")}
-        self._op_prev = {k: getattr(st, k) for k in d}
-        return {"on_policy_share": d["steps"] / max(steps_since, 1),
-                "sample_len": d["sample_tokens"] / d["samples"] if d["samples"] else 0.0,
-                "teacher_s_per_batch": d["teacher_seconds"] / d["steps"] if d["steps"] else 0.0,
-                "sample_s_per_batch": d["sample_seconds"] / d["steps"] if d["steps"] else 0.0}
-
     def _log(self, mf: MetricsLog | None, sums: dict[str, float], n_resp: int, tokens: int, epoch: int, gnorm: torch.Tensor,
              t_last: float, tok_last: int, steps_since: int) -> dict[str, float]:
         names = sorted(sums)
@@ -571,10 +545,7 @@ class Trainer:
                    steps_per_s=steps_since / max(now - t_last, 1e-9))
         if len(self.opt.param_groups) > 1:
             rec["projector_lr"] = self.opt.param_groups[1]["lr"]
-        if self.live is not None:
-            rec["teacher_s"] = self.live.seconds
-        if self.on_policy is not None:
-            rec.update(self._on_policy_metrics(steps_since))
+        rec.update(self.source.metrics(steps_since))
         if mf is not None:
             mf.write(rec)
             log.info("step %d/%d loss %.4f %s", self.step, self.total_steps, rec["loss"],

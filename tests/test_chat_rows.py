@@ -168,7 +168,7 @@ def test_conversations_align_turn_by_turn_across_tokenizers(tmp_path):
     student tokenizer without a chat template is refused by name."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from dskd_batch.align import ALIGN_DIR, ALIGN_FILE, Alignment, token_table
+    from dskd_batch.cross.align import ALIGN_DIR, ALIGN_FILE, Alignment, token_table
     from dskd_batch import open_cache
     from dskd_batch.distill import run
 
@@ -223,7 +223,7 @@ def test_conversations_align_turn_by_turn_across_tokenizers(tmp_path):
     assert len(m) == 2 and all(r["aligned"] > 0 and r["loss"] == r["loss"] for r in m)
     gpt2 = SHARED / "tokenizers" / "gpt2"
     if gpt2.is_dir():
-        from dskd_batch.align import build_alignment
+        from dskd_batch.cross.align import build_alignment
 
         with pytest.raises(DskdError, match="a conversation needs a tokenizer with a chat template"):
             build_alignment(cache, AutoTokenizer.from_pretrained(str(gpt2)), "gpt2")

@@ -47,7 +47,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_cache_teacher_aligned_for_the_student(setup) -> None:
-    from dskd_batch.align import ALIGN_DIR, ALIGN_FILE
+    from dskd_batch.cross.align import ALIGN_DIR, ALIGN_FILE
     from dskd_batch.cache.reader import open_cache
 
     dirs = [p for p in (setup["cache"] / ALIGN_DIR).iterdir() if (p / ALIGN_FILE).exists()]
@@ -57,7 +57,7 @@ def test_cache_teacher_aligned_for_the_student(setup) -> None:
     # the alignment's student ids are what the student's tokenizer makes of the cached texts
     from transformers import AutoTokenizer
 
-    from dskd_batch.align import Alignment
+    from dskd_batch.cross.align import Alignment
     from dskd_batch.data import encode
 
     al, cache, st = Alignment(dirs[0]), open_cache(setup["cache"]), AutoTokenizer.from_pretrained(str(setup["student"]))
@@ -84,7 +84,7 @@ def test_norm_stats_are_over_real_response_tokens(setup) -> None:
 def test_align_adds_a_second_student_side_by_side(setup, tmp_path) -> None:
     from click.testing import CliRunner
 
-    from dskd_batch.align import ALIGN_DIR
+    from dskd_batch.cross.align import ALIGN_DIR
     from dskd_batch.cli import main
 
     r = CliRunner().invoke(main, ["align", str(setup["cache"]), "--student-tokenizer", str(TOK / "llama2")])
@@ -150,7 +150,7 @@ def test_cross_tokenizer_on_policy(setup, tmp_path) -> None:
 def test_corrupt_alignment_is_one_clear_error(setup, tmp_path) -> None:
     import shutil
 
-    from dskd_batch.align import ALIGN_DIR, ALIGN_EXAMPLES
+    from dskd_batch.cross.align import ALIGN_DIR, ALIGN_EXAMPLES
     from dskd_batch.config import DistillConfig
     from dskd_batch.distill import run
 
@@ -170,8 +170,9 @@ def test_aligned_cache_batches_equal_the_live_teachers(setup) -> None:
     (the on-policy path): same teacher rows at the same positions, same pairs."""
     from transformers import AutoTokenizer
 
-    from dskd_batch.align import align_example, open_alignment, token_table, vocab_map
-    from dskd_batch.batches import AlignedExamples, LiveTeacher, collate
+    from dskd_batch.cross.align import align_example, open_alignment, token_table, vocab_map
+    from dskd_batch.batches import LiveTeacher, collate
+    from dskd_batch.cross.batches import AlignedExamples
     from dskd_batch.cache.reader import open_cache
     from dskd_batch.data import Example, encode, render_prompt
     from dskd_batch.models import load_causal_lm

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dskd_batch.batches import _cross_part
+from dskd_batch.cross.batches import cross_part as _cross_part
 from dskd_batch.methods import (DSKDCMA, DSKDETA, ULD, CrossBatch, LossInputs, LossSettings, MinED, TeacherBatch,
                                 TeacherHead, uld_distance)
 from dskd_batch.projectors import build_projectors

@@ -115,7 +115,7 @@ def test_second_distill_on_the_same_run_folder_is_refused(ref_cache, gpt2_studen
 
 
 def test_align_takes_the_cache_lock(ref_cache, tmp_path) -> None:
-    from dskd_batch.align import run as align_run
+    from dskd_batch.cross.align import run as align_run
     from dskd_batch.config import AlignConfig
     from dskd_batch.locks import folder_lock
 

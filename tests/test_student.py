@@ -43,7 +43,7 @@ def test_init_student_with_another_tokenizer_transplants_rows(tied, target, tmp_
     from conftest import SHARED
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from dskd_batch.align import text_index, token_table
+    from dskd_batch.cross.align import text_index, token_table
     from dskd_batch.student import spell
 
     tt = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / "smollm2"))

@@ -157,7 +157,7 @@ def test_text_rows_refused_where_there_is_no_prompt(llama_teacher, text_corpus, 
 def test_text_rows_align_across_tokenizers(tmp_path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from dskd_batch.align import ALIGN_DIR, ALIGN_FILE
+    from dskd_batch.cross.align import ALIGN_DIR, ALIGN_FILE
 
     tt = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / "smollm2"))
     st = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / "gpt2"))

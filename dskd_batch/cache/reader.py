@@ -27,8 +27,8 @@ import torch
 
 from ..codecs import HiddenCodec, make_codec
 from ..errors import CacheCorruptError, DskdError
-from ..teacher import assemble_logits, reconstruct_logits
-from ..records import POSITIONS, TOKENS, from_arrays
+from ..teacher import TeacherHead
+from ..records import POSITIONS, TEACHER_FIELDS, TOKENS, TeacherBatch, from_arrays
 from .format import (CODEC_FILE, FORMAT_VERSION, HEAD_FILE, INDEX, MANIFEST, SETTINGS, SHARD_META, SHARDS,
                      TEACHER, read_json, sha256_file)
 from .writer import LENGTH, OFFSET
@@ -297,15 +297,13 @@ class TeacherCache(Sequence):
         return self.manifest["logits_source"]
 
     def teacher_logits(self, rec: dict[str, Any]) -> torch.Tensor:
-        """Full-vocabulary teacher logits [m, V] at a record's positions, from the best source the cache has."""
-        src = self.logits_source
-        if src == "hidden":
-            return reconstruct_logits(rec["hidden"], self.lm_head, self.lm_head_bias)
-        if rec["topk_values"] is None:
-            raise DskdError(f"cache {self.path} has neither exact hidden states nor top-k logits")
-        approx = (reconstruct_logits(rec["hidden"], self.lm_head, self.lm_head_bias) if src == "assembled"
-                  else torch.zeros(rec["topk_values"].shape[0], self.lm_head.shape[0]))
-        return assemble_logits(approx, rec["topk_values"], rec["topk_indices"], rec["logsumexp"])
+        """Full-vocabulary teacher logits [m, V] at a record's positions, from the best source the
+        cache has (the rule of :meth:`dskd_batch.teacher.TeacherHead.logits`)."""
+        head = TeacherHead(self.lm_head, self.lm_head_bias, self.logits_source)
+        try:
+            return head.logits(TeacherBatch(**{k: rec.get(k) for k in TEACHER_FIELDS}))
+        except ValueError as e:
+            raise DskdError(f"cache {self.path}: {e}") from e
 
     # -- checks ---------------------------------------------------------------------------------
     def problems(self, *, hash_files: bool = True) -> list[str]:

@@ -44,11 +44,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .files import atomic_write_json, read_json, remove_stale_tmp, replace_dir, tmp_path
-from .data import Example, encode_example, render_prompt, target_positions
-from .records import target_rows
-from .errors import DskdError
-from .models import tokenizer_fingerprint
+from ..files import atomic_write_json, read_json, remove_stale_tmp, replace_dir, tmp_path
+from ..data import Example, encode_example, render_prompt, target_positions
+from ..records import target_rows
+from ..errors import DskdError
+from ..models import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -534,12 +534,12 @@ def open_alignment(cache: Any, student_tok: Any, student_source: str) -> Alignme
 
 def run(cfg: Any) -> list[tuple[Path, dict[str, Any]]]:
     """`dskd-batch align`: align a complete cache for each student tokenizer of ``cfg``."""
-    from .cache.reader import open_cache
-    from .models import load_tokenizer
+    from ..cache.reader import open_cache
+    from ..models import load_tokenizer
 
     cache = open_cache(cfg.cache, verify="lazy")
     toks = [(src, load_tokenizer(src)) for src in cfg.student_tokenizer]  # every tokenizer loads before any work
-    from .locks import folder_lock
+    from ..locks import folder_lock
 
     out = []
     with folder_lock(Path(cfg.cache), "align", "the alignments of cache"):

@@ -1,0 +1,185 @@
+"""The cross-vocabulary methods (a student with another tokenizer; see :mod:`dskd_batch.methods` for
+the same-vocabulary ones and the formulas): DSKD with exact token alignment (``dskd-eta``), DSKD
+with cross-model attention (``dskd-cma``), MinED and ULD. Their inputs are the teacher's record at
+the teacher's target positions and a :class:`CrossBatch` that says how the two sides' positions
+pair up, made from the cache's alignment sidecar (:mod:`dskd_batch.cross.align`) by
+:mod:`dskd_batch.cross.batches`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..losses import fkl, masked_sum, token_ce
+from ..methods import LossInputs, LossSettings, Method, dskd_terms
+
+
+@dataclass
+class CrossBatch:
+    """How a micro-batch's N student and M teacher response positions align (flat indices)."""
+
+    eta_s: Tensor  # [P] student positions of ETA pairs
+    eta_t: Tensor  # [P] teacher positions of ETA pairs
+    eta_label: Tensor  # [P] student id of the teacher's top-1 (-1: no single student token)
+    mined_t: Tensor  # [N] teacher position matched by MinED (-1: none)
+    uld_s: Tensor  # [Q] k-th student response position of each example ...
+    uld_t: Tensor  # [Q] ... with the k-th teacher one
+    seg_s: Tensor  # [N] example of each student position
+    seg_t: Tensor  # [M] example of each teacher position
+    s_inputs: Tensor  # [N] student input token at each student position
+    t_inputs: Tensor  # [M] teacher input token at each teacher position
+    t_targets: Tensor  # [M] teacher target token at each teacher position
+
+    def to(self, device: torch.device) -> "CrossBatch":
+        return CrossBatch(**{k: v.to(device, non_blocking=True) for k, v in self.__dict__.items()})
+
+
+class CrossVocabMethod(Method):
+    """Base of the methods for a student with another tokenizer (see the module docstring)."""
+
+    needs_teacher = True
+    cross_vocab = True
+    per_position = False  # pairs, attention and sorted positions span an example
+
+    def __init__(self, ls: LossSettings) -> None:
+        super().__init__(ls)
+        self.s2t_vocab: Tensor | None = None  # [V_S] teacher id of the same text, -1 if none
+
+    def prepare(self, cache: Any, alignment: Any | None) -> None:
+        self.s2t_vocab = alignment.s2t
+
+    def losses(self, x: LossInputs) -> dict[str, Tensor]:
+        x = x.sliced()
+        return self.combine(token_ce(x.s, x.targets).sum(), self.kd_terms(x))
+
+    def kd_terms(self, x: LossInputs) -> dict[str, Tensor]:
+        """The KD terms (``kd``: their sum) from inputs already cut to the student's vocabulary."""
+        raise NotImplementedError
+
+
+class DSKDETA(CrossVocabMethod):
+    name = "dskd-eta"
+    needs_hidden = True
+    dual_space = True
+
+    def projector_spec(self) -> dict[str, bool]:
+        return {"t2s": self.ls.student_space, "s2t": self.ls.teacher_space}
+
+    def kd_terms(self, x: LossInputs) -> dict[str, Tensor]:
+        cross = x.cross
+        keep = cross.eta_label >= 0
+        ps, pt, label = cross.eta_s[keep], cross.eta_t[keep], cross.eta_label[keep]
+        tp = x.teacher.rows(pt)
+        terms = dskd_terms(x.s[ps], x.h_s[ps], label, x.head.logits(tp), tp.hidden, label, x.projector("t2s"),
+                           x.projector("s2t"), x.student_head, x.head, self.ls)
+        terms["aligned"] = torch.tensor(float(len(ps)), device=x.s.device)
+        return terms
+
+
+class DSKDCMA(CrossVocabMethod):
+    name = "dskd-cma"
+    needs_hidden = True
+    needs_norm_stats = True
+    needs_embeddings = True
+    dual_space = True
+    pinv_projectors = False  # its value projector reads normalised embeddings + hidden states
+
+    def __init__(self, ls: LossSettings) -> None:
+        super().__init__(ls)
+        self.norm: dict[str, float] = {}  # stds of the teacher's embeddings and hidden states
+
+    def prepare(self, cache: Any, alignment: Any | None) -> None:
+        super().prepare(cache, alignment)
+        ns = cache.manifest["norm_stats"]
+        self.norm = {"index_std": ns["index_embed"]["std"], "target_std": ns["target_embed"]["std"],
+                     "hidden_std": ns["hidden"]["std"]}
+
+    def projector_spec(self) -> dict[str, bool]:
+        return {"t2s": self.ls.student_space, "s2t": self.ls.teacher_space, "query": True}
+
+    def attention_scores(self, q_proj: nn.Module, e_s: Tensor, e_t: Tensor, cross: CrossBatch,
+                         targets: Tensor) -> Tensor:
+        """[N, M] scores Q K^T / sqrt(2 d_T), -inf across examples."""
+        q = q_proj(torch.cat([e_s[cross.s_inputs], e_s[targets]], -1).to(q_proj.weight.dtype)).float()
+        k = torch.cat([e_t[cross.t_inputs], e_t[cross.t_targets]], -1) / self.norm["index_std"]
+        scores = q @ k.T / math.sqrt(k.shape[-1])
+        return scores.masked_fill(cross.seg_s[:, None] != cross.seg_t[None, :], float("-inf"))
+
+    def kd_terms(self, x: LossInputs) -> dict[str, Tensor]:
+        s, h_s, targets, tb, head, cross = x.s, x.h_s, x.targets, x.teacher, x.head, x.cross
+        student_head = x.student_head
+        if head.embed is None or x.student_embed is None:
+            raise ValueError("dskd-cma needs the teacher's and the student's input embeddings")
+        e_s, e_t = x.student_embed.detach().float(), head.embed
+        scores = self.attention_scores(x.projectors["query"], e_s, e_t, cross, targets)
+        out: dict[str, Tensor] = {}
+        kd = s.new_zeros((), dtype=torch.float32)
+        t2s, s2t = x.projector("t2s"), x.projector("s2t")
+        if t2s is not None:
+            v_in = e_t[cross.t_targets] / self.norm["target_std"] + tb.hidden.float() / self.norm["hidden_std"]
+            v = t2s(v_in.to(t2s.weight.dtype)).float()
+            t2s_logits = (torch.softmax(scores, -1) @ v) @ student_head.detach().float().T
+            t2s_ce = token_ce(t2s_logits, targets).sum()
+            pred = t2s_logits.argmax(-1)
+            keep = pred == targets if self.ls.agreement_mask else torch.ones_like(targets, dtype=torch.bool)
+            t2s_kd = masked_sum(self.ls.dist(s, t2s_logits.detach()), keep)
+            kd = kd + t2s_ce + t2s_kd
+            out.update(t2s_ce=t2s_ce.detach(), t2s_kd=t2s_kd.detach(), t2s_acc=(pred == targets).sum().float())
+        if s2t is not None:
+            aligned = torch.softmax(scores.T, -1) @ s2t(h_s).float()
+            s2t_logits = head.project(aligned)
+            s2t_kd = fkl(s2t_logits, head.logits(tb), temperature=self.ls.temperature).sum()
+            kd = kd + s2t_kd
+            out.update(s2t_kd=s2t_kd.detach(), s2t_acc=(s2t_logits.argmax(-1) == cross.t_targets).sum().float())
+        out["kd"] = kd
+        return out
+
+
+NEG = -1e4  # logit of "no mass": exp underflows to exactly 0 in fp32 at any temperature >= 0.1
+
+
+def mined_teacher_logits(t_logits: Tensor, s2t_vocab: Tensor, v_s: int) -> Tensor:
+    """Teacher logits [A, V_T] carried into the student vocabulary [A, V_S] through the token map."""
+    out = t_logits.new_full((t_logits.shape[0], v_s), NEG)
+    cols = torch.nonzero(s2t_vocab[:v_s] >= 0).flatten()
+    out[:, cols] = t_logits[:, s2t_vocab[cols]]
+    return out
+
+
+class MinED(CrossVocabMethod):
+    name = "mined"
+
+    def kd_terms(self, x: LossInputs) -> dict[str, Tensor]:
+        s, targets, tb, head, cross = x.s, x.targets, x.teacher, x.head, x.cross
+        aligned = cross.mined_t >= 0
+        teacher = torch.full_like(s, NEG).float()
+        teacher[torch.arange(len(targets), device=s.device), targets] = 0.0  # one-hot ground truth
+        if aligned.any():
+            t_logits = head.logits(tb.rows(cross.mined_t[aligned]))
+            teacher[aligned] = mined_teacher_logits(t_logits, self.s2t_vocab.to(s.device), s.shape[-1])
+        kd = fkl(s, teacher, temperature=self.ls.temperature).sum()
+        return {"kd": kd, "aligned": aligned.sum().float()}
+
+
+def uld_distance(s: Tensor, t: Tensor, temperature: float) -> Tensor:
+    """Per-row L1 distance between the sorted probability vectors, zero-padded to one length."""
+    q = torch.softmax(s.float() / temperature, -1).sort(-1, descending=True).values
+    p = torch.softmax(t.float() / temperature, -1).sort(-1, descending=True).values
+    width = max(q.shape[-1], p.shape[-1])
+    q = torch.nn.functional.pad(q, (0, width - q.shape[-1]))
+    p = torch.nn.functional.pad(p, (0, width - p.shape[-1]))
+    return (q - p).abs().sum(-1)
+
+
+class ULD(CrossVocabMethod):
+    name = "uld"
+
+    def kd_terms(self, x: LossInputs) -> dict[str, Tensor]:
+        cross = x.cross
+        t_logits = x.head.logits(x.teacher.rows(cross.uld_t))
+        kd = uld_distance(x.s[cross.uld_s], t_logits, self.ls.temperature).sum()
+        return {"kd": kd, "aligned": torch.tensor(float(len(cross.uld_s)), device=x.s.device)}
