@@ -53,6 +53,49 @@ AUTO_CHUNK_ELEMENTS = 2**26  # --loss-chunk -1: positions x vocabulary of one fp
 POST_HEAD_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
+class EagerChunks(torch.autograd.Function):
+    """A loss summed over chunks of positions whose gradient is taken chunk by chunk in the forward
+    pass: each chunk's graph (its [C, V] logits, teacher logits, projections, softmaxes) is built,
+    differentiated and freed before the next, and the gradients with respect to the head inputs h
+    and to the parameters the chunks use are kept (the size of h and of those parameters). Backward
+    only scales them. The memory of one chunk at the compute of one piece: no forward is run twice,
+    unlike activation checkpointing (the fused linear + loss kernels of Liger-Kernel work this way
+    on GPUs; this is the same idea in plain torch, for every method and distance)."""
+
+    @staticmethod
+    def forward(ctx: Any, chunk: Callable[[torch.Tensor, slice], dict[str, torch.Tensor]], parts: list[slice],
+                names: list[str], h: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        grad_h = torch.zeros_like(h)
+        grad_p = [torch.zeros_like(p) for p in params]
+        sums: dict[str, torch.Tensor] = {}
+        with torch.enable_grad():
+            for part in parts:
+                h_part = h[part].detach().requires_grad_(h.requires_grad)
+                terms = chunk(h_part, part)
+                objective = terms["objective"]
+                wrt = ([h_part] if h.requires_grad else []) + list(params)
+                if objective.requires_grad and wrt:
+                    grads = torch.autograd.grad(objective, wrt, allow_unused=True)
+                    if h.requires_grad:
+                        grad_h[part] = grads[0]
+                        grads = grads[1:]
+                    for acc, g in zip(grad_p, grads):
+                        if g is not None:
+                            acc.add_(g)
+                for k, v in terms.items():
+                    v = v.detach()
+                    sums[k] = sums[k] + v if k in sums else v
+        names[:] = ["objective"] + sorted(k for k in sums if k != "objective")
+        ctx.save_for_backward(grad_h, *grad_p)
+        return torch.stack([sums[k].float().reshape(()) for k in names])
+
+    @staticmethod
+    def backward(ctx: Any, grad_values: torch.Tensor) -> tuple:
+        scale = grad_values[0]  # only the objective carries a gradient; the rest are logged values
+        grad_h, *grad_p = ctx.saved_tensors
+        return (None, None, None, grad_h * scale, *(g * scale for g in grad_p))
+
+
 class DistillModule(nn.Module):
     """Student + projectors behind one forward, so DDP/FSDP see every trainable parameter.
 
@@ -62,9 +105,11 @@ class DistillModule(nn.Module):
     With ``loss_chunk`` C > 0 and a method whose loss is a sum of per-position terms, a micro-batch
     of more than C response positions does not run the head inside the model at all: the loss is
     computed C positions at a time from h_S (student logits, teacher logits from the cache, every
-    projection and distance), each chunk under activation checkpointing, so its [C, V]
-    intermediates are freed after the forward and recomputed in backward. The sums, and so the
-    gradients, equal the unchunked ones up to floating-point summation order.
+    projection and distance) by :class:`EagerChunks`, which differentiates each chunk as soon as
+    it is computed, so its [C, V] intermediates are freed before the next chunk and nothing is
+    recomputed in backward (under FSDP, and for the KD term of on-policy steps, each chunk runs
+    under activation checkpointing instead). The sums, and so the gradients, equal the unchunked
+    ones up to floating-point summation order.
     """
 
     def __init__(self, student: nn.Module, projectors: nn.ModuleDict, method: Method, vocab: int,
@@ -81,6 +126,7 @@ class DistillModule(nn.Module):
         if loss_chunk < 0:  # auto: one [C, V] fp32 tensor near 256 MiB
             loss_chunk = max(128, AUTO_CHUNK_ELEMENTS // max(vocab, 1))
         self.loss_chunk = 0 if post or not method.per_position else loss_chunk
+        self.eager_chunks = True  # chunk gradients taken in the forward pass (off under FSDP: checkpointing)
         self._select: torch.Tensor | None = None
         self._skip_head = False
         self._h: torch.Tensor | None = None
@@ -119,14 +165,26 @@ class DistillModule(nn.Module):
         """The chunks of ``n`` response positions."""
         return [slice(lo, min(lo + self.loss_chunk, n)) for lo in range(0, n, self.loss_chunk)]
 
-    def _chunked_losses(self, mb: MicroBatch, head: TeacherHead | None) -> dict[str, torch.Tensor]:
+    def _chunked_losses(self, mb: MicroBatch, head: TeacherHead | None, eager: bool = True
+                        ) -> dict[str, torch.Tensor]:
+        h = self._student_hidden(mb)
+        parts = self._parts(h.shape[0])
+
+        def chunk(h_part: torch.Tensor, part: slice) -> dict[str, torch.Tensor]:
+            tb = mb.teacher.rows(part) if mb.teacher is not None else None
+            return self._chunk_losses(h_part, mb.targets[part], tb, head)
+
+        if eager and self.eager_chunks:
+            params = [p for m in (self.student.get_output_embeddings(), self.projectors) for p in m.parameters()
+                      if p.requires_grad]
+            names: list[str] = []
+            values = EagerChunks.apply(chunk, parts, names, h, *params)
+            return {k: (values[i] if k == "objective" else values[i].detach()) for i, k in enumerate(names)}
         from torch.utils.checkpoint import checkpoint
 
-        h = self._student_hidden(mb)
         total: dict[str, torch.Tensor] = {}
-        for part in self._parts(h.shape[0]):
-            tb = mb.teacher.rows(part) if mb.teacher is not None else None
-            terms = checkpoint(self._chunk_losses, h[part], mb.targets[part], tb, head, use_reentrant=False)
+        for part in parts:
+            terms = checkpoint(chunk, h[part], part, use_reentrant=False)
             for k, v in terms.items():
                 total[k] = total[k] + v if k in total else v
         return total
@@ -149,7 +207,7 @@ class DistillModule(nn.Module):
         # on-policy: CE on the ground truth, the method's KD on the student's own samples
         s, _ = self._student(mb)
         ce = token_ce(s.float()[:, :self.vocab], mb.targets).sum()
-        op = self._losses(mb.on_policy, head)
+        op = self._losses(mb.on_policy, head, eager=False)  # its KD term is differentiated again below
         terms = {k: v * mb.kd_scale for k, v in op.items() if k not in ("objective", "ce", "kd")}
         terms["kd"] = terms.pop(KD_GRAD)
         return self.method.combine(ce, terms)
@@ -177,9 +235,9 @@ class DistillModule(nn.Module):
                 out["top1"] = out["top1"] + (s.argmax(-1) == t.argmax(-1)).sum().float().cpu()
         return out
 
-    def _losses(self, mb: MicroBatch, head: TeacherHead | None) -> dict[str, torch.Tensor]:
+    def _losses(self, mb: MicroBatch, head: TeacherHead | None, eager: bool = True) -> dict[str, torch.Tensor]:
         if self._chunked(mb):
-            return self._chunked_losses(mb, head)
+            return self._chunked_losses(mb, head, eager)
         s, h = self._student(mb)
         w_s = self.student.get_output_embeddings().weight
         e_s = self.student.get_input_embeddings().weight if mb.cross is not None else None
@@ -321,6 +379,7 @@ class Trainer:
         self.total_steps = plan.max_steps or plan.epochs * self.steps_per_epoch
         self.wrapped = wrap(module) if wrap is not None else module
         self.sharded = is_sharded(module)
+        module.eager_chunks = not self.sharded  # FSDP gathers parameters per module forward: checkpointed chunks
         self.opt = make_optimizer(module, plan)
         self.sched = make_scheduler(self.opt, plan, self.total_steps)
         self.step = 0

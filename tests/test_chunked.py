@@ -18,7 +18,7 @@ CASES = [("sft", "fkl", False), ("seqkd", "fkl", False)] + [("kd", d, False) for
         [("dskd", d, False) for d in ("fkl", "rkl", "js", "skl", "srkl", "akl")] + [("dskd", "fkl", True)]
 
 
-def step(cache_dir, student_dir, method, distance, mask, chunk, evaluate=False):
+def step(cache_dir, student_dir, method, distance, mask, chunk, evaluate=False, eager=True):
     from transformers import AutoModelForCausalLM
 
     cache = open_cache(cache_dir)
@@ -30,6 +30,7 @@ def step(cache_dir, student_dir, method, distance, mask, chunk, evaluate=False):
                                   init="random", seed=1)
     m = make_method(method, LossSettings(distance, 2.0, 0.5, agreement_mask=mask))
     module = DistillModule(student, projectors, m, int(cache.settings["tokenizer"]["size"]), loss_chunk=chunk)
+    module.eager_chunks = eager
     head = TeacherHead(cache.lm_head, cache.lm_head_bias, cache.logits_source)
     if evaluate:
         with torch.no_grad():
@@ -63,8 +64,10 @@ def test_chunked_held_out_sums(fp32_cache, gpt2_student):
         assert got[k] == pytest.approx(ref[k], rel=1e-5), k
 
 
-def test_chunks_never_hold_the_whole_batch_of_logits(fp32_cache, gpt2_student, monkeypatch):
-    """The head runs on at most C rows at a time, in forward and in the recomputation."""
+@pytest.mark.parametrize("eager", [True, False])
+def test_chunks_never_hold_the_whole_batch_of_logits(eager, fp32_cache, gpt2_student, monkeypatch):
+    """The head runs on at most C rows at a time: once per chunk when the gradients are taken in the
+    forward pass (EagerChunks), twice under activation checkpointing (forward + recomputation)."""
     from dskd_batch import trainer
 
     rows = []
@@ -75,6 +78,17 @@ def test_chunks_never_hold_the_whole_batch_of_logits(fp32_cache, gpt2_student, m
         return orig(self, h, *a)
 
     monkeypatch.setattr(trainer.DistillModule, "_chunk_losses", spy)
-    _, _, mb = step(fp32_cache, gpt2_student, "dskd", "fkl", False, 7)
+    _, _, mb = step(fp32_cache, gpt2_student, "dskd", "fkl", False, 7, eager=eager)
     n = mb.targets.numel()
-    assert max(rows) <= 7 and sum(rows) == 2 * n  # forward + recomputed in backward
+    assert max(rows) <= 7 and sum(rows) == (n if eager else 2 * n)
+
+
+@pytest.mark.parametrize("method", ["kd", "dskd"])
+def test_checkpointed_chunks_equal_one_piece(method, fp32_cache, gpt2_student):
+    """The activation-checkpointing path (used under FSDP and for on-policy KD terms) is exact too."""
+    ref, g_ref, _ = step(fp32_cache, gpt2_student, method, "fkl", False, 0)
+    got, g, _ = step(fp32_cache, gpt2_student, method, "fkl", False, 7, eager=False)
+    for k in ref:
+        assert got[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-6), k
+    for name in g_ref:
+        assert float((g[name] - g_ref[name]).norm() / g_ref[name].norm().clamp_min(1e-12)) <= 1e-5, name
