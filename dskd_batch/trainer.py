@@ -144,7 +144,7 @@ class DistillModule(nn.Module):
         return (h, *args[1:])
 
     def _chunked(self, mb: MicroBatch) -> bool:
-        return bool(self.loss_chunk) and mb.targets.numel() > self.loss_chunk and mb.cross is None
+        return bool(self.loss_chunk) and mb.targets.numel() > self.loss_chunk
 
     def _student_hidden(self, mb: MicroBatch) -> torch.Tensor:
         """h_S at the response positions, without running the head."""
@@ -155,11 +155,12 @@ class DistillModule(nn.Module):
             self._skip_head = False
         return h
 
-    def _chunk_losses(self, h: torch.Tensor, targets: torch.Tensor, tb: Any, head: TeacherHead | None
-                      ) -> dict[str, torch.Tensor]:
+    def _chunk_losses(self, h: torch.Tensor, targets: torch.Tensor, tb: Any, head: TeacherHead | None,
+                      cross: Any = None) -> dict[str, torch.Tensor]:
         s = self.student.get_output_embeddings()(h)
         w_s = self.student.get_output_embeddings().weight
-        return self.method.losses(LossInputs(s.float(), h, targets, tb, head, self.projectors, w_s, self.vocab))
+        return self.method.losses(LossInputs(s.float(), h, targets, tb, head, self.projectors, w_s, self.vocab,
+                                             cross=cross))
 
     def _parts(self, n: int) -> list[slice]:
         """The chunks of ``n`` response positions."""
@@ -171,6 +172,8 @@ class DistillModule(nn.Module):
         parts = self._parts(h.shape[0])
 
         def chunk(h_part: torch.Tensor, part: slice) -> dict[str, torch.Tensor]:
+            if mb.cross is not None:  # across vocabularies: the teacher side whole, the pairs of these positions
+                return self._chunk_losses(h_part, mb.targets[part], mb.teacher, head, mb.cross.student_rows(part))
             tb = mb.teacher.rows(part) if mb.teacher is not None else None
             return self._chunk_losses(h_part, mb.targets[part], tb, head)
 

@@ -37,13 +37,23 @@ class CrossBatch:
     def to(self, device: torch.device) -> "CrossBatch":
         return CrossBatch(**{k: v.to(device, non_blocking=True) for k, v in self.__dict__.items()})
 
+    def student_rows(self, part: slice) -> "CrossBatch":
+        """The alignment of the student positions ``part`` only, re-indexed from ``part.start`` (the
+        teacher side stays whole): what a chunk of a per-position method reads."""
+        lo, hi = part.start, part.stop
+        e = (self.eta_s >= lo) & (self.eta_s < hi)
+        u = (self.uld_s >= lo) & (self.uld_s < hi)
+        return CrossBatch(self.eta_s[e] - lo, self.eta_t[e], self.eta_label[e], self.mined_t[part], self.uld_s[u] - lo,
+                          self.uld_t[u], self.seg_s[part], self.seg_t, self.s_inputs[part], self.t_inputs,
+                          self.t_targets)
+
 
 class CrossVocabMethod(Method):
     """Base of the methods for a student with another tokenizer (see the module docstring)."""
 
     needs_teacher = True
     cross_vocab = True
-    per_position = False  # pairs, attention and sorted positions span an example
+    per_position = True  # sums over student positions or pairs (CrossBatch.student_rows cuts them); not CMA
 
     def __init__(self, ls: LossSettings) -> None:
         super().__init__(ls)
@@ -82,6 +92,7 @@ class DSKDETA(CrossVocabMethod):
 
 class DSKDCMA(CrossVocabMethod):
     name = "dskd-cma"
+    per_position = False  # its attention spans every position of an example
     needs_hidden = True
     needs_norm_stats = True
     needs_embeddings = True
