@@ -16,7 +16,7 @@ arrays come from the cache's codec.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -123,7 +123,8 @@ def rows_at(rec: dict[str, Any], wanted: torch.Tensor) -> torch.Tensor | slice:
         return slice(None)
     idx = torch.searchsorted(stored, wanted)
     if len(wanted) and (int(idx.max()) >= len(stored) or not torch.equal(stored[idx], wanted)):
-        missing = wanted[(idx >= len(stored)) | (stored[idx.clamp(max=len(stored) - 1)] != wanted)]
+        missing = wanted if not len(stored) else \
+            wanted[(idx >= len(stored)) | (stored[idx.clamp(max=len(stored) - 1)] != wanted)]
         raise ValueError(f"example {rec.get('id', '?')}: the teacher's outputs at positions {missing[:5].tolist()} "
                          "are not stored")
     return idx
@@ -133,5 +134,3 @@ def target_rows(rec: dict[str, Any]) -> torch.Tensor | slice:
     """Which of a record's stored rows hold its training positions."""
     return rows_at(rec, training_positions(rec))
 
-
-assert tuple(f.name for f in fields(TeacherBatch)) == TEACHER_FIELDS, "TeacherBatch must hold exactly TEACHER_FIELDS"

@@ -223,3 +223,20 @@ def test_all_positions_hold_the_targets_rows_and_train_the_same(llama_teacher, c
     assert st["bytes_per_example"] < sa["bytes_per_example"]
     for name in ("logsumexp", "argmax", "topk_values", "topk_indices", "hidden"):  # every per-position array shrinks
         assert st["bytes_per_token"][name] < sa["bytes_per_token"][name]
+
+
+def test_one_record_spec() -> None:
+    """TeacherBatch holds exactly the teacher fields of the column spec, and a record's stored rows
+    are found by position (a missing one is named)."""
+    from dataclasses import fields
+
+    from dskd_batch.records import TEACHER_FIELDS, TeacherBatch, rows_at
+
+    assert tuple(f.name for f in fields(TeacherBatch)) == TEACHER_FIELDS
+    rec = {"id": "x", "positions": torch.tensor([2, 3, 4, 7])}
+    assert rows_at(rec, torch.tensor([2, 3, 4, 7])) == slice(None)
+    assert rows_at(rec, torch.tensor([3, 7])).tolist() == [1, 3]
+    with pytest.raises(ValueError, match=r"example x: the teacher's outputs at positions \[5\] are not stored"):
+        rows_at(rec, torch.tensor([4, 5]))
+    with pytest.raises(ValueError, match=r"positions \[1\]"):
+        rows_at({"id": "x", "positions": torch.tensor([], dtype=torch.long)}, torch.tensor([1]))
