@@ -238,7 +238,7 @@ class DistillConfig:
     precision: str = "fp32"
     "fp32, or bf16 autocast (fp32 master weights) on GPUs."
     parallel: str = "ddp"
-    "Under torchrun: ddp (replicated student) or fsdp (PyTorch FSDP2 fully_shard: the student and projectors sharded over the processes, for students that do not fit one device; CPU with gloo too)."
+    "Under torchrun: ddp (replicated student) or fsdp (PyTorch FSDP2 fully_shard: the student and projectors sharded over the processes, for students that do not fit one device; with LoRA too; CPU with gloo too)."
     template: str = "alpaca"
     "Prompt template when reading --data (a cache records its own)."
     max_prompt_len: int = 256
@@ -356,9 +356,8 @@ class DistillConfig:
                 problems.append(f"on_policy_after_epochs must be >= 0, got {self.on_policy_after_epochs}")
         elif self.cache is not None and self.teacher is not None:
             problems.append("--cache and --teacher together are for --on-policy; give one of them otherwise")
-        if self.parallel == "fsdp" and (self.lora_rank or self.on_policy):
-            problems.append("--parallel fsdp shards a fully trained student; it does not combine with --lora-rank or "
-                            "--on-policy yet (use --parallel ddp)")
+        if self.parallel == "fsdp" and self.on_policy:
+            problems.append("--parallel fsdp does not combine with --on-policy yet (use --parallel ddp)")
         if self.loss_chunk < -1:
             problems.append(f"loss_chunk must be -1 (auto), 0 (one piece) or a number of positions, got {self.loss_chunk}")
         if self.eval_steps < 0:

@@ -421,7 +421,9 @@ def _write_final(out: Path, module: DistillModule, tok: Any, cfg: DistillConfig,
                     "last": str(out / "student-last")}
     if trainer.sharded:  # full weights gathered by every process, written by the first
         write = trainer.weight_writer()
-        if is_main:
+        if is_main and cfg.lora_rank:
+            _export_sharded_lora(out, write, cfg, tok, best.dir / "student" if use_best else None)  # type: ignore[union-attr]
+        elif is_main:
             last = out / ("student-last" if use_best else "student")
             tmp = tmp_path(last)
             write(tmp, out)
@@ -454,6 +456,36 @@ def _write_final(out: Path, module: DistillModule, tok: Any, cfg: DistillConfig,
     if len(module.projectors):
         save_projectors(module.projectors, out)
     return exported
+
+
+def _export_sharded_lora(out: Path, write: Callable[[Path, Path | None], None], cfg: DistillConfig, tok: Any,
+                         best_adapter: Path | None) -> None:
+    """The outputs of a LoRA run under FSDP, laid out as a one-process run's: RUN/adapter (the
+    exported adapter), RUN/student (it merged into the base student, loaded afresh on this
+    process: the base weights never train), RUN/student-last (the last adapter, with --keep-best)."""
+    import shutil
+
+    from peft import PeftModel
+
+    from .files import replace_dir, tmp_path
+
+    last = tmp_path(out / "adapter-last")
+    write(last, out)  # the gathered adapter of the last step (and the projectors)
+    tok.save_pretrained(str(last))
+    exported = best_adapter if best_adapter is not None else last
+    tmp = tmp_path(out / "adapter")
+    shutil.copytree(exported, tmp)
+    tok.save_pretrained(str(tmp))
+    replace_dir(tmp, out / "adapter")
+    base = plain_model(load_causal_lm(cfg.student, dtype=torch.float32, device="cpu"))
+    merged = PeftModel.from_pretrained(base, str(out / "adapter")).merge_and_unload()
+    tmp = tmp_path(out / "student")
+    save_student(merged, tmp, tok)
+    replace_dir(tmp, out / "student")
+    if best_adapter is not None:
+        replace_dir(last, out / "student-last")
+    else:
+        shutil.rmtree(last, ignore_errors=True)
 
 
 def _peak_memory(device: torch.device, on_policy: Any = None) -> dict[str, float]:

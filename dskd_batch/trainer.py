@@ -430,7 +430,7 @@ class Trainer:
         proj = load_file(str(ck / PROJECTOR_FILE))
         optim = torch.load(ck / "optim.pt", map_location="cpu" if self.sharded else self.device, weights_only=False)
         if self.sharded:  # every process reads the full tensors and keeps its shard
-            full = {f"student.{k}": v for k, v in read_weights(ck / "student").items()}
+            full = {f"student.{k}": v for k, v in self._student_checkpoint(ck / "student").items()}
             full.update({f"projectors.{k}": v for k, v in proj.items()})
             load_full_state(self.module, full)
             load_full_optim_state(self.module, self.opt, optim["optimizer"])
@@ -445,6 +445,21 @@ class Trainer:
         if self.best is not None:
             self.best.load(self.step)
         log.info("resumed from %s (step %d of %d)", ck, self.step, self.total_steps)
+
+    def _student_checkpoint(self, folder: Path) -> dict[str, torch.Tensor]:
+        """A checkpoint's student weights under the module's parameter names: a LoRA adapter's keys
+        (saved without the adapter's name, PEFT's file format) mapped back to the wrapped model's."""
+        from safetensors.torch import load_file
+
+        adapter = folder / "adapter_model.safetensors"
+        if not adapter.exists():
+            return read_weights(folder)
+        names = {n.replace(".default.", "."): n for n, _ in self.module.student.named_parameters() if ".default." in n}
+        state = load_file(str(adapter))
+        unknown = [k for k in state if k not in names]
+        if unknown:
+            raise DskdError(f"{adapter}: adapter weights do not fit the student ({unknown[:3]})")
+        return {names[k]: v for k, v in state.items()}
 
     def weight_writer(self) -> Callable[[Path, Path | None], None]:
         """A function that writes the student (HF folder or LoRA adapter) and, given a folder, the
