@@ -68,7 +68,7 @@ def main() -> None:
             p = render_prompt(ex, "alpaca")
             te = encode(tt, p, ex.response, max_prompt_len=256, max_len=512, template="alpaca")
             se = encode(st, p, ex.response, max_prompt_len=256, max_len=512, template="alpaca")
-            oracle = np.array(te.input_ids[1:] + [tt.eos_token_id])
+            oracle = np.array(te.input_ids[1:] + [tt.eos_token_id])[te.targets()]  # argmax at the target positions
             a = align_example(ex.response, te.input_ids, te.prompt_len, oracle, se, tables[t], tables[s], t2s)
             pos += len(a.mined_t)
             pairs += len(a.eta_s)
