@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 METRICS = "metrics.jsonl"
-CROSS_VOCAB_HINT = ("same-vocabulary methods (sft, seqkd, kd, dskd) need the teacher's tokenizer; for a student with "
-                    "another tokenizer use a cross-vocabulary method (dskd-eta, dskd-cma, mined, uld) after "
+CROSS_VOCAB_HINT = ("kd and dskd need the teacher's tokenizer; for a student with another tokenizer use a "
+                    "cross-vocabulary method (dskd-eta, dskd-cma, mined, uld), or sft/seqkd, after "
                     "`dskd-batch align CACHE --student-tokenizer STUDENT`")
 # settings that may change between a run and its resumption
 RESUMABLE = ("resume", "save_steps", "keep_checkpoints", "log_steps", "verify", "device", "teacher_device",
@@ -77,7 +77,10 @@ def _from_cache(cfg: DistillConfig, student_tok: Any, method: Any) -> Sources:
     st = cache.settings
     problems = []
     same_vocab = tokenizer_fingerprint(student_tok) == st["tokenizer"]["fingerprint"]
-    if not same_vocab and not method.cross_vocab:
+    # a student of another tokenizer reads the cache through its alignment: the cross-vocabulary
+    # methods, and the methods that need no teacher distribution (sft, seqkd) on its own token ids
+    aligned = method.cross_vocab or (not same_vocab and not method.needs_teacher)
+    if not same_vocab and not aligned:
         raise DskdError(f"the student's tokenizer ({cfg.student}) differs from the cache's teacher tokenizer "
                         f"(fingerprint {tokenizer_fingerprint(student_tok)} vs {st['tokenizer']['fingerprint']})",
                         hint=CROSS_VOCAB_HINT)
@@ -106,13 +109,13 @@ def _from_cache(cfg: DistillConfig, student_tok: Any, method: Any) -> Sources:
            "teacher": st["teacher"]["fingerprint"], "tokenizer": st["tokenizer"]["fingerprint"],
            "data": st["data"]["fingerprint"]}
     al = None
-    if method.cross_vocab:
+    if aligned:
         from .cross.align import open_alignment
         from .cross.batches import AlignedExamples
 
         al = open_alignment(cache, student_tok, cfg.student)
         examples: CacheExamples = AlignedExamples(cache, al)
-        head = _cross_vocab_head(cache, method, al)
+        head = _cross_vocab_head(cache, method, al) if method.cross_vocab else None
         fps["student_tokenizer"] = al.info["student_tokenizer"]["fingerprint"]
     else:
         examples = CacheExamples(cache)
@@ -123,7 +126,7 @@ def _from_cache(cfg: DistillConfig, student_tok: Any, method: Any) -> Sources:
     if cfg.limit is not None:
         examples = _limited(examples, cfg.limit)
     return Sources(examples, head, int(st["teacher"]["hidden_size"]), {"template": st["template"]["name"], **st["limits"]},
-                   fps, cache=cache, shared_rows=al.shared_rows() if al is not None else None)
+                   fps, cache=cache, shared_rows=al.shared_rows() if al is not None and method.cross_vocab else None)
 
 
 def _validation(cfg: DistillConfig, student_tok: Any, src: Sources, method: Any, device: torch.device) -> Any:

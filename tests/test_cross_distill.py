@@ -257,3 +257,22 @@ def test_cross_vocab_chunked_equals_one_piece(method, setup) -> None:
         assert g.keys() == g_ref.keys()
         for name in g_ref:
             assert float((g[name] - g_ref[name]).norm() / g_ref[name].norm().clamp_min(1e-12)) <= 1e-5, (chunk, name)
+
+
+def test_sft_of_another_tokenizer_reads_the_aligned_cache(setup, tmp_path) -> None:
+    """SFT needs no teacher distribution: a student with another tokenizer trains from the cache
+    through its alignment (its own token ids) exactly as from the corpus file."""
+    from dskd_batch.config import DistillConfig
+    from dskd_batch.distill import run
+
+    common = dict(student=str(setup["student"]), method="sft", batch_size=4, lr=1e-3, max_steps=2, device="cpu",
+                  lr_schedule="constant", shuffle="global", template="alpaca", max_len=128, max_prompt_len=96)
+    a = run(DistillConfig(out=str(tmp_path / "cache"), cache=str(setup["cache"]), **common))
+    b = run(DistillConfig(out=str(tmp_path / "corpus"), data=str(setup["root"] / "train.jsonl"), **common))
+    ma = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
+    assert len(ma) == len(mb) == 2
+    for ra, rb in zip(ma, mb):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6) and ra["response_tokens"] == rb["response_tokens"]
+    with pytest.raises(DskdError, match="kd and dskd need the teacher's tokenizer"):
+        run(DistillConfig(out=str(tmp_path / "kd"), cache=str(setup["cache"]), **{**common, "method": "kd"}))
