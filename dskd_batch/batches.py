@@ -79,6 +79,31 @@ class Source:
         pass
 
 
+def rule_target_counts(n_tokens: list[int], prompt_len: list[int]) -> list[int]:
+    """Per example, the positions trained on under the prompt/response rule (:func:`target_positions`)."""
+    return [len(target_positions(n, p)) for n, p in zip(n_tokens, prompt_len)]
+
+
+class SourceOver(Source):
+    """A source that adds something to another one: the examples, their lengths and order are
+    the inner source's."""
+
+    def __init__(self, inner: Source) -> None:
+        self.inner = inner
+        self.has_teacher = inner.has_teacher
+        self.n_tokens, self.prompt_len, self.n_targets = inner.n_tokens, inner.prompt_len, inner.n_targets
+        self.groups = inner.groups
+
+    def records(self, idxs: list[int]) -> list[Record]:
+        return self.inner.records(idxs)
+
+    def metrics(self, steps_since: int) -> dict[str, float]:
+        return self.inner.metrics(steps_since)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 class CacheExamples(Source):
     """A teacher cache: records carry the teacher's outputs."""
 
@@ -88,7 +113,7 @@ class CacheExamples(Source):
         self.cache = cache
         self.n_tokens, self.prompt_len = cache.example_lengths()
         self.n_targets = (cache.index_column("n_positions") if cache.stored_positions == "targets" else
-                          [len(target_positions(n, p)) for n, p in zip(self.n_tokens, self.prompt_len)])
+                          rule_target_counts(self.n_tokens, self.prompt_len))
         self.groups: list[range] | None = cache.shard_ranges()
 
     def records(self, idxs: list[int]) -> list[Record]:
@@ -140,28 +165,28 @@ class LiveTeacher:
         return recs
 
 
-class LiveSource(Source):
+class LiveSource(SourceOver):
     """A corpus whose records the live teacher fills as they are read."""
 
-    has_teacher = True
     runs_ahead = False  # the teacher runs in the loop's thread
 
     def __init__(self, corpus: CorpusExamples, live: LiveTeacher) -> None:
-        self.corpus, self.live = corpus, live
-        self.n_tokens, self.prompt_len, self.n_targets = corpus.n_tokens, corpus.prompt_len, corpus.n_targets
-        self.groups = corpus.groups
+        super().__init__(corpus)
+        self.has_teacher = True
+        self.live = live
 
     def records(self, idxs: list[int]) -> list[Record]:
-        return self.live.fill(self.corpus.records(idxs))
+        return self.live.fill(self.inner.records(idxs))
 
     def metrics(self, steps_since: int) -> dict[str, float]:
         return {"teacher_s": self.live.seconds}
 
     def close(self) -> None:
         self.live.tf.close()
+        super().close()
 
 
-class OnPolicySource(Source):
+class OnPolicySource(SourceOver):
     """Another source, and on the steps :meth:`~dskd_batch.onpolicy.OnPolicy.active` picks, each
     micro-batch also carries the student's own samples for its prompts, scored by the live teacher
     (``MicroBatch.on_policy``); the KD of such a step is normalised by its sampled tokens."""
@@ -169,14 +194,9 @@ class OnPolicySource(Source):
     runs_ahead = False  # the student samples in the loop's thread
 
     def __init__(self, inner: Source, on_policy: Any) -> None:
-        self.inner, self.op = inner, on_policy
-        self.has_teacher = inner.has_teacher
-        self.n_tokens, self.prompt_len, self.n_targets = inner.n_tokens, inner.prompt_len, inner.n_targets
-        self.groups = inner.groups
+        super().__init__(inner)
+        self.op = on_policy
         self._prev: dict[str, float] = {}
-
-    def records(self, idxs: list[int]) -> list[Record]:
-        return self.inner.records(idxs)
 
     def micro_batch(self, idxs: list[int], *, pad_id: int, with_teacher: bool, epoch: int, step: int, rank: int,
                     index: int) -> "MicroBatch":

@@ -348,7 +348,7 @@ def encode_conversation(tokenizer: Any, ex: Example, *, max_len: int) -> Encoded
         ids += tokenizer(full[pos:start], add_special_tokens=False)["input_ids"] if start > pos else []
         turn = tokenizer(full[start:end], add_special_tokens=False)["input_ids"]
         prompt_len = len(ids)
-        targets += range(max(len(ids), 1) - 1, len(ids) + len(turn) - 1)
+        targets += target_positions(len(ids) + len(turn), len(ids))  # this turn's tokens as the "response"
         ids += turn
         pos = end
     ids = ids[:max_len]

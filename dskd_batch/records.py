@@ -8,7 +8,7 @@ position ``positions[j]``, i.e. what the teacher emitted after reading ``input_i
 
 :data:`COLUMNS` is the spec of those fields (name, axis, dtype on disk, per-row shape, dtype in
 memory). The cache writer derives its Zarr arrays from it, the reader decodes with it, the
-live teacher's output, collate and :class:`~dskd_batch.methods.TeacherBatch` use its names. A new
+live teacher's output, collate and :class:`TeacherBatch` use its names. A new
 cached field is one entry here (plus the line that computes it in :mod:`dskd_batch.teacher`).
 The hidden state is the one field stored through a codec (:mod:`dskd_batch.codecs`), so its disk
 arrays come from the cache's codec.

@@ -121,8 +121,7 @@ class TeacherHead:
 
     def project(self, h: Tensor) -> Tensor:
         """h @ W_T^T (+ b): logits of teacher-space states (gradient flows into h only)."""
-        out = h.float() @ self.weight.T
-        return out + self.bias if self.bias is not None else out
+        return reconstruct_logits(h, self.weight, self.bias)
 
     @torch.no_grad()
     def logits(self, tb: Any) -> Tensor:

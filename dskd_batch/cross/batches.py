@@ -8,9 +8,8 @@ from typing import Any
 
 import torch
 
-from ..batches import CacheExamples, Record, teacher_rows
+from ..batches import CacheExamples, Record, rule_target_counts, teacher_rows
 from ..cache.reader import TeacherCache
-from ..data import target_positions
 from ..records import TEACHER_FIELDS, TeacherBatch, training_positions
 from .methods import CrossBatch
 
@@ -26,7 +25,7 @@ class AlignedExamples(CacheExamples):
         self.n_tokens = alignment.student_lengths()
         self.prompt_len = alignment.student_prompt_len.tolist()
         explicit = alignment.target_counts()  # a conversation's student targets (0: the prompt/response rule)
-        self.n_targets = [e or len(target_positions(n, p)) for e, n, p in zip(explicit, self.n_tokens, self.prompt_len)]
+        self.n_targets = [e or r for e, r in zip(explicit, rule_target_counts(self.n_tokens, self.prompt_len))]
 
     def records(self, idxs: list[int]) -> list[Record]:
         out = []
