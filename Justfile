@@ -68,9 +68,10 @@ bench-quality: teacher
     {{py}} -m dskd_batch run pipelines/quality-t0.toml
     {{py}} -m dskd_batch run pipelines/quality-self-instruct.toml
 
-# stage-two memory on the Qwen2 vocabulary (V = 151,936): SFT, KD, DSKD chunked and in one piece
+# stage-two memory on the Qwen2 vocabulary (V = 151,936): SFT, KD, DSKD chunked and in one piece, 8 x 257
+# response positions (at 8 x 512 the one-piece DSKD needs ~36 GB: pass --response-len 512 on a bigger machine)
 bench-memory: setup
-    {{py}} benchmarks/bench_memory.py
+    {{py}} benchmarks/bench_memory.py --response-len 256
 
 # cross-tokenizer stage two on the quality cache: align cost/coverage and each method's steps/s
 bench-cross: bench-quality

@@ -109,6 +109,7 @@ class Method:
     dual_space = False  # has DSKD's projectors (the ablation flags and --projector-lr 0 apply)
     pinv_projectors = True  # --projector-init pinv can solve its projectors
     per_position = True  # the loss is a sum of terms of single positions (so it can be computed in chunks)
+    logit_sets = 1  # [positions, vocabulary] logit tensors its loss builds (--loss-chunk -1 sizes chunks by it)
 
     def __init__(self, ls: LossSettings) -> None:
         self.ls = ls
@@ -139,6 +140,7 @@ class SeqKD(Method):
 class VanillaKD(Method):
     name = "kd"
     needs_teacher = True
+    logit_sets = 2  # the student's and the teacher's
 
     def losses(self, x: LossInputs) -> dict[str, Tensor]:
         s = x.s[:, :x.vocab]
@@ -176,6 +178,7 @@ class DSKD(Method):
     needs_teacher = True
     needs_hidden = True
     dual_space = True
+    logit_sets = 4  # the student's, the teacher's, and both projections to full vocabularies
 
     def projector_spec(self) -> dict[str, bool]:
         return {"t2s": self.ls.student_space, "s2t": self.ls.teacher_space}

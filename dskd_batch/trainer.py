@@ -48,9 +48,16 @@ CHECKPOINTS = "checkpoints"
 STATE = "state.json"
 
 
-AUTO_CHUNK_ELEMENTS = 2**26  # --loss-chunk -1: positions x vocabulary of one fp32 chunk tensor (256 MiB)
+AUTO_CHUNK_ELEMENTS = 2**26  # --loss-chunk -1: positions x vocabulary of one fp32 chunk tensor (256 MiB) per
+# logit set of the method (Method.logit_sets: 1 for SFT, 2 for KD, 4 for DSKD)
 # configs whose logits are not the head's output (soft-capping, scaling): the head must run inside the model
 POST_HEAD_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def auto_chunk(vocab: int, method: Method) -> int:
+    """--loss-chunk -1: the positions per chunk that keep each of the method's [C, V] fp32 logit sets
+    near 256 MiB, so a chunk's working set is about the same for every method."""
+    return max(64, AUTO_CHUNK_ELEMENTS // (max(vocab, 1) * max(method.logit_sets, 1)))
 
 
 class EagerChunks(torch.autograd.Function):
@@ -123,8 +130,8 @@ class DistillModule(nn.Module):
         post = [k for k in POST_HEAD_LOGITS if getattr(cfg, k, None) not in (None, 1.0, 0.0)]
         if loss_chunk and post:
             log.warning("--loss-chunk is off: the student's logits are post-processed after its head (%s)", post)
-        if loss_chunk < 0:  # auto: one [C, V] fp32 tensor near 256 MiB
-            loss_chunk = max(128, AUTO_CHUNK_ELEMENTS // max(vocab, 1))
+        if loss_chunk < 0:
+            loss_chunk = auto_chunk(vocab, method)
         self.loss_chunk = 0 if post or not method.per_position else loss_chunk
         self.eager_chunks = True  # chunk gradients taken in the forward pass (off under FSDP: checkpointing)
         self._select: torch.Tensor | None = None

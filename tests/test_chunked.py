@@ -92,3 +92,16 @@ def test_checkpointed_chunks_equal_one_piece(method, fp32_cache, gpt2_student):
         assert got[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-6), k
     for name in g_ref:
         assert float((g[name] - g_ref[name]).norm() / g_ref[name].norm().clamp_min(1e-12)) <= 1e-5, name
+
+
+def test_auto_chunk_gives_every_method_the_same_working_set():
+    """--loss-chunk -1 divides one budget by the logit sets a method builds: at the Qwen2 vocabulary
+    441 positions for SFT, 220 for KD, 110 for DSKD and DSKD-ETA (never fewer than 64)."""
+    from dskd_batch.trainer import auto_chunk
+
+    ls = LossSettings("fkl", 2.0, 0.5)
+    got = {name: auto_chunk(151_936, make_method(name, ls)) for name in ("sft", "seqkd", "kd", "dskd", "dskd-eta",
+                                                                          "mined", "uld")}
+    assert got == {"sft": 441, "seqkd": 441, "kd": 220, "dskd": 110, "dskd-eta": 110, "mined": 220, "uld": 220}
+    assert auto_chunk(49_152, make_method("dskd", ls)) == 341
+    assert auto_chunk(10_000_000, make_method("dskd", ls)) == 64

@@ -54,6 +54,7 @@ class CrossVocabMethod(Method):
     needs_teacher = True
     cross_vocab = True
     per_position = True  # sums over student positions or pairs (CrossBatch.student_rows cuts them); not CMA
+    logit_sets = 2  # the student's and the teacher's
 
     def __init__(self, ls: LossSettings) -> None:
         super().__init__(ls)
@@ -75,6 +76,7 @@ class DSKDETA(CrossVocabMethod):
     name = "dskd-eta"
     needs_hidden = True
     dual_space = True
+    logit_sets = 4  # the student's, the teacher's, and both projections to full vocabularies
 
     def projector_spec(self) -> dict[str, bool]:
         return {"t2s": self.ls.student_space, "s2t": self.ls.teacher_space}
