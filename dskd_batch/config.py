@@ -356,8 +356,6 @@ class DistillConfig:
                 problems.append(f"on_policy_after_epochs must be >= 0, got {self.on_policy_after_epochs}")
         elif self.cache is not None and self.teacher is not None:
             problems.append("--cache and --teacher together are for --on-policy; give one of them otherwise")
-        if self.parallel == "fsdp" and self.on_policy:
-            problems.append("--parallel fsdp does not combine with --on-policy yet (use --parallel ddp)")
         if self.loss_chunk < -1:
             problems.append(f"loss_chunk must be -1 (auto), 0 (one piece) or a number of positions, got {self.loss_chunk}")
         if self.eval_steps < 0:

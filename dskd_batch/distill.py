@@ -14,6 +14,7 @@ Run folder::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from pathlib import Path
@@ -351,17 +352,24 @@ def _run(cfg: DistillConfig, ctx: DistContext, on_step: Callable[[int], None] | 
     if cfg.lora_rank:
         student = _attach_lora(student, cfg)
     student.train()
+    sharded = ctx.enabled and cfg.parallel == "fsdp"
+    # under FSDP the student samples from an unsharded copy that each step's weights are gathered into
+    sampler = copy.deepcopy(student).to(device) if cfg.on_policy and sharded else student
     module = DistillModule(student, projectors, method, vocab, cfg.loss_chunk).to(device)
 
     plan = TrainPlan(cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps, cfg.seed, cfg.lr, cfg.projector_lr,
                      cfg.weight_decay, cfg.warmup_ratio, cfg.lr_schedule, cfg.grad_clip, cfg.save_steps,
                      cfg.keep_checkpoints, cfg.log_steps, cfg.precision,
                      plan_fingerprint(cfg, src.fingerprints, student_fp, ctx.world_size), cfg.skip_nonfinite)
-    on_policy = _on_policy(cfg, src, module.student, student_tok, method, device) if cfg.on_policy else None
+    on_policy = _on_policy(cfg, src, sampler, student_tok, method, device) if cfg.on_policy else None
     source = OnPolicySource(src.examples, on_policy) if on_policy is not None else src.examples
     trainer = Trainer(module, plan, source, run_dir=out, ctx=ctx, device=device, pad_id=student_tok.pad_token_id,
                       head=src.head, tokenizer=student_tok, wrap=_wrapper(cfg, ctx, device),
                       on_step=on_step, validation=validation)
+    if on_policy is not None and sharded:
+        from .sharding import gather_student
+
+        on_policy.refresh = lambda: gather_student(module, sampler)
     cks = list_checkpoints(out)
     if cfg.resume and cks:
         trainer.load_checkpoint(cks[-1])

@@ -55,9 +55,16 @@ class OnPolicyStats:
 
 
 class OnPolicy:
+    """Samples with ``student``. Under FSDP that is an unsharded copy of the student, and ``refresh``
+    (set by the caller) gathers the sharded weights into it once per optimizer step, before the
+    step's first sample: every process calls it at the same point, since whether a step is
+    on-policy is the same on every process."""
+
     def __init__(self, student: Any, student_tok: Any, live: LiveTeacher, settings: OnPolicySettings,
                  cross: CrossTokenizer | None = None) -> None:
         self.student = student
+        self.refresh: Any = None  # FSDP: () -> None, gathers the trained weights into self.student
+        self._fresh_for: tuple[int, int] | None = None
         self.tok = student_tok
         self.live = live
         self.s = settings
@@ -87,6 +94,9 @@ class OnPolicy:
     def records(self, recs: list[Record], epoch: int, k: int, rank: int, m: int) -> list[Record]:
         """On-policy records for the ground-truth records ``recs`` (one micro-batch)."""
         t0 = time.perf_counter()
+        if self.refresh is not None and self._fresh_for != (epoch, k):
+            self.refresh()
+            self._fresh_for = (epoch, k)
         prompts = [r["input_ids"][: int(r["prompt_len"])].tolist() for r in recs]
         seed = (((self.s.seed * 7919 + epoch) * 104_729 + k) * 1_009 + rank) * 101 + m
         new = self._sample(prompts, seed)

@@ -78,6 +78,18 @@ def local_value(t: torch.Tensor) -> torch.Tensor:
     return full() if callable(full) else t
 
 
+def gather_student(module: nn.Module, into: nn.Module) -> None:
+    """Copy a sharded DistillModule's student, gathered whole, into the unsharded model ``into`` on
+    every process (a collective: every process calls it at the same point)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    student, _ = split_state(get_model_state_dict(module, options=_options()))
+    with torch.no_grad():
+        for name, t in into.state_dict().items():
+            if name in student:
+                t.copy_(student[name])
+
+
 def split_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """A DistillModule's full state -> (student state, projector state), prefixes removed."""
     student = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}

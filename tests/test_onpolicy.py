@@ -104,3 +104,39 @@ def test_on_policy_refusals(fp32_cache, gpt2_teacher, llama_teacher, gpt2_studen
             on_policy=True)
     with pytest.raises(DskdError, match="together are for --on-policy"):
         cfg(gpt2_student, tmp_path / "r4", cache=str(fp32_cache), teacher=str(llama_teacher), method="kd")
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp_on_policy_equals_ddp(fp32_cache, llama_teacher, gpt2_student, tmp_path):
+    """--parallel fsdp --on-policy: each process samples from an unsharded copy that the sharded
+    student's weights are gathered into once per step, so two FSDP processes draw the same samples,
+    losses and final weights as two DDP processes (whose students are whole)."""
+    import os
+    import subprocess
+    import sys
+
+    from test_distill import assert_close_weights
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+
+    def torchrun(out: Path, parallel: str, port: int) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               "-m", "dskd_batch", "distill", "--cache", str(fp32_cache), "--teacher", str(llama_teacher),
+               "--student", str(gpt2_student), "--out", str(out), "--method", "kd", "--on-policy",
+               "--student-gen-ratio", "1", "--batch-size", "2", "--grad-accum", "1", "--lr", "1e-2",
+               "--max-steps", "3", "--device", "cpu", "--lr-schedule", "constant", "--parallel", parallel,
+               "--verify", "lazy"]
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
+
+    torchrun(tmp_path / "ddp", "ddp", 29571)
+    torchrun(tmp_path / "fsdp", "fsdp", 29572)
+    ma, mb = metrics(tmp_path / "ddp"), metrics(tmp_path / "fsdp")
+    assert len(ma) == len(mb) == 3
+    for ra, rb in zip(ma, mb):
+        assert ra["on_policy_share"] == rb["on_policy_share"] == 1.0
+        assert ra["sample_len"] == rb["sample_len"]  # the same samples
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+    # the weights moved, so later steps sampled from trained weights, the same ones in both runs
+    assert_close_weights(weights(tmp_path / "ddp"), weights(tmp_path / "fsdp"), atol=1e-5)
