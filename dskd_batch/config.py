@@ -236,7 +236,7 @@ class DistillConfig:
     device: str = "auto"
     "Device of the student: auto, cpu, cuda, cuda:1, ..."
     precision: str = "fp32"
-    "fp32, or bf16 autocast (fp32 master weights) on GPUs."
+    "fp32, or bf16 autocast: matmuls in bf16, fp32 master weights, log-softmaxes, distances and sums in fp32 (GPU or CPU; on a CPU without bf16 units it is slower)."
     parallel: str = "ddp"
     "Under torchrun: ddp (replicated student) or fsdp (PyTorch FSDP2 fully_shard: the student and projectors sharded over the processes, for students that do not fit one device; with LoRA too; CPU with gloo too)."
     template: str = "alpaca"

@@ -143,8 +143,10 @@ class TeacherHead:
 
 
 def reconstruct_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``hidden @ weight.T (+ bias)`` in fp32: the full teacher logits rebuilt from the cache."""
-    logits = hidden.float() @ weight.float().T
+    """``hidden @ weight.T (+ bias)`` as fp32: the full teacher logits rebuilt from the cache. Under
+    bf16 autocast (``--precision bf16``) the matmul runs in bf16, as a fused linear + loss kernel's
+    does, and the logits come back as fp32 for the log-softmax."""
+    logits = (hidden.float() @ weight.float().T).float()
     if bias is not None:
         logits = logits + bias.float()
     return logits

@@ -503,8 +503,8 @@ class Trainer:
         return steps[self.step:self.total_steps]
 
     def _autocast(self) -> Any:
-        if self.plan.precision == "bf16" and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.plan.precision == "bf16":  # matmuls in bf16; log-softmaxes, distances and sums stay fp32
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
     def train(self, metrics_path: Path, log_to: str = "none", config: dict[str, Any] | None = None

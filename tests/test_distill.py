@@ -392,3 +392,29 @@ def test_projector_lr_zero_keeps_the_pinv_projectors(fp32_cache, gpt2_student, t
         str(gpt2_student / "model.safetensors"))["transformer.wte.weight"])  # the student did train
     with pytest.raises(DskdError, match="only --projector-init pinv"):
         cfg(gpt2_student, tmp_path / "x", cache=str(fp32_cache), method="dskd", projector_lr=0.0)
+
+
+@pytest.mark.parametrize("method", ["kd", "dskd"])
+def test_bf16_autocast_keeps_the_loss_in_fp32(method, fp32_cache, gpt2_student, tmp_path, monkeypatch):
+    """--precision bf16 runs the student's matmuls in bf16 (here on CPU: the same autocast as on a
+    GPU), while every log-softmax the distances take is fp32; the losses stay within bf16 rounding
+    of an fp32 run from the same start."""
+    import dskd_batch.losses as losses
+
+    seen: list[tuple[torch.dtype, torch.dtype]] = []
+    real = losses._logp
+
+    def spy(x, t):
+        out = real(x, t)
+        seen.append((x.dtype, out.dtype))
+        return out
+
+    monkeypatch.setattr(losses, "_logp", spy)
+    fp32 = metrics(run(cfg(gpt2_student, tmp_path / "fp32", cache=str(fp32_cache), method=method, max_steps=2)))
+    bf16 = metrics(run(cfg(gpt2_student, tmp_path / "bf16", cache=str(fp32_cache), method=method, max_steps=2,
+                           precision="bf16")))
+    assert {o for _, o in seen} == {torch.float32}  # every log-softmax in fp32
+    first32, first16 = fp32[0], bf16[0]
+    for k in ("loss", "ce", "kd"):
+        assert first16[k] == pytest.approx(first32[k], rel=3e-2)
+    assert first16["loss"] != first32["loss"]  # the matmuls did run in bf16
