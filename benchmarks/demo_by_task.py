@@ -15,7 +15,7 @@ import statistics
 import sys
 from pathlib import Path
 
-KNOWLEDGE = ("capital", "opposite", "plural", "mammal")
+KNOWLEDGE = ("capital of", "opposite", "plural", "mammal")
 
 
 def kind(prompt: str) -> str:
