@@ -47,11 +47,13 @@ def _options(**kw: Any) -> Any:
     return StateDictOptions(full_state_dict=True, **kw)
 
 
-def full_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Full CPU tensors of every parameter and buffer (a collective: every process calls it)."""
+def full_state(module: nn.Module, every_process: bool = False) -> dict[str, torch.Tensor]:
+    """Full tensors of every parameter and buffer (a collective: every process calls it): on the
+    CPU of the first process (the others get an empty dict), or with ``every_process`` on each
+    process's own device."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    return get_model_state_dict(module, options=_options(cpu_offload=True))
+    return get_model_state_dict(module, options=_options(cpu_offload=not every_process))
 
 
 def load_full_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -81,13 +83,8 @@ def local_value(t: torch.Tensor) -> torch.Tensor:
 def gather_student(module: nn.Module, into: nn.Module) -> None:
     """Copy a sharded DistillModule's student, gathered whole, into the unsharded model ``into`` on
     every process (a collective: every process calls it at the same point)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    student, _ = split_state(get_model_state_dict(module, options=_options()))
-    with torch.no_grad():
-        for name, t in into.state_dict().items():
-            if name in student:
-                t.copy_(student[name])
+    student, _ = split_state(full_state(module, every_process=True))
+    into.load_state_dict(student, strict=False)
 
 
 def split_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
