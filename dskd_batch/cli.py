@@ -97,12 +97,16 @@ def cache_teacher_cmd(**kwargs: Any) -> None:
 @main.command("run")
 @click.argument("pipeline", type=click.Path(path_type=Path))
 @click.option("--dry-run", is_flag=True, help="Check the file and list what would run or be reused; run nothing.")
-def run_cmd(pipeline: Path, dry_run: bool) -> None:
+@click.option("--only", default=None, metavar="NAMES",
+              help="Comma-separated [[runs]] names: train and evaluate only these (and the stages they need); "
+                   "the report lists them and the teacher.")
+def run_cmd(pipeline: Path, dry_run: bool, only: str | None) -> None:
     """Run an experiment pipeline (pipelines/*.toml): cache, align, student, distill runs, evaluate, report;
     stages already done with the same settings are reused."""
     from .pipeline import run_pipeline
 
-    for line in run_pipeline(pipeline, dry_run=dry_run):
+    names = [n.strip() for n in only.split(",") if n.strip()] if only is not None else None
+    for line in run_pipeline(pipeline, dry_run=dry_run, only=names):
         click.echo(line)
 
 

@@ -18,6 +18,13 @@ from .tracking import LOG_TO
 
 HIDDEN_MODES = ("fp32", "fp16", "bf16", "compact", "none")
 TEMPLATES = ("alpaca", "chat", "none")
+TEMPLATE_HELP = ("`alpaca`, `chat` (the tokenizer's chat template, its default system prompt included if it has one), "
+                 "`chat:SYSTEM` (the chat template with SYSTEM as the system turn; `chat:` an empty one) or `none`")
+
+
+def template_problem(template: str | None) -> list[str]:
+    ok = template is None or template in TEMPLATES or template.startswith("chat:")
+    return [] if ok else [f"template must be {TEMPLATE_HELP}; got {template!r}"]
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 
@@ -52,7 +59,7 @@ class CacheConfig:
     out: str
     "Cache folder to create (or resume)."
     template: str = "alpaca"
-    "Prompt template: `alpaca` (instruction/input layout of the papers), `chat` (the teacher's chat template) or `none`."
+    "Prompt template: `alpaca` (instruction/input layout of the papers), `chat` (the teacher's chat template, with its default system prompt if it has one), `chat:SYSTEM` (the chat template with SYSTEM as the system turn; `chat:` an empty one, which saves SmolLM2's 21-token default in every row) or `none`."
     max_prompt_len: int = 256
     "Prompt tokens kept (the prompt is cut to this first)."
     max_len: int = 512
@@ -102,8 +109,7 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         problems: list[str] = []
-        if self.template not in TEMPLATES:
-            problems.append(f"template must be one of {TEMPLATES}, got {self.template!r}")
+        problems += template_problem(self.template)
         if self.positions not in ("targets", "all"):
             problems.append(f"positions must be targets or all, got {self.positions!r}")
         if self.hidden not in HIDDEN_MODES:
@@ -297,7 +303,7 @@ class DistillConfig:
         choice("projector_init", PROJECTOR_INITS)
         choice("precision", PRECISIONS)
         choice("parallel", PARALLEL)
-        choice("template", TEMPLATES)
+        problems += template_problem(self.template)
         choice("verify", ("full", "lazy", "none"))
         choice("shuffle", ("shard", "global"))
         choice("log_to", LOG_TO)
@@ -392,7 +398,7 @@ class EvalConfig:
     batch_size: int = 16
     "Prompts generated together (left-padded)."
     template: str | None = None
-    "Prompt template for a plain model (a run folder records its own): alpaca, chat or none."
+    "Prompt template for a plain model (a run folder records its own): alpaca, chat, chat:SYSTEM or none."
     max_prompt_len: int | None = None
     "Prompt tokens kept (default: the run's, else 256)."
     limit: int | None = None
@@ -409,8 +415,7 @@ class EvalConfig:
                 problems.append("--seeds names no seed")
         except ValueError:
             problems.append(f"--seeds must be comma-separated integers, got {self.seeds!r}")
-        if self.template is not None and self.template not in TEMPLATES:
-            problems.append(f"template must be one of {TEMPLATES}, got {self.template!r}")
+        problems += template_problem(self.template)
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             problems.append("temperature must be >= 0 and top_p in (0, 1]")
         if self.max_new_tokens < 1 or self.batch_size < 1:

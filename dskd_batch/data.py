@@ -253,17 +253,18 @@ def render_prompt(ex: Example, template: str, tokenizer: Any = None) -> str:
         return ""
     if ex.is_chat:  # the turns before the last assistant turn, and the assistant's header
         _check_chat(ex, template, tokenizer)
-        return tokenizer.apply_chat_template(_turns(ex.messages[:-1]), tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(_turns(with_system(ex.messages[:-1], template)), tokenize=False,
+                                             add_generation_prompt=True)
     if template == "alpaca":
         if ex.input.strip():
             return f"{ALPACA_HEAD_INPUT}### Instruction:\n{ex.instruction}\n\n### Input:\n{ex.input}\n\n### Response:\n"
         return f"{ALPACA_HEAD}### Instruction:\n{ex.instruction}\n\n### Response:\n"
-    if template == "chat":
+    if is_chat_template(template):
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise DskdError("template 'chat' needs a tokenizer with a chat template", hint="use --template alpaca")
+            raise DskdError(f"template {template!r} needs a tokenizer with a chat template", hint="use --template alpaca")
         content = ex.instruction if not ex.input.strip() else f"{ex.instruction}\n\n{ex.input}"
         return tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+            _turns(with_system((("user", content),), template)), tokenize=False, add_generation_prompt=True
         )
     if template == "none":
         return ex.instruction if not ex.input.strip() else f"{ex.instruction}\n{ex.input}"
@@ -274,7 +275,7 @@ def template_fingerprint(template: str, tokenizer: Any = None) -> str:
     parts = [template]
     if template == "alpaca":
         parts += [ALPACA_HEAD, ALPACA_HEAD_INPUT]
-    elif template == "chat":
+    elif is_chat_template(template):
         parts.append(str(getattr(tokenizer, "chat_template", "")))
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
 
@@ -304,12 +305,26 @@ class Encoded:
         return list(target_positions(len(self.input_ids), self.prompt_len))
 
 
+def is_chat_template(template: str) -> bool:
+    """`chat` or `chat:SYSTEM`: rendered with the tokenizer's chat template."""
+    return template == "chat" or template.startswith("chat:")
+
+
+def with_system(messages: tuple[tuple[str, str], ...], template: str) -> tuple[tuple[str, str], ...]:
+    """The turns as the template renders them: `chat:SYSTEM` puts SYSTEM first as the system turn
+    unless the conversation has its own (which is kept); `chat` leaves the turns as they are, so the
+    chat template adds its default system prompt if it has one."""
+    if not template.startswith("chat:") or (messages and messages[0][0] == "system"):
+        return messages
+    return (("system", template[len("chat:"):]), *messages)
+
+
 def _turns(messages: tuple[tuple[str, str], ...]) -> list[dict[str, str]]:
     return [{"role": r, "content": c} for r, c in messages]
 
 
 def _check_chat(ex: Example, template: str, tokenizer: Any) -> None:
-    if template != "chat":
+    if not is_chat_template(template):
         raise DskdError(f"{ex.source}: a conversation (messages) is rendered with the tokenizer's chat template",
                         hint="use --template chat")
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
@@ -317,7 +332,7 @@ def _check_chat(ex: Example, template: str, tokenizer: Any) -> None:
                         hint="use a chat model's tokenizer, or prompt/response rows with --template alpaca")
 
 
-def encode_conversation(tokenizer: Any, ex: Example, *, max_len: int) -> Encoded:
+def encode_conversation(tokenizer: Any, ex: Example, *, max_len: int, template: str = "chat") -> Encoded:
     """A conversation rendered with the tokenizer's chat template. Its targets are the tokens of
     every assistant turn, the turn's end-of-turn marker included (whitespace after it is not);
     system, user and tool turns and the template's headers never are. The rendered text is cut
@@ -325,11 +340,12 @@ def encode_conversation(tokenizer: Any, ex: Example, *, max_len: int) -> Encoded
     is exact. Cut to ``max_len`` tokens (no EOS appended: the end-of-turn marker ends a turn);
     ``prompt_len`` is where the last assistant turn starts (what evaluation and on-policy sampling
     generate from)."""
-    _check_chat(ex, "chat", tokenizer)
-    turns = _turns(ex.messages)
+    _check_chat(ex, template, tokenizer)
+    messages = with_system(ex.messages, template)
+    turns = _turns(messages)
     full = tokenizer.apply_chat_template(turns, tokenize=False)
     cuts: list[tuple[int, int]] = []  # (start, end) character spans of the assistant turns in `full`
-    for k, (role, _content) in enumerate(ex.messages):
+    for k, (role, _content) in enumerate(messages):
         if role != "assistant":
             continue
         before = tokenizer.apply_chat_template(turns[:k], tokenize=False, add_generation_prompt=True) if k else ""
@@ -364,7 +380,7 @@ def encode_example(tokenizer: Any, ex: Example, prompt: str, *, max_prompt_len: 
     """Any row shape's token ids and targets: a conversation through its chat template, any other
     through :func:`encode` with its rendered ``prompt``."""
     if ex.is_chat:
-        return encode_conversation(tokenizer, ex, max_len=max_len)
+        return encode_conversation(tokenizer, ex, max_len=max_len, template=template)
     return encode(tokenizer, prompt, ex.response, max_prompt_len=max_prompt_len, max_len=max_len, template=template)
 
 
@@ -372,7 +388,7 @@ def encode_prompt(tokenizer: Any, prompt: str, *, max_prompt_len: int, template:
     """The prompt's token ids as training and evaluation read them: the tokenizer's special tokens
     unless a chat template already wrote them (a plain-text row's empty prompt: its prefix, BOS if
     any), cut to ``max_prompt_len``."""
-    add_special = template != "chat" or not prompt
+    add_special = not is_chat_template(template) or not prompt
     return tokenizer(prompt, add_special_tokens=add_special)["input_ids"][:max_prompt_len]
 
 

@@ -292,14 +292,20 @@ def _finished(rdir: Path) -> bool:
     return (rdir / RUN_FILE).exists() and read_json(rdir / RUN_FILE).get("status") == "done"
 
 
-def run_pipeline(path: str | Path, *, dry_run: bool = False) -> list[str]:
-    """Run (or, with ``dry_run``, list) every stage of a pipeline; returns one line per stage."""
+def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | None = None) -> list[str]:
+    """Run (or, with ``dry_run``, list) every stage of a pipeline; returns one line per stage. ``only``
+    names the runs to train and evaluate (the shared stages they need run too; the report lists these
+    runs and the teacher); None: every run."""
     from .cache_teacher import run as cache_run
     from .distill import run as distill_run
     from .evaluate import report as make_report
     from .evaluate import run as eval_run
 
     p = load_pipeline(path)
+    unknown = sorted(set(only or ()) - set(p.run_names))
+    if unknown:
+        raise DskdError(f"{path}: no run named {', '.join(map(repr, unknown))}",
+                        hint=f"the pipeline's runs: {', '.join(p.run_names)}")
     st = _Stages(p.out, dry_run)
     teacher_fp = None
     if p.teacher_tune is not None:
@@ -366,6 +372,8 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False) -> list[str]:
                                             "cache": cache_fp}, lambda: (edir / "report.json").exists(), do_teacher_eval)
         run_dirs.append(("teacher", edir))
     for name, cfg in zip(p.run_names, p.runs):
+        if only is not None and name not in only:
+            continue
         rdir = Path(cfg.out)
         dev_fp = cache_fps.get(Path(cfg.eval_data)) if cfg.eval_data else None  # a [dev_cache] it reads
         def do_distill(resume: bool, cfg: DistillConfig = cfg) -> None:

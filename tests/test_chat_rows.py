@@ -273,3 +273,42 @@ def test_evaluate_answers_the_last_turn(chat_teacher, chat_corpus, tmp_path):
     last = gens["Paris is the capital of France."]  # the reference is the last assistant turn ...
     assert last["prompt"].endswith("And of France?<|endoftext|>\n<|assistant|>")  # ... answered after the turns before it
     assert "Rome." in last["prompt"]
+
+
+DEFAULT_SYSTEM = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|system|>You are a helpful"
+                  " assistant named Tiny.{{ eos_token }}\n{% endif %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}"
+                  "\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_chat_system_template_replaces_the_default_system_prompt(tiny_tokenizer_dir, tmp_path) -> None:
+    """`chat:SYSTEM` puts SYSTEM where the template would add its default system prompt (`chat:` an empty
+    turn: shorter rows), keeps a conversation's own system turn, and fingerprints differently."""
+    from transformers import AutoTokenizer
+
+    from dskd_batch.config import DistillConfig
+    from dskd_batch.data import encode_example, encode_prompt, template_fingerprint
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    tok.chat_template = DEFAULT_SYSTEM
+    rows = load_examples_from([{"prompt": "Two plus three?", "response": "Five."}, {"messages": TWO_TURNS},
+                               {"messages": ROWS[1]["messages"]}], tmp_path)
+    plain, conv_sys, conv = rows
+    eos = tok.eos_token
+    assert render_prompt(plain, "chat", tok) == (f"<|system|>You are a helpful assistant named Tiny.{eos}\n"
+                                                 f"<|user|>Two plus three?{eos}\n<|assistant|>")
+    assert render_prompt(plain, "chat:", tok) == f"<|system|>{eos}\n<|user|>Two plus three?{eos}\n<|assistant|>"
+    assert render_prompt(plain, "chat:Be terse.", tok).startswith(f"<|system|>Be terse.{eos}\n<|user|>")
+    n = {t: len(encode_prompt(tok, render_prompt(plain, t, tok), max_prompt_len=999, template=t))
+         for t in ("chat", "chat:")}
+    assert n["chat:"] < n["chat"]
+    # a conversation's own system turn is kept; one without gets SYSTEM, and its targets stay the assistant turns
+    assert "You are brief." in render_prompt(conv_sys, "chat:Be terse.", tok)
+    enc = encode_example(tok, conv, render_prompt(conv, "chat:Be terse.", tok), max_prompt_len=96, max_len=96,
+                         template="chat:Be terse.")
+    text = tok.decode(enc.input_ids)
+    assert text.startswith(f"<|system|>Be terse.{eos}") and "named Tiny" not in text
+    assert tok.decode([enc.input_ids[p + 1] for p in enc.targets()]).strip() == f"Red.{eos}"
+    fps = {template_fingerprint(t, tok) for t in ("chat", "chat:", "chat:Be terse.")}
+    assert len(fps) == 3  # a cache made with one is refused for another
+    with pytest.raises(DskdError, match="template must be"):
+        DistillConfig(student="s", out="o", data="d", method="sft", template="chatt")

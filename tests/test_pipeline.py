@@ -107,8 +107,13 @@ def test_pipeline_runs_then_reuses_every_stage(llama_teacher, corpus, gpt2_stude
 
     # a new run is the only new work; a changed one is refused, naming its folder
     p = tiny(tmp_path, llama_teacher, corpus, gpt2_student, runs + RUN.format(name="sft", method="sft", extra=""))
-    lines = run_pipeline(p)
+    with pytest.raises(DskdError, match=r"(?s)no run named 'sfft'.*kd, dskd, sft"):
+        run_pipeline(p, only=["sfft"])
+    lines = run_pipeline(p, only=["sft"])  # --only: just that run (and the shared stages, reused)
+    assert [x.split(":")[0] for x in lines[:-1]] == ["cache", "evaluate teacher", "distill sft", "evaluate sft"]
     assert [x.split(":")[0] for x in lines if "ran" in x] == ["distill sft", "evaluate sft"]
+    table = lines[-1].split("\n", 1)[1]
+    assert "| sft |" in table and "| kd |" not in table
     p = tiny(tmp_path, llama_teacher, corpus, gpt2_student, runs.replace('method = "kd"', 'method = "kd"\ntemperature = 1.0'))
     with pytest.raises(DskdError, match=r"distill kd: .*kd was made with other settings") as e:
         run_pipeline(p)
