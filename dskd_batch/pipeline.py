@@ -324,8 +324,11 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
     cache_fp = st.stage("cache", cache_dir, {"cache": cache_cfg, **made_by}, lambda: (cache_dir / MANIFEST).exists(),
                         do_cache)
     cache_fps = {cache_dir: cache_fp}
+    chosen = [cfg for name, cfg in zip(p.run_names, p.runs) if only is None or name in only]
     for key, ccfg in p.extra_caches.items():
         cdir = Path(ccfg.out)
+        if not any(Path(c.cache) == cdir or (c.eval_data and Path(c.eval_data) == cdir) for c in chosen):
+            continue  # no run chosen with --only reads it
 
         def do_extra(_resume: bool, ccfg: CacheConfig = ccfg) -> None:
             cache_run(ccfg)

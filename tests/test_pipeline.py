@@ -36,6 +36,12 @@ def test_every_pipeline_file_parses(path: Path) -> None:
         assert p.cache.student_tokenizer  # cross-vocabulary runs need the cache aligned for the student
     lines = run_pipeline(path, dry_run=True)
     assert any(line.startswith("cache:") for line in lines)
+    if "seqkd_cache" in p.extra_caches:  # --only a run that does not read the SeqKD cache: not built
+        assert any(line.startswith("seqkd cache:") for line in lines)
+        first = next(n for n, c in zip(p.run_names, p.runs) if c.method != "seqkd")
+        lines = run_pipeline(path, dry_run=True, only=[first])
+        assert not any(line.startswith("seqkd cache:") for line in lines)
+        assert [line.split(":")[0] for line in lines if line.startswith("distill")] == [f"distill {first}"]
 
 
 def write(path: Path, text: str) -> Path:
