@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from .data import is_chat_template
 from .errors import DskdError
 from .losses import distances, parse_distance_args
 from .methods import Method, method_classes
@@ -20,12 +21,12 @@ HIDDEN_MODES = ("fp32", "fp16", "bf16", "compact", "none")
 TEMPLATES = ("alpaca", "chat", "none")
 TEMPLATE_HELP = ("`alpaca`, `chat` (the tokenizer's chat template, its default system prompt included if it has one), "
                  "`chat:SYSTEM` (the chat template with SYSTEM as the system turn; `chat:` an empty one) or `none`")
+DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 
 def template_problem(template: str | None) -> list[str]:
-    ok = template is None or template in TEMPLATES or template.startswith("chat:")
+    ok = template is None or template in TEMPLATES or is_chat_template(template)
     return [] if ok else [f"template must be {TEMPLATE_HELP}; got {template!r}"]
-DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 
 def field_docs(cls: type) -> dict[str, str]:

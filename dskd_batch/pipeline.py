@@ -324,10 +324,10 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
     cache_fp = st.stage("cache", cache_dir, {"cache": cache_cfg, **made_by}, lambda: (cache_dir / MANIFEST).exists(),
                         do_cache)
     cache_fps = {cache_dir: cache_fp}
-    chosen = [cfg for name, cfg in zip(p.run_names, p.runs) if only is None or name in only]
+    chosen = [(name, cfg) for name, cfg in zip(p.run_names, p.runs) if only is None or name in only]
     for key, ccfg in p.extra_caches.items():
         cdir = Path(ccfg.out)
-        if not any(Path(c.cache) == cdir or (c.eval_data and Path(c.eval_data) == cdir) for c in chosen):
+        if not any(Path(c.cache) == cdir or (c.eval_data and Path(c.eval_data) == cdir) for _, c in chosen):
             continue  # no run chosen with --only reads it
 
         def do_extra(_resume: bool, ccfg: CacheConfig = ccfg) -> None:
@@ -374,9 +374,7 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
         st.stage("evaluate teacher", edir, {"evaluate": p.evaluate, "teacher": teacher_fp or p.base_teacher,
                                             "cache": cache_fp}, lambda: (edir / "report.json").exists(), do_teacher_eval)
         run_dirs.append(("teacher", edir))
-    for name, cfg in zip(p.run_names, p.runs):
-        if only is not None and name not in only:
-            continue
+    for name, cfg in chosen:
         rdir = Path(cfg.out)
         dev_fp = cache_fps.get(Path(cfg.eval_data)) if cfg.eval_data else None  # a [dev_cache] it reads
         def do_distill(resume: bool, cfg: DistillConfig = cfg) -> None:
