@@ -100,13 +100,25 @@ def cache_teacher_cmd(**kwargs: Any) -> None:
 @click.option("--only", default=None, metavar="NAMES",
               help="Comma-separated [[runs]] names: train and evaluate only these (and the stages they need); "
                    "the report lists them and the teacher.")
-def run_cmd(pipeline: Path, dry_run: bool, only: str | None) -> None:
+@click.option("--train-seeds", default=None, metavar="SEEDS",
+              help="Comma-separated training seeds (overrides the file's train_seeds): every run is trained once "
+                   "per seed (the run's own seed keeps its folder, seed S goes to NAME-seedS) and the report adds "
+                   "each run's mean +- std over them.")
+def run_cmd(pipeline: Path, dry_run: bool, only: str | None, train_seeds: str | None) -> None:
     """Run an experiment pipeline (pipelines/*.toml): cache, align, student, distill runs, evaluate, report;
     stages already done with the same settings are reused."""
     from .pipeline import run_pipeline
 
     names = [n.strip() for n in only.split(",") if n.strip()] if only is not None else None
-    for line in run_pipeline(pipeline, dry_run=dry_run, only=names):
+    seeds = None
+    if train_seeds is not None:
+        try:
+            seeds = [int(x) for x in train_seeds.split(",") if x.strip()]
+        except ValueError:
+            raise DskdError(f"--train-seeds must be comma-separated integers, got {train_seeds!r}") from None
+        if not seeds:
+            raise DskdError("--train-seeds names no seed")
+    for line in run_pipeline(pipeline, dry_run=dry_run, only=names, train_seeds=seeds):
         click.echo(line)
 
 

@@ -267,6 +267,33 @@ def markdown_table(items: list[tuple[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def seed_table(groups: list[tuple[str, list[dict[str, Any]]]]) -> str:
+    """One row per run trained with several seeds: over its training seeds, the mean ± std of each
+    set's primary metric (each seed's mean over sampling seeds), of the test NLL and of the held-out
+    CE and KL at the exported step. Std is the population std, as over sampling seeds."""
+    sets: list[str] = []
+    for _, reps in groups:
+        for rep in reps:
+            sets += [s for s in rep["sets"] if s not in sets]
+
+    def cell(values: list[float], digits: int) -> str:
+        if not values:
+            return "–"
+        st = _stats(values)
+        return f"{st['mean']:.{digits}f} ± {st['std']:.{digits}f}"
+
+    cols = ["training seeds"] + sets + [f"{s} NLL" for s in sets] + list(HELD_OUT_COLUMNS.values())
+    lines = ["| run | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for label, reps in groups:
+        metric = [cell([r["sets"][s]["metrics"][r["sets"][s]["primary"]]["mean"] for r in reps if s in r["sets"]], 2)
+                  for s in sets]
+        nll = [cell([r["sets"][s]["nll"]["nats_per_token"] for r in reps if "nll" in r["sets"].get(s, {})], 4)
+               for s in sets]
+        held = [cell([r["held_out"][k] for r in reps if k in r.get("held_out", {})], 4) for k in HELD_OUT_COLUMNS]
+        lines.append(f"| {label} | " + " | ".join([str(len(reps))] + metric + nll + held) + " |")
+    return "\n".join(lines)
+
+
 def plot_curves(runs: list[tuple[str, Path]], out: Path) -> Path | None:
     """Training loss against step for each run and, beside it, the held-out ``eval_ce`` (and
     ``eval_kl`` where the DEV set is a teacher cache) logged by ``--eval-data``."""
@@ -332,7 +359,11 @@ def held_out(run_dir: Path) -> dict[str, float]:
     return {k: rec[k] for k in ("eval_ce", "eval_kl", "eval_top1") if k in rec} | {"step": rec["step"]}
 
 
-def report(paths: list[str], out: str | None, labels: list[str] | None = None) -> tuple[str, Path | None]:
+def report(paths: list[str], out: str | None, labels: list[str] | None = None,
+           groups: list[tuple[str, list[str]]] | None = None) -> tuple[str, Path | None]:
+    """The side-by-side table of ``paths`` (report or run folders), written to ``out`` with the curves
+    beside it as a PNG. ``groups`` (name, labels): runs trained with several seeds, summarised under
+    the table as mean ± std over them."""
     items = [load_report(p) for p in paths]
     if labels is not None:
         items = [(lab, rep, r) for lab, (_, rep, r) in zip(labels, items)]
@@ -340,6 +371,10 @@ def report(paths: list[str], out: str | None, labels: list[str] | None = None) -
         if run_dir is not None:
             rep["held_out"] = held_out(run_dir)
     table = markdown_table([(label, rep) for label, rep, _ in items])
+    if groups:
+        by_label = {label: rep for label, rep, _ in items}
+        table += ("\n\nOver training seeds (mean ± std of the rows above):\n\n"
+                  + seed_table([(name, [by_label[lab] for lab in labs]) for name, labs in groups]))
     png = None
     if out:
         o = Path(out)

@@ -35,6 +35,10 @@ evaluate -> report.
     name = "dskd"
     method = "dskd"
 
+    train_seeds = [42, 1, 2]         # optional (top level; `run --train-seeds` overrides it): train every
+                                     # run once per seed; the run's own seed keeps OUT/NAME, the others
+                                     # go to OUT/NAME-seedS; the report adds each run's mean +- std over them
+
     [evaluate]                       # EvalConfig fields (model and out are set per run)
     data = "data/demo/test.jsonl"
 
@@ -69,7 +73,7 @@ log = logging.getLogger(__name__)
 
 STAGES_DIR = ".stages"
 TOP_KEYS = {"name", "out", "teacher", "cache", "dev_cache", "seqkd_cache", "student", "distill", "runs", "evaluate",
-            "report", "description"}
+            "report", "description", "train_seeds"}
 TEACHER_DIR = "teacher"
 
 
@@ -91,6 +95,7 @@ class Pipeline:
     base_teacher: str = ""
     extra_caches: dict[str, CacheConfig] = field(default_factory=dict)  # dev_cache, seqkd_cache
     plan: list[str] = field(default_factory=list)
+    train_seeds: list[int] = field(default_factory=list)  # [] : each run trains once, with its own seed
 
     @property
     def student(self) -> str:
@@ -223,12 +228,16 @@ def load_pipeline(path: str | Path) -> Pipeline:
         evaluate = _section(doc, "evaluate", str(path))
         _check_keys(evaluate, _fields(EvalConfig) - {"model", "out"}, f"{path} [evaluate]")
         _build(EvalConfig, {**evaluate, "model": "x"}, f"{path} [evaluate]")
+    seeds = doc.get("train_seeds", [])
+    if (not isinstance(seeds, list) or ("train_seeds" in doc and not seeds)
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
+        raise DskdError(f"{path}: `train_seeds` must be a non-empty list of integers, got {seeds!r}")
     report = _section(doc, "report", str(path)) if "report" in doc else None
     if report is not None:
         _check_keys(report, {"out"}, f"{path} [report]")
     return Pipeline(path, doc["name"], out, cache_cfg, student.get("from"), student.get("layers"), student.get("path"),
                     runs, names, evaluate, (report or {}).get("out", "report.md") if report is not None else None,
-                    str(doc.get("description", "")), tune, base_teacher, extra_caches)
+                    str(doc.get("description", "")), tune, base_teacher, extra_caches, train_seeds=seeds)
 
 
 
@@ -292,10 +301,29 @@ def _finished(rdir: Path) -> bool:
     return (rdir / RUN_FILE).exists() and read_json(rdir / RUN_FILE).get("status") == "done"
 
 
-def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | None = None) -> list[str]:
+def seeded_runs(names: list[str], runs: list[DistillConfig], seeds: list[int]) -> list[tuple[str, str, DistillConfig]]:
+    """(folder label, run name, config) for every run and training seed: the run's own seed keeps its
+    folder, another seed S trains into NAME-seedS. No seeds: each run once, as written."""
+    if len(set(seeds)) != len(seeds):
+        raise DskdError(f"training seeds repeat: {seeds}")
+    out = []
+    for name, cfg in zip(names, runs):
+        for s in seeds or [cfg.seed]:
+            label = name if s == cfg.seed else f"{name}-seed{s}"
+            out.append((label, name, dataclasses.replace(cfg, seed=s, out=str(Path(cfg.out).parent / label))))
+    clash = sorted({lab for lab, name, _ in out if lab != name and lab in names})
+    if clash:
+        raise DskdError(f"run folder(s) {', '.join(clash)} would hold both a run of that name and another run's "
+                        "training seed", hint="rename the run")
+    return out
+
+
+def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | None = None,
+                 train_seeds: list[int] | None = None) -> list[str]:
     """Run (or, with ``dry_run``, list) every stage of a pipeline; returns one line per stage. ``only``
     names the runs to train and evaluate (the shared stages they need run too; the report lists these
-    runs and the teacher); None: every run."""
+    runs and the teacher); None: every run. ``train_seeds`` overrides the file's: each run is trained
+    once per seed, and the report adds each run's mean and spread over them."""
     from .cache_teacher import run as cache_run
     from .distill import run as distill_run
     from .evaluate import report as make_report
@@ -306,6 +334,10 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
     if unknown:
         raise DskdError(f"{path}: no run named {', '.join(map(repr, unknown))}",
                         hint=f"the pipeline's runs: {', '.join(p.run_names)}")
+    seeds = list(train_seeds) if train_seeds else p.train_seeds
+    expanded = [(label, name, cfg) for label, name, cfg in seeded_runs(p.run_names, p.runs, seeds)
+                if only is None or name in only]
+    chosen = [(label, cfg) for label, _, cfg in expanded]
     st = _Stages(p.out, dry_run)
     teacher_fp = None
     if p.teacher_tune is not None:
@@ -324,7 +356,6 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
     cache_fp = st.stage("cache", cache_dir, {"cache": cache_cfg, **made_by}, lambda: (cache_dir / MANIFEST).exists(),
                         do_cache)
     cache_fps = {cache_dir: cache_fp}
-    chosen = [(name, cfg) for name, cfg in zip(p.run_names, p.runs) if only is None or name in only]
     for key, ccfg in p.extra_caches.items():
         cdir = Path(ccfg.out)
         if not any(Path(c.cache) == cdir or (c.eval_data and Path(c.eval_data) == cdir) for _, c in chosen):
@@ -393,6 +424,11 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
                      lambda edir=edir: (edir / "report.json").exists(), do_eval)
     if p.report_out is not None and not dry_run:
         target = p.out / p.report_out
-        table, _ = make_report([str(r) for _, r in run_dirs], str(target), labels=[n for n, _ in run_dirs])
+        groups = None
+        if len(seeds) > 1:  # each run's rows over its training seeds
+            groups = [(name, [lab for lab, n, _ in expanded if n == name])
+                      for name in p.run_names if only is None or name in only]
+        table, _ = make_report([str(r) for _, r in run_dirs], str(target), labels=[n for n, _ in run_dirs],
+                               groups=groups)
         st.done.append(f"report: {target}\n{table}")
     return st.done

@@ -126,6 +126,44 @@ def test_pipeline_runs_then_reuses_every_stage(llama_teacher, corpus, gpt2_stude
     assert "distill.temperature: was 2.0, now 1.0" in str(e.value)  # the refusal names what changed
 
 
+def test_training_seeds_add_runs_beside_the_first_and_the_report_summarises_them(
+        llama_teacher, corpus, gpt2_student, tmp_path) -> None:
+    import statistics
+
+    runs = RUN.format(name="sft", method="sft", extra="") + RUN.format(name="kd", method="kd", extra="")
+    p = tiny(tmp_path, llama_teacher, corpus, gpt2_student, runs)
+    run_pipeline(p)  # one seed: the runs' own (42)
+    lines = run_pipeline(p, train_seeds=[42, 7])
+    stages = {x.split(":")[0]: x for x in lines[:-1]}
+    assert "reused" in stages["distill sft"] and "reused" in stages["distill kd"]  # seed 42 keeps its folder
+    assert "ran" in stages["distill sft-seed7"] and "ran" in stages["evaluate kd-seed7"]
+    out = tmp_path / "out"
+
+    def losses(run: str) -> list[float]:
+        return [json.loads(x)["loss"] for x in (out / run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+    assert losses("sft") != losses("sft-seed7")  # the seed reached initialisation and data order
+    # the summary row is the mean and population std of the per-seed rows
+    reps = [json.loads((out / r / "eval" / "report.json").read_text()) for r in ("sft", "sft-seed7")]
+    test_set = next(iter(reps[0]["sets"]))
+    vals = [r["sets"][test_set]["metrics"][r["sets"][test_set]["primary"]]["mean"] for r in reps]
+    nlls = [r["sets"][test_set]["nll"]["nats_per_token"] for r in reps]
+    text = (out / "report.md").read_text()
+    assert "Over training seeds" in text
+    row = next(line for line in text.splitlines() if line.startswith("| sft | 2 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == f"{statistics.fmean(vals):.2f} ± {statistics.pstdev(vals):.2f}"
+    assert cells[3] == f"{statistics.fmean(nlls):.4f} ± {statistics.pstdev(nlls):.4f}"
+    assert "| kd-seed7 |" in text and "| kd | 2 |" in text
+
+    # the file's train_seeds do the same; a run name that one seed's folder would take is refused
+    write(p, p.read_text().replace('name = "tiny"', 'name = "tiny"\ntrain_seeds = [42, 7]'))
+    assert all("reused" in x for x in run_pipeline(p)[:-1])
+    write(p, p.read_text() + RUN.format(name="sft-seed7", method="sft", extra=""))
+    with pytest.raises(DskdError, match="sft-seed7 would hold both"):
+        run_pipeline(p, dry_run=True)
+
+
 def test_interrupted_distill_resumes(llama_teacher, corpus, gpt2_student, tmp_path) -> None:
     p = tiny(tmp_path, llama_teacher, corpus, gpt2_student, RUN.format(name="kd", method="kd", extra="save_steps = 1"))
     run_pipeline(p)
@@ -145,6 +183,8 @@ def test_interrupted_distill_resumes(llama_teacher, corpus, gpt2_student, tmp_pa
      '[[runs]]\nname = "a"\nmethod = "dskdd"\n', r"\[\[runs\]\] #1:"),
     ('name = "x"\nout = "o"\n[cache]\nteacher = "t"\ndata = "d"\n[student]\npath = "s"\n', r"at least one \[\[runs\]\]"),
     ('name = "x"\nout = "o"\n[cache\n', "not valid TOML"),
+    ('name = "x"\nout = "o"\ntrain_seeds = [1, "2"]\n[cache]\nteacher = "t"\ndata = "d"\n[student]\npath = "s"\n'
+     '[[runs]]\nname = "a"\n', "`train_seeds` must be a non-empty list of integers"),
     ('name = "x"\nout = "o"\n[cache]\nteacher = "t"\ndata = "d"\n[student]\nfrom = "t"\n[[runs]]\nname = "a"\n',
      "needs `layers`"),
 ])
