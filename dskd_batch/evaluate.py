@@ -270,7 +270,7 @@ def markdown_table(items: list[tuple[str, dict[str, Any]]]) -> str:
 def seed_table(groups: list[tuple[str, list[dict[str, Any]]]]) -> str:
     """One row per run trained with several seeds: over its training seeds, the mean ± std of each
     set's primary metric (each seed's mean over sampling seeds), of the test NLL and of the held-out
-    CE and KL at the exported step. Std is the population std, as over sampling seeds."""
+    CE and KL at the exported step. Std is the sample std (n - 1) over training seeds."""
     sets: list[str] = []
     for _, reps in groups:
         for rep in reps:
@@ -279,8 +279,8 @@ def seed_table(groups: list[tuple[str, list[dict[str, Any]]]]) -> str:
     def cell(values: list[float], digits: int) -> str:
         if not values:
             return "–"
-        st = _stats(values)
-        return f"{st['mean']:.{digits}f} ± {st['std']:.{digits}f}"
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.fmean(values):.{digits}f} ± {std:.{digits}f}"
 
     cols = ["training seeds"] + sets + [f"{s} NLL" for s in sets] + list(HELD_OUT_COLUMNS.values())
     lines = ["| run | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]

@@ -143,7 +143,7 @@ def test_training_seeds_add_runs_beside_the_first_and_the_report_summarises_them
         return [json.loads(x)["loss"] for x in (out / run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
 
     assert losses("sft") != losses("sft-seed7")  # the seed reached initialisation and data order
-    # the summary row is the mean and population std of the per-seed rows
+    # the summary row is the mean and sample std of the per-seed rows
     reps = [json.loads((out / r / "eval" / "report.json").read_text()) for r in ("sft", "sft-seed7")]
     test_set = next(iter(reps[0]["sets"]))
     vals = [r["sets"][test_set]["metrics"][r["sets"][test_set]["primary"]]["mean"] for r in reps]
@@ -152,8 +152,8 @@ def test_training_seeds_add_runs_beside_the_first_and_the_report_summarises_them
     assert "Over training seeds" in text
     row = next(line for line in text.splitlines() if line.startswith("| sft | 2 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[2] == f"{statistics.fmean(vals):.2f} ± {statistics.pstdev(vals):.2f}"
-    assert cells[3] == f"{statistics.fmean(nlls):.4f} ± {statistics.pstdev(nlls):.4f}"
+    assert cells[2] == f"{statistics.fmean(vals):.2f} ± {statistics.stdev(vals):.2f}"
+    assert cells[3] == f"{statistics.fmean(nlls):.4f} ± {statistics.stdev(nlls):.4f}"
     assert "| kd-seed7 |" in text and "| kd | 2 |" in text
 
     # the file's train_seeds do the same; a run name that one seed's folder would take is refused
