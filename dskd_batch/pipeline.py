@@ -75,6 +75,7 @@ STAGES_DIR = ".stages"
 TOP_KEYS = {"name", "out", "teacher", "cache", "dev_cache", "seqkd_cache", "student", "distill", "runs", "evaluate",
             "report", "description", "train_seeds"}
 TEACHER_DIR = "teacher"
+RESERVED = {"cache", "dev-cache", "seqkd-cache", "student", TEACHER_DIR, "teacher-eval"}  # stage folders in OUT
 
 
 @dataclass
@@ -209,8 +210,9 @@ def load_pipeline(path: str | Path) -> Pipeline:
             raise DskdError(f"{where}: each run needs a `name`")
         r = dict(r)
         name = r.pop("name")
-        if name in names or "/" in name or name in ("cache", "student"):
-            raise DskdError(f"{where}: run name {name!r} is repeated or not a plain folder name")
+        if name in names or "/" in name or name in RESERVED or name.startswith("."):
+            raise DskdError(f"{where}: run name {name!r} is repeated, not a plain folder name, or the folder of "
+                            f"another stage ({', '.join(sorted(RESERVED))})")
         _check_keys(r, _fields(DistillConfig) - {"student", "out", "cache"}, where)
         values = {**common, **r, "student": student_spec, "out": str(out / name), "cache": cache_cfg.out}
         if values.get("method") == "seqkd":

@@ -183,6 +183,8 @@ def test_interrupted_distill_resumes(llama_teacher, corpus, gpt2_student, tmp_pa
      '[[runs]]\nname = "a"\nmethod = "dskdd"\n', r"\[\[runs\]\] #1:"),
     ('name = "x"\nout = "o"\n[cache]\nteacher = "t"\ndata = "d"\n[student]\npath = "s"\n', r"at least one \[\[runs\]\]"),
     ('name = "x"\nout = "o"\n[cache\n', "not valid TOML"),
+    ('name = "x"\nout = "o"\n[cache]\nteacher = "t"\ndata = "d"\n[student]\npath = "s"\n[[runs]]\nname = "teacher"\n',
+     "the folder of another stage"),
     ('name = "x"\nout = "o"\ntrain_seeds = [1, "2"]\n[cache]\nteacher = "t"\ndata = "d"\n[student]\npath = "s"\n'
      '[[runs]]\nname = "a"\n', "`train_seeds` must be a non-empty list of integers"),
     ('name = "x"\nout = "o"\n[cache]\nteacher = "t"\ndata = "d"\n[student]\nfrom = "t"\n[[runs]]\nname = "a"\n',
