@@ -182,18 +182,26 @@ def distances_cmd() -> None:
 
 @main.command("init-student")
 @click.option("--from", "source", required=True, help="Teacher model to take the layers from (folder, .gguf, pkg:NAME).")
-@click.option("--layers", type=int, required=True, help="Layers to keep (evenly spaced; first and last kept).")
+@click.option("--layers", type=int, required=True, help="Layers to keep (see --select).")
 @click.option("--out", required=True, help="Folder for the student (Hugging Face format).")
+@click.option("--select", type=click.Choice(["even", "influence"]), default="even", show_default=True,
+              help="Which layers: evenly spaced (first and last kept), or the LAYERS of highest Block Influence "
+                   "(1 - cosine of each layer's input and output) on --calibration rows.")
+@click.option("--calibration", default=None, help="With --select influence: rows to score the layers on (any "
+              "corpus; the first 64 are read), e.g. the training split.")
+@click.option("--template", default="alpaca", show_default=True,
+              help="With --select influence: how the calibration rows are rendered (as cache-teacher --template).")
 @click.option("--tokenizer", default=None, help="Give the student this tokenizer's vocabulary (a folder, .gguf or "
               "pkg:NAME): embeddings (and an untied head) transplanted from the teacher's, row by row.")
 @click.option("--embeddings", type=click.Choice(["transplant", "random"]), default="transplant", show_default=True,
               help="With --tokenizer: transplant the rows, or make them all random (a baseline).")
-def init_student_cmd(source: str, layers: int, out: str, tokenizer: str | None, embeddings: str) -> None:
+def init_student_cmd(source: str, layers: int, out: str, select: str, calibration: str | None, template: str,
+                     tokenizer: str | None, embeddings: str) -> None:
     """Build a same-family student from K of a model's layers (weights copied), optionally with
     another tokenizer's vocabulary."""
     from .student import init_student
 
-    click.echo(f"student: {init_student(source, layers, out, tokenizer, embeddings)}")
+    click.echo(f"student: {init_student(source, layers, out, tokenizer, embeddings, select, calibration, template)}")
 
 
 @main.command("cache-info")

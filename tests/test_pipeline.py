@@ -164,6 +164,23 @@ def test_training_seeds_add_runs_beside_the_first_and_the_report_summarises_them
         run_pipeline(p, dry_run=True)
 
 
+def test_student_by_block_influence_is_a_stage_of_its_own(llama_teacher, corpus, gpt2_student, tmp_path) -> None:
+    p = tiny(tmp_path, llama_teacher, corpus, gpt2_student, RUN.format(name="sft", method="sft", extra=""))
+    body = p.read_text().replace(f'[student]\npath = "{gpt2_student}"',
+                                 f'[student]\nfrom = "{llama_teacher}"\nlayers = 1\nselect = "influence"')
+    write(p, body.replace("[evaluate]", "[unused]").split("[unused]")[0])  # no evaluate stage: faster
+    lines = run_pipeline(p)
+    assert any(x.startswith("student: ran") for x in lines)
+    info = json.loads((tmp_path / "out" / "student" / "student.json").read_text())
+    assert info["select"] == "influence" and info["calibration"] == str(corpus) and len(info["layers"]) == 1
+    assert len(info["block_influence"]) == 2 and info["layers"] == [max((0, 1), key=lambda i: info["block_influence"][i])]
+    assert all("reused" in x for x in run_pipeline(p, dry_run=True))
+    write(p, p.read_text().replace('select = "influence"', 'select = "even"'))
+    with pytest.raises(DskdError, match="student: .*made with other settings") as e:
+        run_pipeline(p, dry_run=True)
+    assert "select: was 'influence', now '(absent)'" in str(e.value)  # the refusal names what changed
+
+
 def test_interrupted_distill_resumes(llama_teacher, corpus, gpt2_student, tmp_path) -> None:
     p = tiny(tmp_path, llama_teacher, corpus, gpt2_student, RUN.format(name="kd", method="kd", extra="save_steps = 1"))
     run_pipeline(p)
@@ -183,6 +200,10 @@ def test_interrupted_distill_resumes(llama_teacher, corpus, gpt2_student, tmp_pa
      '[[runs]]\nname = "a"\nmethod = "dskdd"\n', r"\[\[runs\]\] #1:"),
     ('name = "x"\nout = "o"\n[cache]\nteacher = "t"\ndata = "d"\n[student]\npath = "s"\n', r"at least one \[\[runs\]\]"),
     ('name = "x"\nout = "o"\n[cache\n', "not valid TOML"),
+    ('name = "x"\nout = "o"\n[cache]\nteacher = "t"\ndata = "d"\n[student]\npath = "s"\nselect = "influence"\n'
+     '[[runs]]\nname = "a"\n', "goes with `from`"),
+    ('name = "x"\nout = "o"\n[cache]\nteacher = "t"\ndata = "d"\n[student]\nfrom = "t"\nlayers = 2\n'
+     'calibration = "c"\n[[runs]]\nname = "a"\n', "read by select"),
     ('name = "x"\nout = "o"\n[cache]\nteacher = "t"\ndata = "d"\n[student]\npath = "s"\n[[runs]]\nname = "teacher"\n',
      "the folder of another stage"),
     ('name = "x"\nout = "o"\ntrain_seeds = [1, "2"]\n[cache]\nteacher = "t"\ndata = "d"\n[student]\npath = "s"\n'

@@ -1,4 +1,5 @@
-"""init-student: K evenly spaced layers (first and last kept) with their weights copied."""
+"""init-student: K evenly spaced layers (first and last kept), or the K of highest Block Influence,
+with their weights copied."""
 
 from __future__ import annotations
 
@@ -81,3 +82,79 @@ def test_init_student_with_another_tokenizer_transplants_rows(tied, target, tmp_
     assert (h_s.data_ptr() == e_s.data_ptr()) == tied
     ids = torch.tensor([st("Hello world, this is a test.")["input_ids"]])
     assert student(ids).logits.shape == (1, ids.shape[1], len(st))
+
+
+def _four_layers_one_identity(kind: str, tok_dir, out):
+    """A 4-layer random model whose layer 2 writes nothing to the residual stream (output = input)."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from conftest import _save_model
+
+    V = len(AutoTokenizer.from_pretrained(str(tok_dir)))
+    torch.manual_seed(3)
+    if kind == "llama":
+        m = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                         eos_token_id=0, bos_token_id=0, pad_token_id=1))
+        layer = m.model.layers[2]
+        parts = [layer.self_attn.o_proj, layer.mlp.down_proj]
+    else:
+        m = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=4, n_head=4, n_positions=512,
+                                       eos_token_id=0, bos_token_id=0))
+        layer = m.transformer.h[2]
+        parts = [layer.attn.c_proj, layer.mlp.c_proj]
+    with torch.no_grad():
+        for p in parts:
+            p.weight.zero_()
+            if getattr(p, "bias", None) is not None:
+                p.bias.zero_()
+    return _save_model(m, tok_dir, out)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_block_influence_equals_an_independent_computation_and_drops_a_pass_through_layer(
+        kind, tiny_tokenizer_dir, corpus, tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dskd_batch.data import encode_example, load_examples, render_prompt
+    from dskd_batch.student import block_influence, influence_layers
+
+    src = _four_layers_one_identity(kind, tiny_tokenizer_dir, tmp_path / "t")
+    model = AutoModelForCausalLM.from_pretrained(str(src)).eval()
+    tok = AutoTokenizer.from_pretrained(str(src))
+    scores = block_influence(model, tok, corpus, "alpaca")  # batches of 8, padded
+    assert len(scores) == 4 and abs(scores[2]) < 1e-9 and min(scores[:2] + scores[3:]) > 1e-3
+
+    # one row at a time, no padding, from the model's own hidden states (the last one is after the
+    # final norm, so layers 0..2 are checked this way)
+    sums, n = torch.zeros(4, dtype=torch.float64), 0
+    for ex in load_examples(corpus).examples[:64]:
+        ids = encode_example(tok, ex, render_prompt(ex, "alpaca", tok), max_prompt_len=256, max_len=512,
+                             template="alpaca").input_ids
+        with torch.no_grad():
+            hs = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+        for i in range(3):
+            cos = torch.nn.functional.cosine_similarity(hs[i][0].double(), hs[i + 1][0].double(), dim=-1)
+            sums[i] += (1 - cos).sum()
+        n += len(ids)
+    for i in range(3):
+        assert scores[i] == pytest.approx(float(sums[i] / n), rel=1e-6, abs=1e-9)
+
+    assert influence_layers([0.5, 0.1, 0.3, 0.3], 2) == [0, 2]  # highest first, ties to the earlier layer
+    out = init_student(str(src), 3, tmp_path / "s", select="influence", calibration=str(corpus))
+    info = json.loads((out / "student.json").read_text())
+    assert info["layers"] == [0, 1, 3] and info["select"] == "influence"
+    t, s = model.state_dict(), AutoModelForCausalLM.from_pretrained(str(out)).state_dict()
+    for k, v in s.items():  # student layer 2 is the teacher's layer 3
+        tk = k.replace("layers.2.", "layers.3.").replace("h.2.", "h.3.")
+        assert torch.equal(v, t[tk]), k
+
+
+def test_influence_selection_needs_calibration_rows(llama_teacher, tmp_path):
+    with pytest.raises(DskdError, match="give --calibration"):
+        init_student(str(llama_teacher), 1, tmp_path / "s", select="influence")
+    with pytest.raises(DskdError, match="calibration data not found"):
+        init_student(str(llama_teacher), 1, tmp_path / "s", select="influence", calibration=str(tmp_path / "none.jsonl"))
+    assert not (tmp_path / "s").exists()  # refused before anything is written
