@@ -35,10 +35,11 @@ test: setup
 test-slow: setup
     {{py}} -m pytest -q -m slow
 
-# the main job on the built-in default: pipelines/demo.toml caches the real teacher over the demo
-# corpus, builds a 4-layer student from it, distils it with SFT, KD and DSKD from the cache,
-# evaluates each on the held-out demo test set and prints the comparison table (a rerun reuses
-# every finished stage)
+# the main job on the built-in default: pipelines/demo.toml fine-tunes the real teacher on the demo
+# training split, caches it, builds a student of 8 of its base model's layers (those of highest
+# Block Influence), distils it with SFT, KD and DSKD from the cache, evaluates the teacher and each
+# student on the held-out demo test split and prints the comparison table (a rerun reuses every
+# finished stage)
 demo: teacher
     {{py}} -m dskd_batch run pipelines/demo.toml
     {{py}} -m dskd_batch verify demo-out/cache
