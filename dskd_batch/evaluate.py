@@ -236,12 +236,18 @@ def load_report(path: str | Path) -> tuple[str, dict[str, Any], Path | None]:
                     hint="run `dskd-batch evaluate --model RUN --data TEST` first")
 
 
+def _set_names(reports: Any) -> list[str]:
+    """The test sets of these reports, in order of first appearance."""
+    sets: list[str] = []
+    for rep in reports:
+        sets += [s for s in rep["sets"] if s not in sets]
+    return sets
+
+
 def markdown_table(items: list[tuple[str, dict[str, Any]]]) -> str:
     """One row per run: each set's primary metric (mean ± std over seeds), the average, and each
     text set's teacher-forced response NLL (nats/token)."""
-    sets: list[str] = []
-    for _, rep in items:
-        sets += [s for s in rep["sets"] if s not in sets]
+    sets = _set_names(rep for _, rep in items)
     nll_sets = [s for s in sets if any("nll" in rep["sets"].get(s, {}) for _, rep in items)]
     held = [k for k in ("eval_ce", "eval_kl") if any(k in rep.get("held_out", {}) for _, rep in items)]
     cols = sets + ["average"] + [f"{s} NLL" for s in nll_sets] + [HELD_OUT_COLUMNS[k] for k in held]
@@ -271,10 +277,7 @@ def seed_table(groups: list[tuple[str, list[dict[str, Any]]]]) -> str:
     """One row per run trained with several seeds: over its training seeds, the mean ± std of each
     set's primary metric (each seed's mean over sampling seeds), of the test NLL and of the held-out
     CE and KL at the exported step. Std is the sample std (n - 1) over training seeds."""
-    sets: list[str] = []
-    for _, reps in groups:
-        for rep in reps:
-            sets += [s for s in rep["sets"] if s not in sets]
+    sets = _set_names(rep for _, reps in groups for rep in reps)
 
     def cell(values: list[float], digits: int) -> str:
         if not values:

@@ -56,12 +56,13 @@ def block_influence(model: Any, tok: Any, data: str | Path, template: str, *, li
     """Each decoder layer's Block Influence on the first ``limit`` rows of ``data`` (any row shape,
     rendered with ``template``): 1 - cosine similarity of the layer's input and output hidden
     states, averaged over every real token. A layer that passes its input through scores 0."""
+    from .batches import CorpusExamples, collate
     from .data import encode_example, load_examples, render_prompt
 
     _, _, layers = _layer_list(model)
     examples = load_examples(data, limit=limit).examples
-    encoded = [encode_example(tok, ex, render_prompt(ex, template, tok), max_prompt_len=max_len // 2,
-                              max_len=max_len, template=template) for ex in examples]
+    src = CorpusExamples([encode_example(tok, ex, render_prompt(ex, template, tok), max_prompt_len=max_len // 2,
+                                         max_len=max_len, template=template) for ex in examples])
     sums = torch.zeros(len(layers), dtype=torch.float64)
     mask: list[torch.Tensor] = []
 
@@ -81,17 +82,11 @@ def block_influence(model: Any, tok: Any, data: str | Path, template: str, *, li
     was_training = model.training
     model.eval()
     try:
-        for b in range(0, len(encoded), batch_size):
-            batch = [e.input_ids for e in encoded[b:b + batch_size]]
-            width = max(len(x) for x in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            att = torch.zeros((len(batch), width), dtype=torch.long)
-            for j, x in enumerate(batch):
-                ids[j, :len(x)] = torch.tensor(x, dtype=torch.long)
-                att[j, :len(x)] = 1
-            mask[:] = [att.bool().to(device)]
-            model(input_ids=ids.to(device), attention_mask=att.to(device), use_cache=False)
-            tokens += int(att.sum())
+        for b in range(0, len(src), batch_size):
+            mb = collate(src.records(list(range(b, min(b + batch_size, len(src))))), pad, with_teacher=False).to(device)
+            mask[:] = [mb.attention_mask.bool()]
+            model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
+            tokens += int(mb.attention_mask.sum())
     finally:
         for h in handles:
             h.remove()
