@@ -228,6 +228,9 @@ class DistillConfig:
     "DSKD projector initialisation: `random` (first paper) or `pinv` (extended paper: least-squares match of the two heads)."
     agreement_mask: bool = False
     "DSKD: apply the student-space KD only where the projected teacher's argmax equals the teacher's own argmax."
+    kd_positions: str = "all"
+    ("kd, dskd: `all`, or `teacher-correct`: KD only where the teacher's top-1 token is the target; elsewhere the "
+     "position is trained on the label alone (CE at full weight).")
     only_student_space: bool = False
     "DSKD ablation: keep only the student-space terms (t2s CE + KD)."
     only_teacher_space: bool = False
@@ -372,6 +375,15 @@ class DistillConfig:
                 problems.append(f"keep_best must be one of eval_ce, eval_kl, eval_top1; got {self.keep_best!r}")
             if self.eval_data is None:
                 problems.append("--keep-best picks a checkpoint by an --eval-data metric: give --eval-data DEV")
+        choice("kd_positions", ("all", "teacher-correct"))
+        if self.kd_positions == "teacher-correct":
+            if not kind.teacher_correct:
+                ok = ", ".join(n for n, c in method_classes().items() if c.teacher_correct)
+                problems.append(f"--kd-positions teacher-correct compares the teacher's top-1 with the target; "
+                                f"--method {self.method} does not support it (use {ok})")
+            if self.on_policy:
+                problems.append("--kd-positions teacher-correct needs ground-truth targets; --on-policy positions have "
+                                "the student's own samples")
         if problems:
             raise DskdError(problems)
 

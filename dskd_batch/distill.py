@@ -45,6 +45,16 @@ CROSS_VOCAB_HINT = ("kd and dskd need the teacher's tokenizer; for a student wit
 # settings that may change between a run and its resumption
 RESUMABLE = ("resume", "save_steps", "keep_checkpoints", "log_steps", "verify", "device", "teacher_device",
              "skip_nonfinite", "loss_chunk", "log_to")
+# Settings added after runs were already made: left out of a run's identity while they keep these
+# defaults, so those runs still resume and pipelines still reuse them.
+LATER_DEFAULTS = {"kd_positions": "all"}
+
+
+def run_settings(cfg: DistillConfig) -> dict[str, Any]:
+    """A run's settings as its identity: less those that may change when it resumes, and less the
+    later additions at their defaults."""
+    return {k: v for k, v in to_dict(cfg).items()
+            if k not in RESUMABLE and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
 
 
 @dataclasses.dataclass
@@ -296,7 +306,7 @@ def _attach_lora(student: nn.Module, cfg: DistillConfig) -> nn.Module:
 
 
 def plan_fingerprint(cfg: DistillConfig, fps: dict[str, Any], student_fp: str, world: int) -> str:
-    ident = {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE}
+    ident = run_settings(cfg)
     ident.update(fingerprints={k: v for k, v in fps.items() if k != "cache_path"}, student=student_fp, world=world)
     return fingerprint(ident)
 
@@ -320,7 +330,7 @@ def run(cfg: DistillConfig, *, on_step: Callable[[int], None] | None = None) -> 
 def _run(cfg: DistillConfig, ctx: DistContext, on_step: Callable[[int], None] | None) -> Path:
     out = Path(cfg.out)
     _check_run_dir(cfg, out)
-    ls = LossSettings(cfg.distance, cfg.temperature, cfg.kd_rate, cfg.agreement_mask,
+    ls = LossSettings(cfg.distance, cfg.temperature, cfg.kd_rate, cfg.agreement_mask, cfg.kd_positions,
                       student_space=not cfg.only_teacher_space, teacher_space=not cfg.only_student_space,
                       distance_args=tuple(sorted(cfg.distance_args.items())))
     method = make_method(cfg.method, ls)

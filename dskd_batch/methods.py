@@ -17,6 +17,11 @@ Same-vocabulary methods (teacher and student share the tokenizer; see ``../share
   teacher's argmax), KD_teacher = FKL(p_T || q_s2t), s2t logits = P_s2t(h_S) W_T^T with W_T
   frozen; the teacher-space term is a forward KL whatever D is, as in the reference.
 
+With ``kd_positions = "teacher-correct"`` (kd, dskd), the teacher's distribution is trusted only
+where its top-1 token is the target: elsewhere the KD terms of that position are replaced by the
+student's CE on the target (the teacher's distribution replaced by the one-hot label), so a
+position the teacher gets wrong is trained on the label alone, at full weight.
+
 Cross-vocabulary methods (the student has another tokenizer; the teacher batch holds the M
 teacher response positions of the same examples and a :class:`CrossBatch` says how they align,
 from the cache's alignment sidecar, see :mod:`dskd_batch.cross.align`). CE is always on the student's
@@ -62,6 +67,7 @@ class LossSettings:
     temperature: float = 2.0
     kd_rate: float = 0.5
     agreement_mask: bool = False
+    kd_positions: str = "all"  # or "teacher-correct" (see the module docstring)
     student_space: bool = True
     teacher_space: bool = True
     distance_args: tuple[tuple[str, Any], ...] = ()  # the distance's own hyper-parameters (losses.DISTANCES)
@@ -108,6 +114,7 @@ class Method:
     cross_vocab = False  # for a student with another tokenizer (reads the cache's alignment)
     dual_space = False  # has DSKD's projectors (the ablation flags and --projector-lr 0 apply)
     pinv_projectors = True  # --projector-init pinv can solve its projectors
+    teacher_correct = False  # supports kd_positions = "teacher-correct" (its KD reads the teacher's argmax)
     per_position = True  # the loss is a sum of terms of single positions (so it can be computed in chunks)
     logit_sets = 1  # [positions, vocabulary] logit tensors its loss builds (--loss-chunk -1 sizes chunks by it)
 
@@ -132,6 +139,17 @@ class Method:
         return {"objective": (1 - r) * ce + r * kd, "ce": ce.detach(), "kd": kd.detach(), KD_GRAD: kd, **terms}
 
 
+    def teacher_keep(self, targets: Tensor, t_argmax: Tensor) -> Tensor | None:
+        """Positions whose KD terms are kept: those where the teacher's top-1 is the target under
+        ``kd_positions = "teacher-correct"``, else None (all)."""
+        return t_argmax == targets if self.ls.kd_positions == "teacher-correct" else None
+
+
+def kd_or_label(kd: Tensor, ce: Tensor, keep: Tensor | None) -> Tensor:
+    """Sum of the per-position KD where ``keep`` (all when None), and of the CE on the target elsewhere."""
+    return kd.sum() if keep is None else masked_sum(kd, keep) + masked_sum(ce, ~keep)
+
+
 class SeqKD(Method):
     name = "seqkd"
     needs_generation = True
@@ -141,17 +159,27 @@ class VanillaKD(Method):
     name = "kd"
     needs_teacher = True
     logit_sets = 2  # the student's and the teacher's
+    teacher_correct = True
 
     def losses(self, x: LossInputs) -> dict[str, Tensor]:
         s = x.s[:, :x.vocab]
-        ce = token_ce(s, x.targets).sum()
-        return self.combine(ce, {"kd": self.ls.dist(s, x.head.logits(x.teacher)[:, :x.vocab]).sum()})
+        ce = token_ce(s, x.targets)
+        keep = self.teacher_keep(x.targets, x.teacher.argmax)
+        kd = kd_or_label(self.ls.dist(s, x.head.logits(x.teacher)[:, :x.vocab]), ce, keep)
+        return self.combine(ce.sum(), {"kd": kd, **_kept(keep)})
+
+
+def _kept(keep: Tensor | None) -> dict[str, Tensor]:
+    """The logged count of positions whose KD terms were kept (teacher-correct positions)."""
+    return {} if keep is None else {"kd_kept": keep.sum().float()}
 
 
 def dskd_terms(s: Tensor, h_s: Tensor, targets: Tensor, t_logits: Tensor, h_t: Tensor, t_argmax: Tensor,
                t2s: nn.Module | None, s2t: nn.Module | None, student_head: Tensor, head: TeacherHead,
-               ls: LossSettings) -> dict[str, Tensor]:
-    """The DSKD terms as sums over positions (see the module docstring)."""
+               ls: LossSettings, keep: Tensor | None = None) -> dict[str, Tensor]:
+    """The DSKD terms as sums over positions (see the module docstring); with ``keep``, the two KD
+    terms only at those positions."""
+    everywhere = torch.ones_like(targets, dtype=torch.bool)
     out: dict[str, Tensor] = {}
     zero = s.new_zeros((), dtype=torch.float32)
     kd = zero
@@ -159,14 +187,14 @@ def dskd_terms(s: Tensor, h_s: Tensor, targets: Tensor, t_logits: Tensor, h_t: T
         t2s_logits = t2s(h_t.to(s.dtype)).float() @ student_head.detach().float().T
         t2s_ce = token_ce(t2s_logits, targets).sum()
         pred = t2s_logits.argmax(-1)
-        keep = pred == t_argmax if ls.agreement_mask else torch.ones_like(targets, dtype=torch.bool)
-        t2s_kd = masked_sum(ls.dist(s, t2s_logits.detach()), keep)
+        agree = pred == t_argmax if ls.agreement_mask else everywhere
+        t2s_kd = masked_sum(ls.dist(s, t2s_logits.detach()), agree if keep is None else agree & keep)
         kd = kd + t2s_ce + t2s_kd
         out.update(t2s_ce=t2s_ce.detach(), t2s_kd=t2s_kd.detach(),
                    t2s_acc=(pred == targets).sum().float(), t2s_agree=(pred == t_argmax).sum().float())
     if s2t is not None:
         s2t_logits = head.project(s2t(h_s))
-        s2t_kd = fkl(s2t_logits, t_logits, temperature=ls.temperature).sum()
+        s2t_kd = masked_sum(fkl(s2t_logits, t_logits, temperature=ls.temperature), everywhere if keep is None else keep)
         kd = kd + s2t_kd
         out.update(s2t_kd=s2t_kd.detach(), s2t_acc=(s2t_logits.argmax(-1) == targets).sum().float())
     out["kd"] = kd
@@ -179,17 +207,21 @@ class DSKD(Method):
     needs_hidden = True
     dual_space = True
     logit_sets = 4  # the student's, the teacher's, and both projections to full vocabularies
+    teacher_correct = True
 
     def projector_spec(self) -> dict[str, bool]:
         return {"t2s": self.ls.student_space, "s2t": self.ls.teacher_space}
 
     def losses(self, x: LossInputs) -> dict[str, Tensor]:
         x = x.sliced()
-        ce = token_ce(x.s, x.targets).sum()
+        ce = token_ce(x.s, x.targets)
         t_logits = x.head.logits(x.teacher)[:, :x.vocab]
+        keep = self.teacher_keep(x.targets, x.teacher.argmax)
         terms = dskd_terms(x.s, x.h_s, x.targets, t_logits, x.teacher.hidden, x.teacher.argmax, x.projector("t2s"),
-                           x.projector("s2t"), x.student_head, _sliced(x.head, x.vocab), self.ls)
-        return self.combine(ce, terms)
+                           x.projector("s2t"), x.student_head, _sliced(x.head, x.vocab), self.ls, keep)
+        if keep is not None:  # the label where the teacher is wrong
+            terms["kd"] = terms["kd"] + masked_sum(ce, ~keep)
+        return self.combine(ce.sum(), {**terms, **_kept(keep)})
 
 
 def _sliced(head: TeacherHead, vocab: int) -> TeacherHead:

@@ -306,9 +306,9 @@ def _changes(old: Any, new: dict[str, Any]) -> list[str]:
 
 def _run_ident(cfg: DistillConfig) -> dict[str, Any]:
     """A distill stage's settings, less those that may change when it resumes."""
-    from .distill import RESUMABLE
+    from .distill import run_settings
 
-    return {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE}
+    return run_settings(cfg)
 
 
 def _finished(rdir: Path) -> bool:

@@ -15,7 +15,8 @@ from dskd_batch.trainer import DistillModule
 
 CASES = [("sft", "fkl", False), ("seqkd", "fkl", False)] + [("kd", d, False) for d in
                                                               ("fkl", "rkl", "js", "skl", "srkl", "akl")] + \
-        [("dskd", d, False) for d in ("fkl", "rkl", "js", "skl", "srkl", "akl")] + [("dskd", "fkl", True)]
+        [("dskd", d, False) for d in ("fkl", "rkl", "js", "skl", "srkl", "akl")] + [("dskd", "fkl", True)] + \
+        [(m, "fkl", "teacher-correct") for m in ("kd", "dskd")]  # mask: True (agreement) or a kd_positions value
 
 
 def step(cache_dir, student_dir, method, distance, mask, chunk, evaluate=False, eager=True):
@@ -28,7 +29,8 @@ def step(cache_dir, student_dir, method, distance, mask, chunk, evaluate=False, 
     d_s = student.get_output_embeddings().weight.shape[1]
     projectors = build_projectors(d_s, cache.lm_head.shape[1], t2s=method == "dskd", s2t=method == "dskd",
                                   init="random", seed=1)
-    m = make_method(method, LossSettings(distance, 2.0, 0.5, agreement_mask=mask))
+    m = make_method(method, LossSettings(distance, 2.0, 0.5, agreement_mask=mask is True,
+                                         kd_positions=mask if isinstance(mask, str) else "all"))
     module = DistillModule(student, projectors, m, int(cache.settings["tokenizer"]["size"]), loss_chunk=chunk)
     module.eager_chunks = eager
     head = TeacherHead(cache.lm_head, cache.lm_head_bias, cache.logits_source)

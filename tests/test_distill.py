@@ -25,12 +25,17 @@ def cfg(student: Path, out: Path, **kw) -> DistillConfig:
     return DistillConfig(**base)
 
 
-@pytest.mark.parametrize("method", ["sft", "kd", "dskd"])
+@pytest.mark.parametrize("method", ["sft", "kd", "dskd", "kd:teacher-correct"])
 def test_methods_run_and_write_outputs(method, fp32_cache, gpt2_student, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    out = run(cfg(gpt2_student, tmp_path / "run", cache=str(fp32_cache), method=method))
+    method, _, positions = method.partition(":")
+    out = run(cfg(gpt2_student, tmp_path / "run", cache=str(fp32_cache), method=method, kd_positions=positions or "all"))
     m = metrics(out)
+    if positions:  # the share of positions whose teacher top-1 is the target, logged
+        assert all(0.0 <= r["kd_kept"] <= 1.0 for r in m)
+    else:
+        assert all("kd_kept" not in r for r in m)
     assert [r["step"] for r in m] == [1, 2, 3]
     assert all(r["loss"] > 0 and r["ce"] > 0 for r in m)
     for r in m:  # the logged loss is the method's combination of its logged terms

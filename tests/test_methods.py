@@ -125,3 +125,45 @@ def test_pinv_init_matches_heads():
     p2 = build_projectors(4, 6, t2s=True, s2t=False, init="pinv", seed=0, student_head=w_s, teacher_head=w_t2)
     h_t = torch.randn(3, 6, generator=g)
     assert torch.allclose(p2["t2s"](h_t) @ w_s.T, h_t @ w_t2.T, atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["kd", "dskd"])
+def test_teacher_correct_positions_against_naive(method):
+    """kd_positions = teacher-correct: the KD terms only where the teacher's top-1 is the target, the
+    label's CE (full weight) elsewhere; with a teacher right everywhere it equals kd_positions = all."""
+    s, h_s, h_t, w_s, w_t, targets, t2s, s2t = setup(4)
+    head = TeacherHead(w_t, None, "hidden")
+    t_logits = h_t @ w_t.detach().T
+    t_argmax = t_logits.argmax(-1)
+    targets = torch.where(torch.arange(N) % 2 == 0, t_argmax, (t_argmax + 1) % V)  # right at even positions only
+    right = targets == t_argmax
+    tb = TeacherBatch(hidden=h_t, argmax=t_argmax)
+    proj = nn.ModuleDict({"t2s": t2s, "s2t": s2t})
+    cls = {"kd": VanillaKD, "dskd": DSKD}[method]
+    r, T = 0.7, 2.0
+    out = cls(LossSettings(temperature=T, kd_rate=r, kd_positions="teacher-correct")).losses(
+        LossInputs(s, h_s, targets, tb, head, proj, w_s, V))
+
+    ce = naive_ce(s, targets)
+    if method == "kd":
+        want_kd = (naive_kl(t_logits, s, T) * right).sum() + (ce * ~right).sum()
+    else:  # the projector's CE (it trains only t2s) stays at every position
+        t2s_logits = (h_t.double() @ t2s.weight.double().T + t2s.bias.double()) @ w_s.detach().double().T
+        s2t_logits = (h_s.double() @ s2t.weight.double().T + s2t.bias.double()) @ w_t.detach().double().T
+        want_kd = naive_ce(t2s_logits, targets).sum() + (ce * ~right).sum() \
+            + ((naive_kl(t2s_logits.detach(), s, T) + naive_kl(t_logits, s2t_logits, T)) * right).sum()
+    assert torch.allclose(out["kd"].double(), want_kd, rtol=1e-5)
+    assert torch.allclose(out["objective"].double(), (1 - r) * ce.sum() + r * want_kd, rtol=1e-5)
+    assert float(out["kd_kept"]) == float(right.sum())
+    wrt = [s, h_s] if method == "dskd" else [s]
+    grads = torch.autograd.grad(out["objective"], wrt)
+    want = torch.autograd.grad((1 - r) * ce.sum() + r * want_kd, wrt)
+    for a, b in zip(grads, want):
+        assert torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-6)
+
+    # a teacher right everywhere: identical to KD on every position
+    everywhere = cls(LossSettings(temperature=T, kd_rate=r, kd_positions="teacher-correct")).losses(
+        LossInputs(s, h_s, t_argmax, tb, head, proj, w_s, V))
+    plain = cls(LossSettings(temperature=T, kd_rate=r)).losses(LossInputs(s, h_s, t_argmax, tb, head, proj, w_s, V))
+    assert torch.allclose(everywhere["objective"], plain["objective"], rtol=1e-6)
+    assert "kd_kept" not in plain

@@ -237,3 +237,24 @@ def test_pipeline_and_distill_agree_on_what_may_change_at_resume() -> None:
         same_pipe = _run_ident(changed) == _run_ident(base)
         same_distill = plan_fingerprint(changed, {}, "fp", 1) == plan_fingerprint(base, {}, "fp", 1)
         assert same_pipe == same_distill == (f.name in RESUMABLE), f.name
+
+
+def test_later_settings_at_their_defaults_keep_earlier_runs_identity() -> None:
+    """kd_positions came after runs were made: at its default it is not part of a run's identity (so
+    those runs still resume and are reused); set, it is; a method or mode it cannot serve is refused."""
+    from dskd_batch.config import DistillConfig
+    from dskd_batch.distill import plan_fingerprint
+    from dskd_batch.pipeline import _run_ident
+
+    base = DistillConfig(student="s", out="o", cache="c", method="kd")
+    assert "kd_positions" not in _run_ident(base)
+    tc = DistillConfig(student="s", out="o", cache="c", method="kd", kd_positions="teacher-correct")
+    assert _run_ident(tc)["kd_positions"] == "teacher-correct"
+    assert plan_fingerprint(tc, {}, "fp", 1) != plan_fingerprint(base, {}, "fp", 1)
+    with pytest.raises(DskdError, match="--method sft does not support it"):
+        DistillConfig(student="s", out="o", data="d", method="sft", kd_positions="teacher-correct")
+    with pytest.raises(DskdError, match="--on-policy positions have the student's own samples"):
+        DistillConfig(student="s", out="o", cache="c", teacher="t", method="kd", on_policy=True,
+                      kd_positions="teacher-correct")
+    with pytest.raises(DskdError, match="kd_positions must be one of all, teacher-correct"):
+        DistillConfig(student="s", out="o", cache="c", method="kd", kd_positions="correct")
