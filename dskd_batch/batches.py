@@ -11,7 +11,9 @@ Sources of examples (all yield the same record dicts as the cache reader):
 
 Order: one permutation per epoch from ``(seed, epoch)``; with a cache the shards are shuffled and
 then the examples inside each shard, so each shard's chunks are decompressed once per epoch. The
-order is a pure function of the seed and the epoch, so resuming needs no sampler state. A global
+order is a pure function of the seed and the epoch, so resuming needs no sampler state. With
+``length_group`` N, each run of N global batches of that order is sorted by length and cut into
+batches again, shuffled among themselves (:func:`length_grouped`: less padding). A global
 batch (``batch_size x grad_accum x world_size`` examples; the last incomplete one is dropped) is
 sorted by length and dealt into micro-batches; every process knows the whole global batch, so
 the number of response tokens of an optimizer step is known without communication.
@@ -245,6 +247,25 @@ def epoch_order(n: int, groups: list[range] | None, seed: int, epoch: int) -> li
         rng = groups[k]
         order += [rng[j] for j in torch.randperm(len(rng), generator=g).tolist()]
     return order
+
+
+def length_grouped(order: list[int], lengths: list[int], size: int, group: int, seed: int, epoch: int) -> list[int]:
+    """The epoch's order with each run of ``group`` global batches (of ``size`` examples) sorted by
+    example length and cut into batches again, those batches then shuffled among themselves: a
+    batch holds examples of similar length, so it pads less. The examples of a last incomplete batch
+    stay last (they are dropped); ``group`` 1 leaves the order as it is. A pure function of its
+    arguments, like the order itself."""
+    if group <= 1:
+        return order
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch + 1_000_000_007)
+    full = len(order) // size * size
+    out: list[int] = []
+    for c in range(0, full, size * group):
+        run = sorted(order[c:min(c + size * group, full)], key=lambda i: (lengths[i], i))
+        batches = [run[i:i + size] for i in range(0, len(run), size)]
+        for k in torch.randperm(len(batches), generator=g).tolist():
+            out += batches[k]
+    return out + order[full:]
 
 
 def global_batches(order: list[int], size: int) -> list[list[int]]:

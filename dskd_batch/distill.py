@@ -47,7 +47,7 @@ RESUMABLE = ("resume", "save_steps", "keep_checkpoints", "log_steps", "verify", 
              "skip_nonfinite", "loss_chunk", "log_to")
 # Settings added after runs were already made: left out of a run's identity while they keep these
 # defaults, so those runs still resume and pipelines still reuse them.
-LATER_DEFAULTS = {"kd_positions": "all"}
+LATER_DEFAULTS = {"kd_positions": "all", "length_group": 1}
 
 
 def run_settings(cfg: DistillConfig) -> dict[str, Any]:
@@ -370,7 +370,8 @@ def _run(cfg: DistillConfig, ctx: DistContext, on_step: Callable[[int], None] | 
     plan = TrainPlan(cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps, cfg.seed, cfg.lr, cfg.projector_lr,
                      cfg.weight_decay, cfg.warmup_ratio, cfg.lr_schedule, cfg.grad_clip, cfg.save_steps,
                      cfg.keep_checkpoints, cfg.log_steps, cfg.precision,
-                     plan_fingerprint(cfg, src.fingerprints, student_fp, ctx.world_size), cfg.skip_nonfinite)
+                     plan_fingerprint(cfg, src.fingerprints, student_fp, ctx.world_size), cfg.skip_nonfinite,
+                     length_group=cfg.length_group)
     on_policy = _on_policy(cfg, src, sampler, student_tok, method, device) if cfg.on_policy else None
     source = OnPolicySource(src.examples, on_policy) if on_policy is not None else src.examples
     trainer = Trainer(module, plan, source, run_dir=out, ctx=ctx, device=device, pad_id=student_tok.pad_token_id,

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .batches import MicroBatch, Source, epoch_order, global_batches, step_loader
+from .batches import MicroBatch, Source, epoch_order, global_batches, length_grouped, step_loader
 from .files import (TMP_MARK, atomic_write_bytes, atomic_write_json, file_table, read_json, remove_stale_tmp,
                     replace_dir, sha256_file, tmp_path)
 from .distributed import DistContext
@@ -274,6 +274,7 @@ class TrainPlan:
     precision: str
     fingerprint: str  # of everything that must match to resume
     skip_nonfinite: bool = False
+    length_group: int = 1  # global batches sorted by length together (batches.length_grouped)
     extra_state: dict[str, Any] = field(default_factory=dict)
 
 
@@ -496,7 +497,8 @@ class Trainer:
         steps: list[tuple[int, int, list[int]]] = []
         epoch = 0
         while len(steps) < self.total_steps:
-            order = epoch_order(len(self.source), self.source.groups, self.plan.seed, epoch)
+            order = length_grouped(epoch_order(len(self.source), self.source.groups, self.plan.seed, epoch),
+                                   self.source.n_tokens, self.global_batch, self.plan.length_group, self.plan.seed, epoch)
             for k, b in enumerate(global_batches(order, self.global_batch)):
                 steps.append((epoch, k, b))
             epoch += 1

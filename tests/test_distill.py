@@ -118,12 +118,14 @@ def dropout_student(gpt2_student: Path, out: Path) -> Path:
     return out
 
 
-def test_exact_resume(fp32_cache, gpt2_student, tmp_path):
+@pytest.mark.parametrize("length_group", [1, 2])
+def test_exact_resume(fp32_cache, gpt2_student, tmp_path, length_group):
     """Killed mid-epoch after step 5 (checkpoint at 4), resumed: same weights as an uninterrupted run.
-    The student has dropout, so the RNG state must be restored too."""
+    The student has dropout, so the RNG state must be restored too; a length-grouped order is
+    resumed as exactly."""
     student = dropout_student(gpt2_student, tmp_path / "student")
     common = dict(cache=str(fp32_cache), method="dskd", max_steps=7, save_steps=2, lr_schedule="cosine",
-                  warmup_ratio=0.2, batch_size=2, grad_accum=1)
+                  warmup_ratio=0.2, batch_size=2, grad_accum=1, length_group=length_group)
     full = run(cfg(student, tmp_path / "full", **common))
 
     class Killed(Exception):
@@ -369,6 +371,28 @@ def test_default_epoch_order_is_a_shard_local_permutation() -> None:
         assert all(s[-1] - s[0] == len(s) - 1 for s in spans)
     assert epoch_order(12, groups, 1, 0) == orders[(1, 0)]  # a function of (seed, epoch)
     assert len({tuple(o) for o in orders.values()}) == 4  # and a different one for each
+
+
+def test_length_grouped_order_pads_less_and_keeps_every_example() -> None:
+    from dskd_batch.batches import global_batches, length_grouped
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(10, 200, (103,), generator=g).tolist()
+    order = torch.randperm(103, generator=g).tolist()
+    size, group = 4, 5
+
+    def padded(o: list[int]) -> int:
+        return sum(len(b) * max(lengths[i] for i in b) for b in global_batches(o, size))
+
+    assert length_grouped(order, lengths, size, 1, 0, 0) == order  # 1: off
+    grouped = length_grouped(order, lengths, size, group, 0, 0)
+    assert sorted(grouped) == sorted(order) and grouped[100:] == order[100:]  # the 3 dropped examples stay last
+    for k, b in enumerate(global_batches(grouped, size)):  # each batch comes from one run of `group` batches
+        runs = {order.index(i) // (size * group) for i in b}
+        assert len(runs) == 1
+    assert padded(grouped) < 0.8 * padded(order)
+    assert grouped == length_grouped(order, lengths, size, group, 0, 0)  # a function of its arguments
+    assert grouped != length_grouped(order, lengths, size, group, 0, 1)  # batches shuffled anew each epoch
 
 
 def test_limit_on_a_cache_trains_on_the_first_examples(fp32_cache, gpt2_student, tmp_path):
