@@ -138,7 +138,6 @@ class Method:
         kd = terms.pop("kd")
         return {"objective": (1 - r) * ce + r * kd, "ce": ce.detach(), "kd": kd.detach(), KD_GRAD: kd, **terms}
 
-
     def teacher_keep(self, targets: Tensor, t_argmax: Tensor) -> Tensor | None:
         """Positions whose KD terms are kept: those where the teacher's top-1 is the target under
         ``kd_positions = "teacher-correct"``, else None (all)."""
