@@ -178,7 +178,7 @@ def dskd_terms(s: Tensor, h_s: Tensor, targets: Tensor, t_logits: Tensor, h_t: T
                ls: LossSettings, keep: Tensor | None = None) -> dict[str, Tensor]:
     """The DSKD terms as sums over positions (see the module docstring); with ``keep``, the two KD
     terms only at those positions."""
-    everywhere = torch.ones_like(targets, dtype=torch.bool)
+    keep = torch.ones_like(targets, dtype=torch.bool) if keep is None else keep
     out: dict[str, Tensor] = {}
     zero = s.new_zeros((), dtype=torch.float32)
     kd = zero
@@ -186,14 +186,13 @@ def dskd_terms(s: Tensor, h_s: Tensor, targets: Tensor, t_logits: Tensor, h_t: T
         t2s_logits = t2s(h_t.to(s.dtype)).float() @ student_head.detach().float().T
         t2s_ce = token_ce(t2s_logits, targets).sum()
         pred = t2s_logits.argmax(-1)
-        agree = pred == t_argmax if ls.agreement_mask else everywhere
-        t2s_kd = masked_sum(ls.dist(s, t2s_logits.detach()), agree if keep is None else agree & keep)
+        t2s_kd = masked_sum(ls.dist(s, t2s_logits.detach()), keep & (pred == t_argmax) if ls.agreement_mask else keep)
         kd = kd + t2s_ce + t2s_kd
         out.update(t2s_ce=t2s_ce.detach(), t2s_kd=t2s_kd.detach(),
                    t2s_acc=(pred == targets).sum().float(), t2s_agree=(pred == t_argmax).sum().float())
     if s2t is not None:
         s2t_logits = head.project(s2t(h_s))
-        s2t_kd = masked_sum(fkl(s2t_logits, t_logits, temperature=ls.temperature), everywhere if keep is None else keep)
+        s2t_kd = masked_sum(fkl(s2t_logits, t_logits, temperature=ls.temperature), keep)
         kd = kd + s2t_kd
         out.update(s2t_kd=s2t_kd.detach(), s2t_acc=(s2t_logits.argmax(-1) == targets).sum().float())
     out["kd"] = kd

@@ -305,7 +305,7 @@ def _changes(old: Any, new: dict[str, Any]) -> list[str]:
 
 
 def _run_ident(cfg: DistillConfig) -> dict[str, Any]:
-    """A distill stage's settings, less those that may change when it resumes."""
+    """A distill stage's settings as its identity: the run's own (:func:`distill.run_settings`)."""
     from .distill import run_settings
 
     return run_settings(cfg)
