@@ -60,12 +60,10 @@ def config_options(cls: type, exclude: tuple[str, ...] = ()) -> Callable[[Callab
 
 
 def _setup_logging(verbose: bool) -> None:
+    from .logs import configure_logging
+
     level = logging.DEBUG if verbose else logging.INFO
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=level if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("transformers", "urllib3", "httpx", "datasets", "numcodecs", "zarr"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(level if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
 
 
 class _Group(click.Group):
@@ -104,7 +102,11 @@ def cache_teacher_cmd(**kwargs: Any) -> None:
               help="Comma-separated training seeds (overrides the file's train_seeds): every run is trained once "
                    "per seed (the run's own seed keeps its folder, seed S goes to NAME-seedS) and the report adds "
                    "each run's mean +- std over them.")
-def run_cmd(pipeline: Path, dry_run: bool, only: str | None, train_seeds: str | None) -> None:
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1), metavar="N",
+              help="Run stages that do not read each other (the runs, their evaluations, the teacher's row) side "
+                   "by side in N worker processes, each with its share of the CPU threads (on a GPU they share "
+                   "it). Results do not depend on it, apart from floating-point summation order.")
+def run_cmd(pipeline: Path, dry_run: bool, only: str | None, train_seeds: str | None, jobs: int) -> None:
     """Run an experiment pipeline (pipelines/*.toml): cache, align, student, distill runs, evaluate, report;
     stages already done with the same settings are reused."""
     from .pipeline import run_pipeline
@@ -118,7 +120,7 @@ def run_cmd(pipeline: Path, dry_run: bool, only: str | None, train_seeds: str | 
             raise DskdError(f"--train-seeds must be comma-separated integers, got {train_seeds!r}") from None
         if not seeds:
             raise DskdError("--train-seeds names no seed")
-    for line in run_pipeline(pipeline, dry_run=dry_run, only=names, train_seeds=seeds):
+    for line in run_pipeline(pipeline, dry_run=dry_run, only=names, train_seeds=seeds, jobs=jobs):
         click.echo(line)
 
 

@@ -16,6 +16,9 @@ class DskdError(Exception):
         self.hint = hint
         super().__init__(self.render())
 
+    def __reduce__(self) -> tuple:  # crosses process boundaries (pipeline workers) whole
+        return type(self), (self.problems, self.hint)
+
     def render(self) -> str:
         if len(self.problems) == 1:
             text = self.problems[0]

@@ -61,8 +61,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import time
 import tomllib
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -256,42 +259,208 @@ def load_pipeline(path: str | Path) -> Pipeline:
                     student_select=select, student_calibration=calibration)
 
 
+@dataclass
+class _Step:
+    """One stage of a pipeline: where it writes, the settings that identify its output, how to tell it
+    is complete, the work (a picklable callable taking ``resume``, so that a worker process can run it)
+    and the stages it reads. ``settings`` None: not fingerprinted, always run (idempotent: align)."""
+
+    label: str
+    folder: Path
+    settings: dict[str, Any] | None
+    complete: Callable[[], bool]
+    work: Callable[[bool], Any]
+    deps: tuple[str, ...] = ()
+    action: str = ""  # reused | ran | resumed | would run
+    fp: str = ""
+    seconds: float | None = None
+
+    @property
+    def record(self) -> str:
+        return self.label.replace(" ", "-") + ".json"
+
+    def line(self) -> str:
+        if self.settings is None:
+            return f"{self.label}: {self.folder} ({self.action}; an alignment already there is kept)"
+        took = f" ({_duration(self.seconds)})" if self.seconds is not None else ""
+        return f"{self.label}: {self.action} -> {self.folder}{took}" if self.action != "reused" else \
+            f"{self.label}: reused {self.folder}"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
 class _Stages:
     """Stage records live in ``OUT/.stages/<stage>.json``: the fingerprint a stage's output was made
-    with. The record is written when a stage starts, so an interrupted stage resumes."""
+    with (and, once it ran, when it started and how long it took). Every stage is planned before any
+    runs, so a stage whose settings changed under an existing output is refused before work starts;
+    the record is written when a stage starts, so an interrupted stage resumes."""
 
     def __init__(self, out: Path, dry_run: bool) -> None:
         self.dir = out / STAGES_DIR
         self.dry_run = dry_run
-        self.done: list[str] = []
+        self.steps: list[_Step] = []
+        self.refused: list[str] = []
+        self.refused_folders: list[str] = []
 
-    def stage(self, label: str, folder: Path, settings: dict[str, Any], complete: Callable[[], bool],
-              work: Callable[[bool], Any]) -> str:
-        """Run ``work(resume)`` unless ``folder`` holds this stage, finished, made with ``settings``
-        (compared by fingerprint; the record keeps them, so a refusal names what changed).
-        Returns the stage's fingerprint."""
-        fp = fingerprint(settings)
-        rec_path = self.dir / (label.replace(" ", "-") + ".json")
+    def stage(self, label: str, folder: Path, settings: dict[str, Any] | None, complete: Callable[[], bool],
+              work: Callable[[bool], Any], deps: tuple[str, ...] = ()) -> str:
+        """Plan ``work(resume)`` unless ``folder`` holds this stage, finished, made with ``settings``
+        (compared by fingerprint; the record keeps them, so a refusal names what changed). ``deps``:
+        the labels of the planned stages it reads. Returns the stage's fingerprint."""
+        step = _Step(label, folder, settings, complete, work, tuple(d for d in deps if d in self.labels))
+        self.steps.append(step)
+        if settings is None:
+            step.action = "would run" if self.dry_run else "ran"
+            return ""
+        step.fp = fp = fingerprint(settings)
+        rec_path = self.dir / step.record
         rec = read_json(rec_path) if rec_path.exists() else None
         if rec is not None and rec.get("fingerprint") != fp and folder.exists():
-            changed = _changes(rec.get("settings"), settings)
-            raise DskdError([f"{label}: {folder} was made with other settings (fingerprint {rec.get('fingerprint')}, "
-                             f"this pipeline {fp})"] + changed, hint=f"delete or move {folder} to redo this stage")
+            self.refused += ([f"{label}: {folder} was made with other settings (fingerprint {rec.get('fingerprint')}, "
+                              f"this pipeline {fp})"] + _changes(rec.get("settings"), settings))
+            self.refused_folders.append(str(folder))
         same = rec is not None and rec.get("fingerprint") == fp and folder.exists()
         if same and complete():
-            self.done.append(f"{label}: reused {folder}")
+            step.action = "reused"
             log.info("%s: reused %s (fingerprint %s)", label, folder, fp)
-            return fp
-        self.done.append(f"{label}: {'would run' if self.dry_run else ('resumed' if same else 'ran')} -> {folder}")
-        if self.dry_run:
-            return fp
-        self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(rec_path, {"stage": label, "folder": str(folder), "fingerprint": fp,
-                                     "settings": json.loads(json.dumps(settings, default=str))})
-        work(same)
+        else:
+            step.action = "would run" if self.dry_run else ("resumed" if same else "ran")
         return fp
+
+    @property
+    def labels(self) -> set[str]:
+        return {s.label for s in self.steps}
+
+    def execute(self, jobs: int = 1) -> None:
+        """Refuse every changed stage at once, then run the planned work: in order in this process, or,
+        with ``jobs`` > 1, each stage as soon as the stages it reads are done, up to ``jobs`` side by
+        side in worker processes that share this process's threads."""
+        if self.refused:
+            folders = self.refused_folders
+            raise DskdError(self.refused, hint=f"delete or move {', '.join(folders)} to redo "
+                                               f"{'this stage' if len(folders) == 1 else 'these stages'}")
+        if self.dry_run:
+            return
+        todo = [s for s in self.steps if s.action != "reused"]
+        if jobs <= 1:
+            for step in todo:
+                self._start(step)
+                self._finish(step, _in_process(step.work, step.action == "resumed"))
+        elif todo:
+            self._execute_side_by_side(todo, jobs)
+
+    def _start(self, step: _Step) -> None:
+        if step.settings is None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.dir / step.record, self._record(step))
+
+    def _finish(self, step: _Step, ran: dict[str, Any]) -> None:
+        """``ran``: where and when the work ran (pid, threads, start and end times), as the process
+        that ran it saw them; kept in the stage record."""
+        step.seconds = ran["finished"] - ran["started"]
+        if step.settings is not None:
+            atomic_write_json(self.dir / step.record, {**self._record(step), "ran": ran})
+
+    def _record(self, step: _Step) -> dict[str, Any]:
+        return {"stage": step.label, "folder": str(step.folder), "fingerprint": step.fp,
+                "settings": json.loads(json.dumps(step.settings, default=str))}
+
+    def _execute_side_by_side(self, todo: list[_Step], jobs: int) -> None:
+        import concurrent.futures as cf
+        import multiprocessing
+
+        import torch
+
+        cores = torch.get_num_threads()
+        done = {s.label for s in self.steps if s.action == "reused"}
+        pending, running, failed = list(todo), {}, []
+        level = logging.getLogger().getEffectiveLevel()
+        with cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            while pending or running:
+                ready = [s for s in pending if set(s.deps) <= done] if not failed else []
+                for step in ready[:jobs - len(running)]:
+                    threads = max(1, cores // min(jobs, len(running) + len(ready)))
+                    log.info("%s: starting in a worker (%d thread%s)", step.label, threads, "s" * (threads > 1))
+                    self._start(step)
+                    running[pool.submit(_in_worker, step.label, threads, level, step.work,
+                                        step.action == "resumed")] = step
+                    pending.remove(step)
+                if not running:
+                    break
+                finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for fut in finished:
+                    step = running.pop(fut)
+                    try:
+                        fut.result()
+                    except Exception as e:  # noqa: BLE001 - reported below, after the running stages end
+                        failed.append((step, e))
+                        log.error("%s failed; the stages running now finish, no new one starts", step.label)
+                    else:
+                        self._finish(step, fut.result())
+                        done.add(step.label)
+        if failed:
+            step, e = failed[0]
+            if isinstance(e, DskdError):
+                raise type(e)([f"{step.label}: {p}" for p in e.problems], e.hint) from e
+            raise e
+
+
+def _in_process(work: Callable[[bool], Any], resume: bool) -> dict[str, Any]:
+    """Run ``work(resume)`` here; returns where and when it ran."""
+    import torch
+
+    started = time.time()
+    work(resume)
+    return {"pid": os.getpid(), "threads": torch.get_num_threads(), "started": started, "finished": time.time()}
+
+
+def _in_worker(label: str, threads: int, level: int, work: Callable[[bool], Any], resume: bool) -> dict[str, Any]:
+    """One stage in a worker process: ``threads`` intra-op threads, log lines tagged with the stage."""
+    import torch
+
+    from .logs import configure_logging
+
+    torch.set_num_threads(threads)
+    configure_logging(level, tag=label)
+    return _in_process(work, resume)
+
+
+def _distill_work(cfg: DistillConfig, resume: bool) -> None:
+    from .distill import run
+
+    run(dataclasses.replace(cfg, resume=resume))
+
+
+def _cache_work(cfg: CacheConfig, _resume: bool) -> None:
+    from .cache_teacher import run
+
+    run(cfg)  # a cache resumes from its finished shards by itself
+
+
+def _align_work(cfg: AlignConfig, _resume: bool) -> None:
+    from .cross.align import run
+
+    run(cfg)
+
+
+def _eval_work(cfg: EvalConfig, _resume: bool) -> None:
+    from .evaluate import run
+
+    run(cfg)
+
+
+def _student_work(sdir: Path, source: str, layers: int, select: str, calibration: str | None, template: str,
+                  _resume: bool) -> None:
+    import shutil
+
+    from .student import init_student
+
+    if sdir.exists():
+        shutil.rmtree(sdir)
+    init_student(source, layers, sdir, select=select, calibration=calibration, template=template)
 
 
 def _changes(old: Any, new: dict[str, Any]) -> list[str]:
@@ -335,16 +504,19 @@ def seeded_runs(names: list[str], runs: list[DistillConfig], seeds: list[int]) -
 
 
 def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | None = None,
-                 train_seeds: list[int] | None = None) -> list[str]:
+                 train_seeds: list[int] | None = None, jobs: int = 1) -> list[str]:
     """Run (or, with ``dry_run``, list) every stage of a pipeline; returns one line per stage. ``only``
     names the runs to train and evaluate (the shared stages they need run too; the report lists these
     runs and the teacher); None: every run. ``train_seeds`` overrides the file's: each run is trained
-    once per seed, and the report adds each run's mean and spread over them."""
-    from .cache_teacher import run as cache_run
-    from .distill import run as distill_run
+    once per seed, and the report adds each run's mean and spread over them. ``jobs`` > 1 runs stages
+    that do not read each other side by side, in that many worker processes (each gets its share of
+    this process's threads). Every stage is planned, and every changed one refused, before any runs."""
     from .evaluate import report as make_report
-    from .evaluate import run as eval_run
 
+    if not isinstance(jobs, int) or jobs < 1:
+        raise DskdError(f"jobs must be a positive integer, got {jobs!r}")
+    if jobs > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise DskdError("--jobs runs stages in worker processes of one machine; under torchrun use --jobs 1")
     p = load_pipeline(path)
     unknown = sorted(set(only or ()) - set(p.run_names))
     if unknown:
@@ -357,37 +529,27 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
     st = _Stages(p.out, dry_run)
     teacher_fp = None
     if p.teacher_tune is not None:
-        tune = p.teacher_tune
-        tdir = Path(tune.out)
-        def do_teacher(resume: bool) -> None:
-            distill_run(dataclasses.replace(tune, resume=resume))
-
-        teacher_fp = st.stage("teacher", tdir, {"teacher": _run_ident(tune)}, lambda: _finished(tdir), do_teacher)
+        tdir = Path(p.teacher_tune.out)
+        teacher_fp = st.stage("teacher", tdir, {"teacher": _run_ident(p.teacher_tune)}, lambda: _finished(tdir),
+                              partial(_distill_work, p.teacher_tune))
     cache_dir = Path(p.cache.out)
     cache_cfg = {k: v for k, v in to_dict(p.cache).items() if k != "student_tokenizer"}
     made_by = {"teacher": teacher_fp} if teacher_fp else {}  # caches of a tuned teacher depend on its stage
-    def do_cache(_resume: bool) -> None:
-        cache_run(p.cache)
-
     cache_fp = st.stage("cache", cache_dir, {"cache": cache_cfg, **made_by}, lambda: (cache_dir / MANIFEST).exists(),
-                        do_cache)
-    cache_fps = {cache_dir: cache_fp}
+                        partial(_cache_work, p.cache), deps=("teacher",))
+    cache_fps, cache_labels = {cache_dir: cache_fp}, {cache_dir: "cache"}
     for key, ccfg in p.extra_caches.items():
         cdir = Path(ccfg.out)
         if not any(Path(c.cache) == cdir or (c.eval_data and Path(c.eval_data) == cdir) for _, c in chosen):
             continue  # no run chosen with --only reads it
-
-        def do_extra(_resume: bool, ccfg: CacheConfig = ccfg) -> None:
-            cache_run(ccfg)
-
-        cache_fps[cdir] = st.stage(key.replace("_", " "), cdir, {"cache": to_dict(ccfg), **made_by},
-                                   lambda cdir=cdir: (cdir / MANIFEST).exists(), do_extra)
+        cache_labels[cdir] = key.replace("_", " ")
+        cache_fps[cdir] = st.stage(cache_labels[cdir], cdir, {"cache": to_dict(ccfg), **made_by},
+                                   lambda cdir=cdir: (cdir / MANIFEST).exists(), partial(_cache_work, ccfg),
+                                   deps=("teacher",))
     if p.cache.student_tokenizer:  # idempotent: an existing alignment is kept
-        st.done.append(f"align: {', '.join(p.cache.student_tokenizer)} (an alignment already there is kept)")
-        if not dry_run:
-            from .cross.align import run as align_run
-
-            align_run(AlignConfig(cache=str(cache_dir), student_tokenizer=p.cache.student_tokenizer))
+        st.stage("align", cache_dir, None, lambda: False,
+                 partial(_align_work, AlignConfig(cache=str(cache_dir), student_tokenizer=p.cache.student_tokenizer)),
+                 deps=("cache",))
 
     from_tuned = p.teacher_tune is not None and p.student_from == str(Path(p.teacher_tune.out) / "student")
     student_settings = ({"path": p.student_path} if p.student_path else
@@ -397,19 +559,10 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
                              "template": p.cache.template} if p.student_select != "even" else {})})
     student_fp = fingerprint(student_settings)
     if p.student_from is not None:
-        from .student import init_student
-
         sdir = p.out / "student"
-
-        def do_student(_resume: bool) -> None:
-            if sdir.exists():
-                import shutil
-
-                shutil.rmtree(sdir)
-            init_student(p.student_from, int(p.student_layers), sdir, select=p.student_select,
-                         calibration=p.student_calibration, template=p.cache.template)
-
-        st.stage("student", sdir, student_settings, lambda: (sdir / "config.json").exists(), do_student)
+        st.stage("student", sdir, student_settings, lambda: (sdir / "config.json").exists(),
+                 partial(_student_work, sdir, p.student_from, int(p.student_layers), p.student_select,
+                         p.student_calibration, p.cache.template), deps=("teacher",) if from_tuned else ())
 
     run_dirs: list[tuple[str, Path]] = []
     if p.evaluate is not None:  # the teacher's own row, read with the cache's template and limits
@@ -417,30 +570,26 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
         edir = p.out / "teacher-eval"
         spec = ({"model": str(tdir)} if tdir is not None else
                 {"model": p.base_teacher, "template": p.cache.template, "max_prompt_len": p.cache.max_prompt_len})
-
-        def do_teacher_eval(_resume: bool, edir: Path = edir, spec: dict = spec) -> None:
-            eval_run(EvalConfig(**{**p.evaluate, **spec, "out": str(edir)}))
-
         st.stage("evaluate teacher", edir, {"evaluate": p.evaluate, "teacher": teacher_fp or p.base_teacher,
-                                            "cache": cache_fp}, lambda: (edir / "report.json").exists(), do_teacher_eval)
+                                            "cache": cache_fp}, lambda edir=edir: (edir / "report.json").exists(),
+                 partial(_eval_work, EvalConfig(**{**p.evaluate, **spec, "out": str(edir)})), deps=("teacher",))
         run_dirs.append(("teacher", edir))
     for name, cfg in chosen:
         rdir = Path(cfg.out)
-        dev_fp = cache_fps.get(Path(cfg.eval_data)) if cfg.eval_data else None  # a [dev_cache] it reads
-        def do_distill(resume: bool, cfg: DistillConfig = cfg) -> None:
-            distill_run(dataclasses.replace(cfg, resume=resume))
-
+        dev = Path(cfg.eval_data) if cfg.eval_data and Path(cfg.eval_data) in cache_fps else None  # a [dev_cache]
+        reads = (cache_labels[Path(cfg.cache)], "align", "student") + ((cache_labels[dev],) if dev else ())
         fp = st.stage(f"distill {name}", rdir, {"distill": _run_ident(cfg), "cache": cache_fps[Path(cfg.cache)],
-                                                "student": student_fp, **({"dev": dev_fp} if dev_fp else {})},
-                      lambda rdir=rdir: _finished(rdir), do_distill)
+                                                "student": student_fp, **({"dev": cache_fps[dev]} if dev else {})},
+                      lambda rdir=rdir: _finished(rdir), partial(_distill_work, cfg), deps=reads)
         run_dirs.append((name, rdir))
         if p.evaluate is not None:
             edir = rdir / "eval"
-            def do_eval(_resume: bool, rdir: Path = rdir, edir: Path = edir) -> None:
-                eval_run(EvalConfig(**{**p.evaluate, "model": str(rdir), "out": str(edir)}))
-
             st.stage(f"evaluate {name}", edir, {"evaluate": p.evaluate, "run": fp},
-                     lambda edir=edir: (edir / "report.json").exists(), do_eval)
+                     lambda edir=edir: (edir / "report.json").exists(),
+                     partial(_eval_work, EvalConfig(**{**p.evaluate, "model": str(rdir), "out": str(edir)})),
+                     deps=(f"distill {name}",))
+    st.execute(jobs)
+    done = [step.line() for step in st.steps]
     if p.report_out is not None and not dry_run:
         target = p.out / p.report_out
         groups = None
@@ -449,5 +598,5 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
                       for name in p.run_names if only is None or name in only]
         table, _ = make_report([str(r) for _, r in run_dirs], str(target), labels=[n for n, _ in run_dirs],
                                groups=groups)
-        st.done.append(f"report: {target}\n{table}")
-    return st.done
+        done.append(f"report: {target}\n{table}")
+    return done

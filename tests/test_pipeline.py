@@ -4,6 +4,7 @@ stage, a rerun reuses them all, a new run only adds itself, and changed settings
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -258,3 +259,36 @@ def test_later_settings_at_their_defaults_keep_earlier_runs_identity() -> None:
                       kd_positions="teacher-correct")
     with pytest.raises(DskdError, match="kd_positions must be one of all, teacher-correct"):
         DistillConfig(student="s", out="o", cache="c", method="kd", kd_positions="correct")
+
+
+def test_jobs_run_independent_stages_side_by_side_and_a_failed_stage_stops_new_ones(
+        llama_teacher, corpus, gpt2_student, tmp_path) -> None:
+    runs = RUN.format(name="kd", method="kd", extra="") + RUN.format(name="sft", method="sft", extra="")
+    p = tiny(tmp_path, llama_teacher, corpus, gpt2_student, runs)
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text('{"prompt": "a", "response": "b"}\nnot json\n')  # found only when a stage reads it
+    head, tail = p.read_text().rsplit(f'data = "{corpus}"', 1)
+    write(p, head + f'data = "{test_file}"' + tail)
+    out = tmp_path / "out"
+    with pytest.raises(DskdError, match=r"evaluate teacher: .*test\.jsonl") as e:
+        run_pipeline(p, jobs=2)
+    assert "test.jsonl:2: malformed JSON" in str(e.value)
+    # the cache ran beside the failing stage and finished; no stage started after the failure
+    assert (out / "cache" / "manifest.json").exists() and not (out / "kd").exists() and not (out / "sft").exists()
+
+    test_file.write_text(corpus.read_text())
+    lines = run_pipeline(p, jobs=2)
+    assert [x.split(":")[0] for x in lines[:-1]] == ["cache", "evaluate teacher", "distill kd", "evaluate kd",
+                                                     "distill sft", "evaluate sft"]  # plan order, whatever ran first
+    assert lines[0].startswith("cache: reused") and all(" ran -> " in x or "resumed" in x for x in lines[1:-1])
+    ran = {r["stage"]: r["ran"] for r in (json.loads(f.read_text()) for f in (out / ".stages").glob("*.json"))
+           if "ran" in r}
+    assert set(ran) == {"cache", "evaluate teacher", "distill kd", "evaluate kd", "distill sft", "evaluate sft"}
+    ran.pop("cache")  # ran in the first call
+    # two worker processes, each running stages; some two stages overlapped in time, as each worker saw it
+    assert len({r["pid"] for r in ran.values()}) == 2 and os.getpid() not in {r["pid"] for r in ran.values()}
+    spans = sorted((r["started"], r["finished"]) for r in ran.values())
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
+    assert ran["evaluate kd"]["started"] >= ran["distill kd"]["finished"]  # a stage waits for what it reads
+    assert "| kd |" in (out / "report.md").read_text() and "| sft |" in (out / "report.md").read_text()
+    assert all("reused" in x for x in run_pipeline(p, jobs=2)[:-1])
