@@ -41,7 +41,7 @@ test-slow: setup
 # student on the held-out demo test split and prints the comparison table (a rerun reuses every
 # finished stage)
 demo: teacher
-    {{py}} -m dskd_batch run pipelines/demo.toml
+    {{py}} -m dskd_batch run pipelines/demo.toml --jobs 2
     {{py}} -m dskd_batch verify demo-out/cache
     {{py}} -m dskd_batch cache-info demo-out/cache
 
