@@ -369,38 +369,45 @@ class _Stages:
                 "settings": json.loads(json.dumps(step.settings, default=str))}
 
     def _execute_side_by_side(self, todo: list[_Step], jobs: int) -> None:
+        """Start each stage once the stages it reads are done (those that unblock the most others
+        first), up to ``jobs`` at a time. The workers share this process's threads: a count of the
+        stages running now is shared with them, and a training stage takes its share at every step
+        (all of them once it runs alone)."""
         import concurrent.futures as cf
         import multiprocessing
 
         import torch
 
-        cores = torch.get_num_threads()
+        ctx = multiprocessing.get_context("spawn")
+        now_running = ctx.RawValue("i", 0)
         done = {s.label for s in self.steps if s.action == "reused"}
+        after = {s.label: _downstream(s.label, todo) for s in todo}
         pending, running, failed = list(todo), {}, []
         level = logging.getLogger().getEffectiveLevel()
-        with cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
+                                    initargs=(now_running, torch.get_num_threads(), level)) as pool:
             while pending or running:
-                ready = [s for s in pending if set(s.deps) <= done] if not failed else []
-                for step in ready[:jobs - len(running)]:
-                    threads = max(1, cores // min(jobs, len(running) + len(ready)))
-                    log.info("%s: starting in a worker (%d thread%s)", step.label, threads, "s" * (threads > 1))
+                ready = sorted((s for s in pending if set(s.deps) <= done), key=lambda s: -after[s.label])
+                for step in ready[:jobs - len(running)] if not failed else []:
+                    log.info("%s: starting in a worker", step.label)
                     self._start(step)
-                    running[pool.submit(_in_worker, step.label, threads, level, step.work,
-                                        step.action == "resumed")] = step
+                    running[pool.submit(_in_worker, step.label, step.work, step.action == "resumed")] = step
                     pending.remove(step)
+                now_running.value = len(running)
                 if not running:
                     break
                 finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
                 for fut in finished:
                     step = running.pop(fut)
                     try:
-                        fut.result()
+                        ran = fut.result()
                     except Exception as e:  # noqa: BLE001 - reported below, after the running stages end
                         failed.append((step, e))
                         log.error("%s failed; the stages running now finish, no new one starts", step.label)
                     else:
-                        self._finish(step, fut.result())
+                        self._finish(step, ran)
                         done.add(step.label)
+                now_running.value = len(running)
         if failed:
             step, e = failed[0]
             if isinstance(e, DskdError):
@@ -408,30 +415,58 @@ class _Stages:
             raise e
 
 
+def _downstream(label: str, steps: list[_Step]) -> int:
+    """How many of ``steps`` read ``label``'s output, directly or through others."""
+    seen, frontier = set(), {label}
+    while frontier:
+        frontier = {s.label for s in steps if set(s.deps) & frontier} - seen
+        seen |= frontier
+    return len(seen)
+
+
 def _in_process(work: Callable[[bool], Any], resume: bool) -> dict[str, Any]:
     """Run ``work(resume)`` here; returns where and when it ran."""
-    import torch
-
     started = time.time()
     work(resume)
-    return {"pid": os.getpid(), "threads": torch.get_num_threads(), "started": started, "finished": time.time()}
+    return {"pid": os.getpid(), "started": started, "finished": time.time()}
 
 
-def _in_worker(label: str, threads: int, level: int, work: Callable[[bool], Any], resume: bool) -> dict[str, Any]:
-    """One stage in a worker process: ``threads`` intra-op threads, log lines tagged with the stage."""
-    import torch
+_RUNNING: Any = None  # in a worker process: the shared count of the pipeline's stages running now
+_CORES = 1
 
+
+def _init_worker(running: Any, cores: int, level: int) -> None:
+    global _RUNNING, _CORES
+    _RUNNING, _CORES = running, cores
     from .logs import configure_logging
 
-    torch.set_num_threads(threads)
-    configure_logging(level, tag=label)
+    configure_logging(level)
+
+
+def _share_threads(_step: int = 0) -> None:
+    """In a worker, take this stage's share of the cores as the number of running stages changes."""
+    if _RUNNING is None:
+        return
+    import torch
+
+    share = max(1, _CORES // max(1, _RUNNING.value))
+    if share != torch.get_num_threads():
+        torch.set_num_threads(share)
+
+
+def _in_worker(label: str, work: Callable[[bool], Any], resume: bool) -> dict[str, Any]:
+    """One stage in a worker process, its log lines tagged with the stage."""
+    from .logs import configure_logging
+
+    configure_logging(logging.getLogger().getEffectiveLevel(), tag=label)
+    _share_threads()
     return _in_process(work, resume)
 
 
 def _distill_work(cfg: DistillConfig, resume: bool) -> None:
     from .distill import run
 
-    run(dataclasses.replace(cfg, resume=resume))
+    run(dataclasses.replace(cfg, resume=resume), on_step=_share_threads)
 
 
 def _cache_work(cfg: CacheConfig, _resume: bool) -> None:
