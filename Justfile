@@ -39,7 +39,7 @@ test-slow: setup
 # training split, caches it, builds a student of 8 of its base model's layers (those of highest
 # Block Influence), distils it with SFT, KD and DSKD from the cache, evaluates the teacher and each
 # student on the held-out demo test split and prints the comparison table (a rerun reuses every
-# finished stage)
+# finished stage; --jobs 2: stages that do not read each other run side by side, one per core)
 demo: teacher
     {{py}} -m dskd_batch run pipelines/demo.toml --jobs 2
     {{py}} -m dskd_batch verify demo-out/cache

@@ -358,7 +358,7 @@ class _Stages:
         atomic_write_json(self.dir / step.record, self._record(step))
 
     def _finish(self, step: _Step, ran: dict[str, Any]) -> None:
-        """``ran``: where and when the work ran (pid, threads, start and end times), as the process
+        """``ran``: where and when the work ran (pid, start and end times), as the process
         that ran it saw them; kept in the stage record."""
         step.seconds = ran["finished"] - ran["started"]
         if step.settings is not None:
