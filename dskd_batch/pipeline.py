@@ -53,7 +53,9 @@ it reads (``OUT/.stages/``); a rerun skips every stage whose record matches and 
 complete, continues an interrupted stage (a cache from its finished shards, a distill run from its
 last checkpoint), and refuses, naming the folder, a stage whose settings changed under an
 existing output. A cache made elsewhere (``[cache] out`` pointing at it) is checked by
-``cache-teacher`` itself, which finds it complete and writes nothing.
+``cache-teacher`` itself, which finds it complete and writes nothing. Every stage is planned, and
+every changed one refused, before any runs; ``run --jobs N`` then runs the stages that do not read
+each other side by side in N worker processes, which share the CPU threads.
 """
 
 from __future__ import annotations
