@@ -292,3 +292,11 @@ def test_jobs_run_independent_stages_side_by_side_and_a_failed_stage_stops_new_o
     assert ran["evaluate kd"]["started"] >= ran["distill kd"]["finished"]  # a stage waits for what it reads
     assert "| kd |" in (out / "report.md").read_text() and "| sft |" in (out / "report.md").read_text()
     assert all("reused" in x for x in run_pipeline(p, jobs=2)[:-1])
+    from click.testing import CliRunner
+
+    from dskd_batch.cli import main
+
+    r = CliRunner().invoke(main, ["run", str(p), "--jobs", "2", "--dry-run"])
+    assert r.exit_code == 0 and "distill kd: reused" in r.output
+    r = CliRunner().invoke(main, ["run", str(p), "--jobs", "0"])
+    assert r.exit_code == 2 and "--jobs" in r.output
