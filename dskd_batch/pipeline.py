@@ -410,6 +410,8 @@ class _Stages:
                         self._finish(step, ran)
                         done.add(step.label)
                 now_running.value = len(running)
+        if pending and not failed:  # cannot happen: every stage read is planned, and plans have no cycles
+            raise RuntimeError(f"stages never became ready: {', '.join(s.label for s in pending)}")
         if failed:
             step, e = failed[0]
             if isinstance(e, DskdError):
