@@ -409,7 +409,6 @@ class _Stages:
                     else:
                         self._finish(step, ran)
                         done.add(step.label)
-                now_running.value = len(running)
         if pending and not failed:  # cannot happen: every stage read is planned, and plans have no cycles
             raise RuntimeError(f"stages never became ready: {', '.join(s.label for s in pending)}")
         if failed:
@@ -473,21 +472,9 @@ def _distill_work(cfg: DistillConfig, resume: bool) -> None:
     run(dataclasses.replace(cfg, resume=resume), on_step=_share_threads)
 
 
-def _cache_work(cfg: CacheConfig, _resume: bool) -> None:
-    from .cache_teacher import run
-
-    run(cfg)  # a cache resumes from its finished shards by itself
-
-
-def _align_work(cfg: AlignConfig, _resume: bool) -> None:
-    from .cross.align import run
-
-    run(cfg)
-
-
-def _eval_work(cfg: EvalConfig, _resume: bool) -> None:
-    from .evaluate import run
-
+def _once(run: Callable[[Any], Any], cfg: Any, _resume: bool) -> None:
+    """A stage that resumes by itself or is cheap to redo (a cache from its finished shards, an
+    alignment already there, an evaluation): ``run(cfg)``."""
     run(cfg)
 
 
@@ -550,7 +537,9 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
     once per seed, and the report adds each run's mean and spread over them. ``jobs`` > 1 runs stages
     that do not read each other side by side, in that many worker processes (each gets its share of
     this process's threads). Every stage is planned, and every changed one refused, before any runs."""
+    from .cache_teacher import run as cache_run
     from .evaluate import report as make_report
+    from .evaluate import run as eval_run
 
     if not isinstance(jobs, int) or jobs < 1:
         raise DskdError(f"jobs must be a positive integer, got {jobs!r}")
@@ -575,7 +564,7 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
     cache_cfg = {k: v for k, v in to_dict(p.cache).items() if k != "student_tokenizer"}
     made_by = {"teacher": teacher_fp} if teacher_fp else {}  # caches of a tuned teacher depend on its stage
     cache_fp = st.stage("cache", cache_dir, {"cache": cache_cfg, **made_by}, lambda: (cache_dir / MANIFEST).exists(),
-                        partial(_cache_work, p.cache), deps=("teacher",))
+                        partial(_once, cache_run, p.cache), deps=("teacher",))
     cache_fps, cache_labels = {cache_dir: cache_fp}, {cache_dir: "cache"}
     for key, ccfg in p.extra_caches.items():
         cdir = Path(ccfg.out)
@@ -583,11 +572,14 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
             continue  # no run chosen with --only reads it
         cache_labels[cdir] = key.replace("_", " ")
         cache_fps[cdir] = st.stage(cache_labels[cdir], cdir, {"cache": to_dict(ccfg), **made_by},
-                                   lambda cdir=cdir: (cdir / MANIFEST).exists(), partial(_cache_work, ccfg),
+                                   lambda cdir=cdir: (cdir / MANIFEST).exists(), partial(_once, cache_run, ccfg),
                                    deps=("teacher",))
     if p.cache.student_tokenizer:  # idempotent: an existing alignment is kept
+        from .cross.align import run as align_run
+
         st.stage("align", cache_dir, None, lambda: False,
-                 partial(_align_work, AlignConfig(cache=str(cache_dir), student_tokenizer=p.cache.student_tokenizer)),
+                 partial(_once, align_run,
+                         AlignConfig(cache=str(cache_dir), student_tokenizer=p.cache.student_tokenizer)),
                  deps=("cache",))
 
     from_tuned = p.teacher_tune is not None and p.student_from == str(Path(p.teacher_tune.out) / "student")
@@ -611,7 +603,7 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
                 {"model": p.base_teacher, "template": p.cache.template, "max_prompt_len": p.cache.max_prompt_len})
         st.stage("evaluate teacher", edir, {"evaluate": p.evaluate, "teacher": teacher_fp or p.base_teacher,
                                             "cache": cache_fp}, lambda edir=edir: (edir / "report.json").exists(),
-                 partial(_eval_work, EvalConfig(**{**p.evaluate, **spec, "out": str(edir)})), deps=("teacher",))
+                 partial(_once, eval_run, EvalConfig(**{**p.evaluate, **spec, "out": str(edir)})), deps=("teacher",))
         run_dirs.append(("teacher", edir))
     for name, cfg in chosen:
         rdir = Path(cfg.out)
@@ -625,7 +617,7 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
             edir = rdir / "eval"
             st.stage(f"evaluate {name}", edir, {"evaluate": p.evaluate, "run": fp},
                      lambda edir=edir: (edir / "report.json").exists(),
-                     partial(_eval_work, EvalConfig(**{**p.evaluate, "model": str(rdir), "out": str(edir)})),
+                     partial(_once, eval_run, EvalConfig(**{**p.evaluate, "model": str(rdir), "out": str(edir)})),
                      deps=(f"distill {name}",))
     st.execute(jobs)
     done = [step.line() for step in st.steps]
