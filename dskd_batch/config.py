@@ -421,6 +421,8 @@ class EvalConfig:
     "Use only the first N examples of each test set."
     device: str = "auto"
     "auto (the GPU when there is one), cpu, cuda, ..."
+    dtype: str = "auto"
+    "Model dtype for generation and scoring: auto (fp32 on CPU, bf16 on GPU), fp32, fp16, bf16 (fast on CPUs with AMX or AVX-512 BF16)."
     code_timeout: float = 10.0
     "Seconds a code completion may run against its tests."
 
@@ -438,6 +440,8 @@ class EvalConfig:
             problems.append("max_new_tokens and batch_size must be >= 1")
         if self.limit is not None and self.limit < 1:
             problems.append(f"limit must be >= 1, got {self.limit}")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if problems:
             raise DskdError(problems)
 

@@ -26,7 +26,7 @@ from .config import EvalConfig
 from .data import Example, data_fingerprint, encode_prompt, load_examples, render_prompt
 from .errors import DskdError
 from .generation import SamplingSettings, sample_responses
-from .models import load_causal_lm, load_tokenizer, model_fingerprint, resolve_device
+from .models import dtype_name, load_causal_lm, load_tokenizer, model_fingerprint, resolve_device, resolve_dtype
 from .scoring import METRICS, pass_at_1, truncate_code
 
 log = logging.getLogger(__name__)
@@ -117,12 +117,14 @@ def run(cfg: EvalConfig, *, progress: bool = True) -> Path:
         sets[name if name not in sets else path] = (path, *load_test_set(path, cfg.limit))
     tok = load_tokenizer(spec)
     device = resolve_device(cfg.device)
-    model = load_causal_lm(spec, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16, device=device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    model = load_causal_lm(spec, dtype=dtype, device=device)
     seeds = cfg.seed_list if cfg.temperature > 0 else [cfg.seed_list[0]]
     sampling = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.no_repeat_ngram_size)
     report: dict[str, Any] = {
         "model": cfg.model, "model_fingerprint": model_fingerprint(model), "prompt": prompt,
-        "settings": {"seeds": seeds, **sampling.__dict__, "batch_size": cfg.batch_size}, "sets": {},
+        "settings": {"seeds": seeds, **sampling.__dict__, "batch_size": cfg.batch_size,
+                                        "dtype": dtype_name(dtype)}, "sets": {},
     }
     pbar = None
     total = sum(len(rows) for _, _, rows in sets.values()) * len(seeds)

@@ -56,6 +56,21 @@ def test_evaluate_run_and_report(two_runs, corpus, tmp_path):
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_bf16_weights_score_close_to_fp32_and_the_report_says_which(two_runs, corpus, tmp_path):
+    reps = {}
+    for dtype in ("fp32", "bf16"):
+        out = evaluate(EvalConfig(model=str(two_runs[0]), data=str(corpus), seeds="10", max_new_tokens=4, limit=6,
+                                  dtype=dtype, device="cpu", out=str(tmp_path / dtype)), progress=False)
+        reps[dtype] = json.loads((out / "report.json").read_text())
+    assert [reps[d]["settings"]["dtype"] for d in ("fp32", "bf16")] == ["fp32", "bf16"]
+    nll = {d: r["sets"]["train"]["nll"]["nats_per_token"] for d, r in reps.items()}
+    assert nll["bf16"] != nll["fp32"]  # the weights really were bf16
+    assert nll["bf16"] == pytest.approx(nll["fp32"], rel=0.02)
+    assert reps["fp32"]["sets"]["train"]["nll"]["tokens"] == reps["bf16"]["sets"]["train"]["nll"]["tokens"]
+    with pytest.raises(DskdError, match="dtype must be one of"):
+        EvalConfig(model="m", data="d", dtype="int8")
+
+
 def test_code_set_scores_pass_at_1(two_runs, tmp_path, monkeypatch):
     import gzip
 
