@@ -123,8 +123,8 @@ def run(cfg: EvalConfig, *, progress: bool = True) -> Path:
     sampling = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.no_repeat_ngram_size)
     report: dict[str, Any] = {
         "model": cfg.model, "model_fingerprint": model_fingerprint(model), "prompt": prompt,
-        "settings": {"seeds": seeds, **sampling.__dict__, "batch_size": cfg.batch_size,
-                                        "dtype": dtype_name(dtype)}, "sets": {},
+        "settings": {"seeds": seeds, **sampling.__dict__, "batch_size": cfg.batch_size, "dtype": dtype_name(dtype)},
+        "sets": {},
     }
     pbar = None
     total = sum(len(rows) for _, _, rows in sets.values()) * len(seeds)
