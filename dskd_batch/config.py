@@ -29,6 +29,10 @@ def template_problem(template: str | None) -> list[str]:
     return [] if ok else [f"template must be {TEMPLATE_HELP}; got {template!r}"]
 
 
+def dtype_problem(dtype: str) -> list[str]:
+    return [] if dtype in DTYPES else [f"dtype must be one of {DTYPES}, got {dtype!r}"]
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """Field name -> docstring, read from the string literal that follows each field."""
     import ast
@@ -115,8 +119,7 @@ class CacheConfig:
             problems.append(f"positions must be targets or all, got {self.positions!r}")
         if self.hidden not in HIDDEN_MODES:
             problems.append(f"hidden must be one of {HIDDEN_MODES}, got {self.hidden!r}")
-        if self.dtype not in DTYPES:
-            problems.append(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        problems += dtype_problem(self.dtype)
         if self.max_prompt_len < 1:
             problems.append(f"max_prompt_len must be >= 1, got {self.max_prompt_len}")
         if self.max_len < self.max_prompt_len + 2:
@@ -440,8 +443,7 @@ class EvalConfig:
             problems.append("max_new_tokens and batch_size must be >= 1")
         if self.limit is not None and self.limit < 1:
             problems.append(f"limit must be >= 1, got {self.limit}")
-        if self.dtype not in DTYPES:
-            problems.append(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        problems += dtype_problem(self.dtype)
         if problems:
             raise DskdError(problems)
 
