@@ -26,7 +26,8 @@ from .config import EvalConfig
 from .data import Example, data_fingerprint, encode_prompt, load_examples, render_prompt
 from .errors import DskdError
 from .generation import SamplingSettings, sample_responses
-from .models import dtype_name, load_causal_lm, load_tokenizer, model_fingerprint, resolve_device, resolve_dtype
+from .models import (dtype_name, fp32_logits, head_inputs, load_causal_lm, load_tokenizer, model_fingerprint, post_head_settings,
+                     resolve_device, resolve_dtype)
 from .scoring import METRICS, pass_at_1, truncate_code
 
 log = logging.getLogger(__name__)
@@ -198,7 +199,7 @@ def response_nll(model: Any, tok: Any, examples: list[Example], prompt: dict[str
     """Teacher-forced NLL of the reference responses (EOS included), nats per response token,
     and bits per byte of the response text (comparable across tokenizers). The examples are
     encoded and batched exactly as training reads them (the run's template and limits, the same
-    response positions)."""
+    response positions). The head and the log-softmax run in fp32 even for bf16 weights."""
     import math
 
     from .batches import CorpusExamples, collate
@@ -210,12 +211,16 @@ def response_nll(model: Any, tok: Any, examples: list[Example], prompt: dict[str
                                          max_prompt_len=int(prompt["max_prompt_len"]), max_len=max_len,
                                          template=prompt["template"]) for ex in examples])
     device = next(model.parameters()).device
+    post, head = post_head_settings(model), model.get_output_embeddings()
     total, tokens = 0.0, 0
     order = sorted(range(len(src)), key=lambda i: -src.n_tokens[i])
     for b in range(0, len(order), batch_size):
         mb = collate(src.records(order[b:b + batch_size]), tok.pad_token_id, with_teacher=False).to(device)
-        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
-        total += float(token_ce(logits[mb.select].float(), mb.targets).sum())
+        if post:  # the logits are post-processed inside the model
+            logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits[mb.select]
+        else:  # the head in fp32 at the response positions, whatever the weights' dtype
+            logits = fp32_logits(head, head_inputs(model, mb.input_ids, mb.attention_mask, mb.select))
+        total += float(token_ce(logits.float(), mb.targets).sum())
         tokens += mb.targets.numel()
     n_bytes = sum(len(t.encode("utf-8")) for ex in examples for t in  # a conversation: every assistant turn
                   ([c for role, c in ex.messages if role == "assistant"] if ex.is_chat else [ex.response]))

@@ -135,6 +135,46 @@ def plain_model(model: Any) -> Any:
     return fresh.to(next(model.parameters()).device).eval()
 
 
+def fp32_logits(head: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """``head(h)`` in fp32 whatever the weights' dtype or an enclosing autocast: bf16 logits over a
+    large vocabulary are rounded by up to ~0.03, which moves a held-out NLL by ~0.01 nats/token."""
+    with torch.autocast(h.device.type, enabled=False):
+        w = head.weight
+        if w.dtype == torch.float32 or type(head) is not torch.nn.Linear:  # fp32 already, or a wrapped head
+            return head(h.to(w.dtype)).float()
+        b = head.bias
+        return torch.nn.functional.linear(h.float(), w.float(), None if b is None else b.float())
+
+
+def head_inputs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, select: torch.Tensor
+                ) -> torch.Tensor:
+    """The output head's inputs at the ``select``ed positions [N, d], from one forward that skips
+    the head itself (for :func:`fp32_logits`). Only for models whose logits are the head's output
+    as it is (not :data:`POST_HEAD_LOGITS`)."""
+    got: dict[str, torch.Tensor] = {}
+
+    def keep(mod: Any, args: tuple) -> tuple:
+        got["h"] = args[0][select] if args[0].dim() == 3 else args[0]
+        return (args[0][..., :0, :], *args[1:])
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(keep)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        handle.remove()
+    return got["h"]
+
+
+# config fields that post-process the logits after the head (the head's output is not the logits)
+POST_HEAD_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def post_head_settings(model: Any) -> list[str]:
+    """The :data:`POST_HEAD_LOGITS` fields that ``model``'s config sets."""
+    cfg = getattr(model, "config", None)
+    return [k for k in POST_HEAD_LOGITS if getattr(cfg, k, None) not in (None, 1.0, 0.0)]
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

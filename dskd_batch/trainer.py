@@ -36,6 +36,7 @@ from .distributed import DistContext
 from .errors import DskdError
 from .losses import fkl, token_ce
 from .methods import KD_GRAD, LossInputs, Method, TeacherHead
+from .models import fp32_logits, post_head_settings
 from .projectors import PROJECTOR_FILE
 from .sharding import (full_optim_state, full_state, is_sharded, load_full_optim_state, load_full_state, local_value,
                        split_state)
@@ -51,7 +52,6 @@ STATE = "state.json"
 AUTO_CHUNK_ELEMENTS = 2**26  # --loss-chunk -1: positions x vocabulary of one fp32 chunk tensor (256 MiB) per
 # logit set of the method (Method.logit_sets: 1 for SFT, 2 for KD, 4 for DSKD)
 # configs whose logits are not the head's output (soft-capping, scaling): the head must run inside the model
-POST_HEAD_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 def auto_chunk(vocab: int, method: Method) -> int:
@@ -126,8 +126,8 @@ class DistillModule(nn.Module):
         self.projectors = projectors
         self.method = method
         self.vocab = vocab
-        cfg = getattr(student, "config", None)
-        post = [k for k in POST_HEAD_LOGITS if getattr(cfg, k, None) not in (None, 1.0, 0.0)]
+        post = post_head_settings(student)
+        self.post_head = bool(post)
         if loss_chunk and post:
             log.warning("--loss-chunk is off: the student's logits are post-processed after its head (%s)", post)
         if loss_chunk < 0:
@@ -225,24 +225,27 @@ class DistillModule(nn.Module):
     def _eval_sums(self, mb: MicroBatch, head: TeacherHead | None) -> dict[str, torch.Tensor]:
         """Held-out sums at the response positions: CE of the targets, and with a teacher record
         KL(p_T || q_S) at T = 1 and the count of positions where both argmaxes agree (chunked
-        like the loss)."""
-        if self._chunked(mb):
-            h = self._student_hidden(mb)
-            parts = [(self.student.get_output_embeddings()(h[part]), part) for part in self._parts(h.shape[0])]
+        like the loss). The body may run under bf16 autocast; both heads, the log-softmaxes and the
+        sums are fp32, so the values are those of the weights, not of bf16 logits."""
+        if self.post_head:  # the logits are post-processed inside the model, so its head runs there
+            s_all, _ = self._student(mb)
+            n = s_all.shape[0]
         else:
-            s, _ = self._student(mb)
-            parts = [(s, slice(0, s.shape[0]))]
+            h = self._student_hidden(mb)
+            n = h.shape[0]
         out = {"ce": torch.zeros(()), "tokens": torch.tensor(float(mb.targets.numel()))}
         with_teacher = mb.teacher is not None and head is not None
         if with_teacher:
             out.update(kl=torch.zeros(()), top1=torch.zeros(()))
-        for s, part in parts:
-            s = s.float()[:, :self.vocab]
-            out["ce"] = out["ce"] + token_ce(s, mb.targets[part]).sum().cpu()
-            if with_teacher:
-                t = head.logits(mb.teacher.rows(part))[:, :self.vocab]
-                out["kl"] = out["kl"] + fkl(s, t, temperature=1.0).sum().cpu()
-                out["top1"] = out["top1"] + (s.argmax(-1) == t.argmax(-1)).sum().float().cpu()
+        with torch.autocast(mb.input_ids.device.type, enabled=False):
+            for part in self._parts(n) if self._chunked(mb) else [slice(0, n)]:
+                s = s_all[part] if self.post_head else fp32_logits(self.student.get_output_embeddings(), h[part])
+                s = s.float()[:, :self.vocab]
+                out["ce"] = out["ce"] + token_ce(s, mb.targets[part]).sum().cpu()
+                if with_teacher:
+                    t = head.logits(mb.teacher.rows(part))[:, :self.vocab]
+                    out["kl"] = out["kl"] + fkl(s, t, temperature=1.0).sum().cpu()
+                    out["top1"] = out["top1"] + (s.argmax(-1) == t.argmax(-1)).sum().float().cpu()
         return out
 
     def _losses(self, mb: MicroBatch, head: TeacherHead | None, eager: bool = True) -> dict[str, torch.Tensor]:
@@ -601,8 +604,9 @@ class Trainer:
     def _validate(self, mf: MetricsLog | None, epoch: int) -> dict[str, float]:
         assert self.validation is not None
         t0 = time.perf_counter()
-        ev = self.validation.run(self.wrapped, pad_id=self.pad_id, device=self.device, rank=self.ctx.rank,
-                                 world=self.ctx.world_size)
+        with self._autocast():  # the body as training runs it; the logits and sums stay fp32 (_eval_sums)
+            ev = self.validation.run(self.wrapped, pad_id=self.pad_id, device=self.device, rank=self.ctx.rank,
+                                     world=self.ctx.world_size)
         rec = {"step": self.step, "epoch": epoch, **ev, "eval_s": time.perf_counter() - t0}
         if self.best is not None:  # every process decides alike (the metrics are all-reduced)
             rec["best"] = self.best.offer(self.step, ev, self.weight_writer, self.ctx.is_main)

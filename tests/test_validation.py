@@ -77,16 +77,35 @@ def reference(student_dir: Path, teacher_dir: Path | None, tok_dir: Path, dev: P
     return {"eval_ce": ce / n, "eval_kl": kl / n, "eval_top1": top1 / n, "tokens": n}
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_eval_on_a_corpus_equals_an_independent_computation(fp32_cache, gpt2_student, dev_corpus, tiny_tokenizer_dir,
-                                                              tmp_path):
-    out = run(cfg(gpt2_student, tmp_path / "r", cache=str(fp32_cache), method="kd", eval_data=str(dev_corpus)))
+                                                              tmp_path, precision):
+    out = run(cfg(gpt2_student, tmp_path / "r", cache=str(fp32_cache), method="kd", eval_data=str(dev_corpus),
+                  precision=precision))
     ev = eval_lines(out)
     assert [r["step"] for r in ev] == [1, 2, 3]
     assert "eval_kl" not in ev[-1]  # a corpus has no teacher record
     ref = reference(out / "student", None, tiny_tokenizer_dir, dev_corpus)
     assert ev[-1]["eval_tokens"] == ref["tokens"]
-    assert ev[-1]["eval_ce"] == pytest.approx(ref["eval_ce"], rel=1e-5)
+    # bf16: the body runs under autocast as in training, the head and the sums in fp32
+    assert ev[-1]["eval_ce"] == pytest.approx(ref["eval_ce"], rel=1e-5 if precision == "fp32" else 1e-2)
     assert ev[0]["eval_ce"] != pytest.approx(ev[-1]["eval_ce"], rel=1e-3)  # it follows the training
+
+
+def test_heads_run_in_fp32_under_autocast_and_for_bf16_weights():
+    from dskd_batch.models import fp32_logits
+
+    torch.manual_seed(0)
+    lin, h = torch.nn.Linear(16, 50), torch.randn(7, 16) * 4
+    want = h @ lin.weight.T + lin.bias
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, rounded = fp32_logits(lin, h), lin(h)
+    assert rounded.dtype == torch.bfloat16 and not torch.allclose(rounded.float(), want, atol=1e-3)  # autocast alone
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-5)
+    half = torch.nn.Linear(16, 50).to(torch.bfloat16)
+    got = fp32_logits(half, h.bfloat16())
+    want = h.bfloat16().float() @ half.weight.float().T + half.bias.float()
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-5)
 
 
 def test_eval_on_a_cache_gives_kl_and_top1(fp32_cache, dev_cache, gpt2_student, llama_teacher, tiny_tokenizer_dir,
