@@ -51,7 +51,6 @@ STATE = "state.json"
 
 AUTO_CHUNK_ELEMENTS = 2**26  # --loss-chunk -1: positions x vocabulary of one fp32 chunk tensor (256 MiB) per
 # logit set of the method (Method.logit_sets: 1 for SFT, 2 for KD, 4 for DSKD)
-# configs whose logits are not the head's output (soft-capping, scaling): the head must run inside the model
 
 
 def auto_chunk(vocab: int, method: Method) -> int:
