@@ -30,7 +30,7 @@ from .config import AlignConfig, CacheConfig
 from .data import Encoded, Prepared, data_fingerprint, encode, length_batches, prepare_corpus, template_fingerprint
 from .distributed import DistContext
 from .errors import DskdError
-from .models import (dtype_name, head_and_embeddings, load_causal_lm, load_tokenizer, model_fingerprint,
+from .models import (DTYPE_BY_NAME, dtype_name, head_and_embeddings, load_causal_lm, load_tokenizer, model_fingerprint,
                      resolve_device, resolve_dtype, token_rows, tokenizer_fingerprint)
 from .records import ArraySpecs, array_specs, rows_at, to_arrays
 from .teacher import TeacherForward, assemble_logits, reconstruct_logits, reconstruction_check
@@ -281,7 +281,8 @@ def write_shard(out: Path, s: int, cfg: CacheConfig, settings: dict[str, Any], p
                 arrays = to_arrays(rec, specs, codec)
                 if "logits" in rec:
                     stored = codec.decode({k: arrays[k] for k in codec.array_specs()}) if codec is not None else None
-                    res = reconstruction_check(rec["logits"], rec["hidden"], stored, weight, bias)
+                    res = reconstruction_check(rec["logits"], rec["hidden"], stored, weight, bias,
+                                               dtype=DTYPE_BY_NAME[settings["teacher"]["dtype"]])
                     if stored is not None and cfg.top_k and codec is not None and codec.name not in LOSSLESS_HIDDEN:
                         from .teacher import kl_stats
 
@@ -330,7 +331,10 @@ def decide_logits_source(settings: dict[str, Any], fidelity: dict[str, Any]) -> 
     """(source of full teacher logits, whether h @ W.T reproduces the teacher's logits)."""
     exact = fidelity.get("exact_t1", {})
     tol = 1e-4 if settings["teacher"]["dtype"] == "fp32" else 1e-3
-    reconstructable = bool(exact) and exact.get("kl_mean", 1.0) <= tol and exact.get("top1_agreement", 0.0) >= 0.99
+    # top-1 up to the teacher's own rounding (bf16 ties are not disagreements); caches written
+    # before that was measured have only the plain agreement
+    top1 = exact.get("top1_within_rounding", exact.get("top1_agreement", 0.0))
+    reconstructable = bool(exact) and exact.get("kl_mean", 1.0) <= tol and top1 >= 0.99
     mode, k = settings["storage"]["hidden"], settings["storage"]["top_k"]
     if reconstructable and mode in LOSSLESS_HIDDEN:
         return "hidden", True

@@ -152,25 +152,38 @@ def reconstruct_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return logits
 
 
-def kl_stats(real: torch.Tensor, approx: torch.Tensor, temperature: float) -> dict[str, float]:
-    """KL(softmax(real/T) || softmax(approx/T)) per row: mean and max; and top-1 agreement."""
+def kl_stats(real: torch.Tensor, approx: torch.Tensor, temperature: float, resolution: float | None = None
+             ) -> dict[str, float]:
+    """KL(softmax(real/T) || softmax(approx/T)) per row: mean and max; and top-1 agreement. With
+    ``resolution`` (the relative precision of the dtype ``real`` was computed in), also
+    ``top1_within_rounding``: the share of rows where approx's argmax is a token whose real logit
+    is the real maximum up to that rounding. In bf16 (8 significant bits) logits near 30 come in
+    steps of 0.125, so ties, and argmaxes that differ only by which tied token comes first, are
+    common; they say nothing about whether ``approx`` is the same function."""
     from .losses import fkl
 
     kl = fkl(approx, real, temperature=temperature).clamp_min(0)
-    return {
+    out = {
         "kl_mean": float(kl.mean()),
         "kl_max": float(kl.max()),
         "top1_agreement": float((real.argmax(-1) == approx.argmax(-1)).float().mean()),
     }
+    if resolution is not None:
+        top = real.max(-1).values
+        picked = real.gather(-1, approx.argmax(-1, keepdim=True)).squeeze(-1)
+        out["top1_within_rounding"] = float((picked >= top - 2 * resolution * top.abs().clamp_min(1.0)).float().mean())
+    return out
 
 
 def reconstruction_check(logits: torch.Tensor, hidden: torch.Tensor, stored_hidden: torch.Tensor | None,
-                         weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, Any]:
+                         weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32
+                         ) -> dict[str, Any]:
     """Compare real logits with logits rebuilt from the exact and from the stored hidden state.
 
     ``exact`` measures whether the architecture's logits are a plain linear head of its hidden
     state (false with soft-capping, logit scaling, or a head we cannot see); ``stored`` measures
-    what the storage mode (fp16, compact, ...) adds on top.
+    what the storage mode (fp16, compact, ...) adds on top. ``dtype``: what the teacher computed
+    its logits in (their rounding, for ``exact_t1.top1_within_rounding``).
     """
     rec = reconstruct_logits(hidden, weight, bias)
     scale = float(logits.abs().max().clamp_min(1e-6))
@@ -178,7 +191,7 @@ def reconstruction_check(logits: torch.Tensor, hidden: torch.Tensor, stored_hidd
         "tokens": int(logits.shape[0]),
         "exact_max_abs_err": float((rec - logits).abs().max()),
         "exact_rel_err": float((rec - logits).abs().max()) / scale,
-        "exact_t1": kl_stats(logits, rec, 1.0),
+        "exact_t1": kl_stats(logits, rec, 1.0, resolution=torch.finfo(dtype).eps),
     }
     if stored_hidden is not None:
         srec = reconstruct_logits(stored_hidden, weight, bias)

@@ -114,3 +114,33 @@ def test_the_head_runs_on_the_requested_positions_only(llama_teacher: Path) -> N
         assert torch.equal(r["argmax"], real.argmax(-1)) and torch.equal(r["topk_indices"], real.topk(5).indices)
     empty = tf([[5, 9]], positions=[[]])[0]  # no position asked: empty rows, no error
     assert empty["hidden"].shape == (0, model.config.hidden_size) and empty["argmax"].shape == (0,)
+
+
+def test_bf16_ties_are_not_top1_disagreements() -> None:
+    """A bf16 teacher's logits tie often; which tied token argmax picks says nothing about whether
+    h @ W.T is the teacher's function. The cache's choice of the exact source must not hinge on it
+    (in a real bf16 cache it flipped on one token in 211)."""
+    from dskd_batch.cache_teacher import decide_logits_source
+    from dskd_batch.teacher import kl_stats
+
+    torch.manual_seed(0)
+    exact = torch.randn(64, 500) * 3 + 10
+    exact[:, 7] = 40.06  # the exact winner, 0.02 above a token it ties with once rounded (bf16 steps 0.25 here)
+    exact[:, 3] = 40.04
+    real = exact.bfloat16().float()  # what the bf16 teacher printed: token 3 comes first among the tied
+    assert torch.equal(real[:, 3], real[:, 7])
+    s = kl_stats(real, exact, 1.0, resolution=torch.finfo(torch.bfloat16).eps)
+    assert s["top1_agreement"] == 0.0 and s["top1_within_rounding"] == 1.0
+    wrong = exact.clone()
+    wrong[:, 100] = exact.max(-1).values + 5  # a genuinely different winner
+    assert kl_stats(real, wrong, 1.0, resolution=torch.finfo(torch.bfloat16).eps)["top1_within_rounding"] == 0.0
+
+    settings = {"teacher": {"dtype": "bf16"}, "storage": {"hidden": "fp16", "top_k": 64}}
+    fid = {"exact_t1": {"kl_mean": 3e-4, "top1_agreement": 0.9858, "top1_within_rounding": 1.0}}
+    assert decide_logits_source(settings, fid) == ("hidden", True)
+    fid["exact_t1"]["top1_within_rounding"] = 0.95
+    assert decide_logits_source(settings, fid) == ("topk", False)
+    del fid["exact_t1"]["top1_within_rounding"]  # a cache written before: the plain agreement decides
+    assert decide_logits_source(settings, fid) == ("topk", False)
+    fid["exact_t1"]["top1_agreement"] = 0.995
+    assert decide_logits_source(settings, fid) == ("hidden", True)

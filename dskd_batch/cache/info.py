@@ -80,7 +80,9 @@ def render_summary(info: dict[str, Any]) -> str:
         if key in fid:
             f = fid[key]
             lines.append(f"fidelity     {key:<13} KL mean {f['kl_mean']:.2e} max {f['kl_max']:.2e} "
-                         f"top-1 {100 * f['top1_agreement']:.2f}% ({fid['tokens']} tokens)")
+                         f"top-1 {100 * f['top1_agreement']:.2f}%"
+                         + (f" ({100 * f['top1_within_rounding']:.2f}% up to the teacher's rounding)"
+                            if "top1_within_rounding" in f else "") + f" ({fid['tokens']} tokens)")
     for a in info["alignments"]:
         lines.append(f"alignment    {a['source']} (tokenizer {a['fingerprint']}): ETA {100 * a['eta_coverage']:.1f}% of "
                      f"student response tokens ({100 * a['eta_label_coverage']:.1f}% with a mapped teacher top-1), "
