@@ -36,7 +36,7 @@ from .distributed import DistContext
 from .errors import DskdError
 from .losses import fkl, token_ce
 from .methods import KD_GRAD, LossInputs, Method, TeacherHead
-from .models import fp32_logits, post_head_settings
+from .models import fp32_logits, head_inputs, post_head_settings
 from .projectors import PROJECTOR_FILE
 from .sharding import (full_optim_state, full_state, is_sharded, load_full_optim_state, load_full_state, local_value,
                        split_state)
@@ -134,7 +134,6 @@ class DistillModule(nn.Module):
         self.loss_chunk = 0 if post or not method.per_position else loss_chunk
         self.eager_chunks = True  # chunk gradients taken in the forward pass (off under FSDP: checkpointing)
         self._select: torch.Tensor | None = None
-        self._skip_head = False
         self._h: torch.Tensor | None = None
         self.student.get_output_embeddings().register_forward_pre_hook(self._keep_selected)
 
@@ -145,21 +144,15 @@ class DistillModule(nn.Module):
         if h.dim() == 3:
             h = h[self._select]
         self._h = h
-        if self._skip_head:  # chunked loss: the head runs later, chunk by chunk
-            return (h[:0], *args[1:])
         return (h, *args[1:])
 
     def _chunked(self, mb: MicroBatch) -> bool:
         return bool(self.loss_chunk) and mb.targets.numel() > self.loss_chunk
 
     def _student_hidden(self, mb: MicroBatch) -> torch.Tensor:
-        """h_S at the response positions, without running the head."""
-        self._skip_head = True
-        try:
-            _, h = self._student(mb)
-        finally:
-            self._skip_head = False
-        return h
+        """h_S at the response positions, without running the head (chunked losses and held-out
+        sums run it later)."""
+        return head_inputs(self.student, mb.input_ids, mb.attention_mask, mb.select)
 
     def _chunk_losses(self, h: torch.Tensor, targets: torch.Tensor, tb: Any, head: TeacherHead | None,
                       cross: Any = None) -> dict[str, torch.Tensor]:
