@@ -164,7 +164,7 @@ class VanillaKD(Method):
         s = x.s[:, :x.vocab]
         ce = token_ce(s, x.targets)
         keep = self.teacher_keep(x.targets, x.teacher.argmax)
-        kd = kd_or_label(self.ls.dist(s, x.head.logits(x.teacher, tail_like=s)[:, :x.vocab]), ce, keep)
+        kd = kd_or_label(self.ls.dist(s, x.head.logits(x.teacher)[:, :x.vocab]), ce, keep)
         return self.combine(ce.sum(), {"kd": kd, **_kept(keep)})
 
 
@@ -213,7 +213,7 @@ class DSKD(Method):
     def losses(self, x: LossInputs) -> dict[str, Tensor]:
         x = x.sliced()
         ce = token_ce(x.s, x.targets)
-        t_logits = x.head.logits(x.teacher, tail_like=x.s)[:, :x.vocab]
+        t_logits = x.head.logits(x.teacher)[:, :x.vocab]
         keep = self.teacher_keep(x.targets, x.teacher.argmax)
         terms = dskd_terms(x.s, x.h_s, x.targets, t_logits, x.teacher.hidden, x.teacher.argmax, x.projector("t2s"),
                            x.projector("s2t"), x.student_head, _sliced(x.head, x.vocab), self.ls, keep)

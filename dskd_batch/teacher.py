@@ -124,34 +124,22 @@ class TeacherHead:
         return reconstruct_logits(h, self.weight, self.bias)
 
     @torch.no_grad()
-    def logits(self, tb: Any, tail_like: Tensor | None = None) -> Tensor:
+    def logits(self, tb: Any) -> Tensor:
         """Full-vocabulary teacher logits [m, V] of a teacher record or batch (anything with the
         fields of :data:`dskd_batch.records.TEACHER_FIELDS` as attributes), from the best source
         the cache has: the real logits if given, ``hidden`` (h @ W.T), ``assembled`` (exact top-k +
-        a tail rebuilt from a lossy hidden state) or ``topk`` (exact top-k + log-sum-exp only). The
-        one place this rule lives.
-
-        ``tail_like`` (the student's logits at the same positions, [m, V'] with V' <= V) shapes a
-        ``topk`` source's tail: inside the tail the teacher is taken to be proportional to the
-        student, scaled to the exact tail mass. The KL at temperature 1 then equals the KL between
-        the two distributions over the top-k tokens plus one "any other token" bucket, which the
-        cache determines exactly (a lower bound of the full KL), and the loss supervises the tail's
-        total mass without pulling the student towards a flat tail. Without it the tail is flat."""
+        a tail rebuilt from a lossy hidden state) or ``topk`` (exact top-k, flat tail). The one
+        place this rule lives."""
         if tb.logits is not None:
             return tb.logits.float()
         if self.logits_source == "hidden":
             return self.project(tb.hidden)
         if tb.topk_values is None:
             raise ValueError("the teacher batch has neither exact hidden states nor top-k logits")
-        n, v = tb.topk_values.shape[0], self.weight.shape[0]
-        if self.logits_source == "assembled":
-            return assemble_logits(self.project(tb.hidden), tb.topk_values, tb.topk_indices, tb.logsumexp)
-        approx = torch.zeros(n, v, device=self.weight.device)
-        if tail_like is not None:
-            width = min(v, tail_like.shape[-1])
-            approx[:, width:] = float("-inf")  # teacher rows the student does not have: no tail mass
-            approx[:, :width] = tail_like[:, :width].detach().float()
-        return assemble_logits(approx, tb.topk_values, tb.topk_indices, tb.logsumexp, cap_tail=False)
+        n = tb.topk_values.shape[0]
+        approx = (self.project(tb.hidden) if self.logits_source == "assembled"
+                  else torch.zeros(n, self.weight.shape[0], device=self.weight.device))
+        return assemble_logits(approx, tb.topk_values, tb.topk_indices, tb.logsumexp)
 
 
 def reconstruct_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -213,15 +201,18 @@ def reconstruction_check(logits: torch.Tensor, hidden: torch.Tensor, stored_hidd
 
 
 def assemble_logits(approx: torch.Tensor, topk_values: torch.Tensor, topk_indices: torch.Tensor,
-                    logsumexp: torch.Tensor, cap_tail: bool = True) -> torch.Tensor:
+                    logsumexp: torch.Tensor) -> torch.Tensor:
     """Full-vocabulary logits from exact top-k values + log-sum-exp and an approximate tail.
 
     The top-k entries are the teacher's own values; the tail keeps the shape of ``approx`` (e.g.
-    logits rebuilt from a lossy hidden state), is capped below the k-th value (``cap_tail``: only
-    meaningful when ``approx`` is on the teacher's logit scale), and is shifted so
+    logits rebuilt from a lossy hidden state), is capped below the k-th value, and is shifted so
     that its probability mass is exactly ``1 - sum(top-k probabilities)``, which the stored
     log-sum-exp makes known. The result's log-sum-exp equals the stored one, so probabilities at
     temperature 1 are exact on the top-k and the tail mass is exact.
+
+    For a top-k-only cache (``approx`` all zeros) the tail is flat. A tail shaped like the
+    student's own (so that the KL at T = 1 is the exact KL over the top-k plus one bucket) was
+    tried and trained worse than the flat one at T = 2 (README, Stage one: "--hidden none").
     """
     tv = topk_values.float()
     lse = logsumexp.float().unsqueeze(-1)
@@ -229,10 +220,8 @@ def assemble_logits(approx: torch.Tensor, topk_values: torch.Tensor, topk_indice
     tail_mass = (1.0 - top_mass).clamp_min(1e-30)
     tail = approx.float().clone()
     tail.scatter_(-1, topk_indices.long(), float("-inf"))
-    if cap_tail:
-        tail = torch.minimum(tail, tv[..., -1:])
-    tail_lse = torch.logsumexp(tail, dim=-1, keepdim=True)  # -inf where the top-k is the whole support
-    shift = torch.where(torch.isfinite(tail_lse), torch.log(tail_mass) + lse - tail_lse, torch.zeros_like(tail_lse))
+    tail = torch.minimum(tail, tv[..., -1:])
+    shift = torch.log(tail_mass) + lse - torch.logsumexp(tail, dim=-1, keepdim=True)
     out = tail + shift
     out.scatter_(-1, topk_indices.long(), tv)
     return out
