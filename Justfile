@@ -64,7 +64,7 @@ bench-distill: teacher
 
 # quality: the papers' protocol at CPU scale on two tasks (T0 mixture, Self-Instruct seed tasks): the
 # teacher fine-tuned first, every method's best checkpoint on dev, test scored once (pipelines/quality-*.toml);
-# 73 min on 2 CPU cores with bf16 units (AMX / AVX-512 BF16) in the last run (README: the machine's speed varied)
+# 62 min on 2 CPU cores with bf16 units (AMX / AVX-512 BF16) in the last run, 73 min in one before (the machine's speed varies; README); ~35 GB of disk
 bench-quality: teacher
     {{py}} benchmarks/make_splits.py
     {{py}} -m dskd_batch run pipelines/quality-t0.toml --jobs 2
