@@ -161,11 +161,13 @@ def evaluate_cmd(**kwargs: Any) -> None:
 @main.command("report")
 @click.argument("runs", nargs=-1, required=True)
 @click.option("--out", default=None, help="Write the Markdown table here (and the training curves beside it as .png).")
-def report_cmd(runs: tuple[str, ...], out: str | None) -> None:
+@click.option("--baseline", default=None, help="A run's name (its folder's): compare every other run with it, paired "
+              "by test example (bootstrap interval and p-value of the score gain and of the NLL change).")
+def report_cmd(runs: tuple[str, ...], out: str | None, baseline: str | None) -> None:
     """Put several runs' (or reports') scores side by side, like the papers' tables."""
     from .evaluate import report
 
-    table, png = report(list(runs), out)
+    table, png = report(list(runs), out, baseline=baseline)
     click.echo(table)
     if png is not None:
         click.echo(f"curves: {png}")

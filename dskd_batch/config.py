@@ -244,6 +244,10 @@ class DistillConfig:
     "Write a checkpoint every N optimizer steps (0: only at the end of each epoch)."
     keep_checkpoints: int = 2
     "Checkpoints kept (oldest removed first)."
+    prune_when_done: bool = False
+    ("When the run finishes, delete its resume checkpoints and the best checkpoint's folder (RUN/student, "
+     "RUN/student-last, the projectors and the metrics stay): a finished run has nothing left to resume. "
+     "Pipelines set it unless told otherwise.")
     log_steps: int = 1
     "Write a metrics.jsonl line every N optimizer steps."
     device: str = "auto"

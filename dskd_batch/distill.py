@@ -44,7 +44,7 @@ CROSS_VOCAB_HINT = ("kd and dskd need the teacher's tokenizer; for a student wit
                     "`dskd-batch align CACHE --student-tokenizer STUDENT`")
 # settings that may change between a run and its resumption
 RESUMABLE = ("resume", "save_steps", "keep_checkpoints", "log_steps", "verify", "device", "teacher_device",
-             "skip_nonfinite", "loss_chunk", "log_to")
+             "skip_nonfinite", "loss_chunk", "log_to", "prune_when_done")
 # Settings added after runs were already made: left out of a run's identity while they keep these
 # defaults, so those runs still resume and pipelines still reuse them.
 LATER_DEFAULTS = {"kd_positions": "all", "length_group": 1}
@@ -382,6 +382,10 @@ def _run(cfg: DistillConfig, ctx: DistContext, on_step: Callable[[int], None] | 
 
         on_policy.refresh = lambda: gather_student(module, sampler)
     cks = list_checkpoints(out)
+    if cfg.resume and not cks and _finished_run(out, plan.fingerprint):
+        source.close()
+        log.info("--resume: %s is a finished run of these settings (its checkpoints were pruned); nothing to do", out)
+        return out
     if cfg.resume and cks:
         trainer.load_checkpoint(cks[-1])
     elif cfg.resume:
@@ -406,10 +410,44 @@ def _run(cfg: DistillConfig, ctx: DistContext, on_step: Callable[[int], None] | 
     exported = _write_final(out, module, student_tok, cfg, trainer, ctx.is_main)  # every process (FSDP gathers)
     if ctx.is_main:
         run_info["exported"] = exported
-        run_info.update(status="done", final_metrics=final, peak_memory=_peak_memory(device, on_policy))
+        run_info.update(status="done", final_metrics=final, peak_memory=_peak_memory(device, on_policy),
+                        pruned=cfg.prune_when_done)
         atomic_write_json(out / RUN_FILE, run_info)
+        if cfg.prune_when_done:
+            prune_finished(out)
     ctx.barrier()
     return out
+
+
+def _finished_run(out: Path, plan_fp: str) -> bool:
+    """Whether ``out`` holds a finished run of this plan; refuses one of other settings, which without
+    checkpoints could only be trained again from the start over what is there."""
+    from .files import read_json
+
+    info = read_json(out / RUN_FILE) if (out / RUN_FILE).exists() else {}
+    if info.get("status") != "done":
+        return False
+    if info.get("plan_fingerprint") != plan_fp:
+        raise DskdError(f"--out {out} holds a finished run of other settings and no checkpoint to resume from",
+                        hint="choose another --out (or delete that run)")
+    return True
+
+
+def prune_finished(out: Path) -> None:
+    """Delete a finished run's resume checkpoints and its best checkpoint's folder (RUN/student holds
+    whichever was exported). Each folder is renamed away first, so a kill leaves no half-deleted
+    checkpoint for a later --resume to trip on."""
+    import shutil
+
+    from .files import tmp_path
+    from .validation import BEST_DIR
+
+    for name in (CHECKPOINTS, BEST_DIR):
+        folder = out / name
+        if folder.exists():
+            gone = tmp_path(folder)
+            folder.rename(gone)
+            shutil.rmtree(gone, ignore_errors=True)
 
 
 def _wrapper(cfg: DistillConfig, ctx: DistContext, device: torch.device) -> Callable[[nn.Module], nn.Module] | None:

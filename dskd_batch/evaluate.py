@@ -188,6 +188,9 @@ def _evaluate_set(model: Any, tok: Any, kind: str, rows: list[dict[str, Any]], p
     for m in per_example[0]["scores"]:
         scores[m] = [statistics.fmean(e["scores"][m][s] for e in per_example) for s in seeds]
     nll = response_nll(model, tok, [r["example"] for r in rows], prompt, cfg.batch_size) if kind == "text" else None
+    if nll is not None:  # each example's own nats and tokens go beside its generations (paired comparisons)
+        for e, n in zip(per_example, nll.pop("per_example")):
+            e["nll"] = n
     fp_rows = [r["example"] for r in rows] if kind == "text" else [Example(r["id"], r["prompt"], "", r["test"], "") for r in rows]
     return {"kind": kind, "primary": PRIMARY[kind], "examples": len(rows), "data_fingerprint": data_fingerprint(fp_rows),
             "metrics": {m: _stats(v) for m, v in scores.items()}, "generations": per_example,
@@ -212,20 +215,26 @@ def response_nll(model: Any, tok: Any, examples: list[Example], prompt: dict[str
                                          template=prompt["template"]) for ex in examples])
     device = next(model.parameters()).device
     post, head = post_head_settings(model), model.get_output_embeddings()
-    total, tokens = 0.0, 0
+    per_example: list[dict[str, Any]] = [{}] * len(src)
     order = sorted(range(len(src)), key=lambda i: -src.n_tokens[i])
     for b in range(0, len(order), batch_size):
-        mb = collate(src.records(order[b:b + batch_size]), tok.pad_token_id, with_teacher=False).to(device)
+        idx = order[b:b + batch_size]
+        mb = collate(src.records(idx), tok.pad_token_id, with_teacher=False).to(device)
         if post:  # the logits are post-processed inside the model
             logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits[mb.select]
         else:  # the head in fp32 at the response positions, whatever the weights' dtype
             logits = fp32_logits(head, head_inputs(model, mb.input_ids, mb.attention_mask, mb.select))
-        total += float(token_ce(logits.float(), mb.targets).sum())
-        tokens += mb.targets.numel()
+        ce = token_ce(logits.float(), mb.targets).double().cpu()
+        row = mb.select.nonzero()[:, 0].cpu()  # the example of each response position (row-major, as selected)
+        nats = torch.zeros(len(idx), dtype=torch.float64).index_add_(0, row, ce)
+        counts = torch.bincount(row, minlength=len(idx))
+        for j, i in enumerate(idx):
+            per_example[i] = {"nats": float(nats[j]), "tokens": int(counts[j])}
+    total, tokens = sum(e["nats"] for e in per_example), sum(e["tokens"] for e in per_example)
     n_bytes = sum(len(t.encode("utf-8")) for ex in examples for t in  # a conversation: every assistant turn
                   ([c for role, c in ex.messages if role == "assistant"] if ex.is_chat else [ex.response]))
     return {"nats_per_token": total / max(tokens, 1), "tokens": tokens,
-            "bits_per_byte": total / math.log(2) / max(n_bytes, 1), "bytes": n_bytes}
+            "bits_per_byte": total / math.log(2) / max(n_bytes, 1), "bytes": n_bytes, "per_example": per_example}
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -347,6 +356,25 @@ def plot_curves(runs: list[tuple[str, Path]], out: Path) -> Path | None:
     return out
 
 
+def gains(baseline: str, items: list[tuple[str, dict[str, Any]]], groups: list[tuple[str, list[str]]] | None) -> str:
+    """The paired comparison of every row (or group of training seeds) with ``baseline`` on each test
+    set they share, as a Markdown section."""
+    from .compare import RESAMPLES, gain_table, paired_gain
+
+    by_label = dict(items)
+    units = [(name, [by_label[lab] for lab in labs]) for name, labs in groups] if groups else \
+        [(label, [rep]) for label, rep in items]
+    base = dict(units).get(baseline)
+    if base is None:
+        raise DskdError(f"--baseline {baseline}: no such run in the report", hint=", ".join(name for name, _ in units))
+    rows = [(name, paired_gain(base, reps, s, labels=(baseline, name)))
+            for name, reps in units if name != baseline
+            for s in _set_names(base) if all(s in r["sets"] for r in reps)]
+    return (f"\n\nAgainst {baseline}, paired by test example (bootstrap over the test examples and each run's "
+            f"training seeds, {RESAMPLES:,} resamples; P(no gain): the share of resamples without a gain):\n\n"
+            + gain_table(baseline, rows))
+
+
 HELD_OUT_COLUMNS = {"eval_ce": "held-out CE (run)", "eval_kl": "held-out KL to teacher (run)"}
 
 
@@ -370,10 +398,11 @@ def held_out(run_dir: Path) -> dict[str, float]:
 
 
 def report(paths: list[str], out: str | None, labels: list[str] | None = None,
-           groups: list[tuple[str, list[str]]] | None = None) -> tuple[str, Path | None]:
+           groups: list[tuple[str, list[str]]] | None = None, baseline: str | None = None) -> tuple[str, Path | None]:
     """The side-by-side table of ``paths`` (report or run folders), written to ``out`` with the curves
     beside it as a PNG. ``groups`` (name, labels): runs trained with several seeds, summarised under
-    the table as mean ± std over them."""
+    the table as mean ± std over them. ``baseline`` (a label, or a group's name): every other row
+    (group) is compared with it, paired by test example (:mod:`compare`)."""
     items = [load_report(p) for p in paths]
     if labels is not None:
         items = [(lab, rep, r) for lab, (_, rep, r) in zip(labels, items)]
@@ -385,6 +414,8 @@ def report(paths: list[str], out: str | None, labels: list[str] | None = None,
         by_label = {label: rep for label, rep, _ in items}
         table += ("\n\nOver training seeds (mean ± std of the rows above):\n\n"
                   + seed_table([(name, [by_label[lab] for lab in labs]) for name, labs in groups]))
+    if baseline is not None:
+        table += gains(baseline, [(label, rep) for label, rep, _ in items], groups)
     png = None
     if out:
         o = Path(out)

@@ -30,8 +30,8 @@ evaluate -> report.
     select = "influence"             # optional: "even" (default) or the layers of highest Block Influence
                                      # on `calibration` rows (default: the cache's data and template)
 
-    [distill]                        # DistillConfig fields shared by every run
-    epochs = 2
+    [distill]                        # DistillConfig fields shared by every run (prune_when_done is
+    epochs = 2                       # true unless given: a finished run keeps no resume checkpoints)
 
     [[runs]]                         # one distill run per entry: `name` + DistillConfig overrides
     name = "dskd"
@@ -166,7 +166,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
         _check_keys(t, _fields(DistillConfig) - {"student", "out", "cache", "teacher"}, f"{path} [teacher]")
         if "teacher" not in cache:
             raise DskdError(f"{path} [cache]: `teacher` (the base model the [teacher] stage fine-tunes) is required")
-        for key, default in (("method", "sft"), ("data", cache.get("data")), ("template", cache.get("template")),
+        for key, default in (("method", "sft"), ("prune_when_done", True), ("data", cache.get("data")), ("template", cache.get("template")),
                              ("max_prompt_len", cache.get("max_prompt_len")), ("max_len", cache.get("max_len")),
                              ("limit", cache.get("limit"))):
             if default is not None:
@@ -217,6 +217,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
 
     common = _section(doc, "distill", str(path))
     _check_keys(common, _fields(DistillConfig) - {"student", "out", "cache"}, f"{path} [distill]")
+    common.setdefault("prune_when_done", True)  # a finished stage is reused, never resumed: its checkpoints go
     runs_doc = doc.get("runs", [])
     if not isinstance(runs_doc, list) or not runs_doc:
         raise DskdError(f"{path}: at least one [[runs]] entry is required")
@@ -627,7 +628,9 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
         if len(seeds) > 1:  # each run's rows over its training seeds
             groups = [(name, [lab for lab, n, _ in expanded if n == name])
                       for name in p.run_names if only is None or name in only]
+        shown = [n for n in p.run_names if only is None or n in only]
+        sft = [n for n, c in zip(p.run_names, p.runs) if c.method == "sft" and n in shown]
         table, _ = make_report([str(r) for _, r in run_dirs], str(target), labels=[n for n, _ in run_dirs],
-                               groups=groups)
+                               groups=groups, baseline=sft[0] if sft and len(shown) > 1 else None)
         done.append(f"report: {target}\n{table}")
     return done

@@ -92,6 +92,9 @@ def test_pipeline_runs_then_reuses_every_stage(llama_teacher, corpus, gpt2_stude
                                                      "distill dskd", "evaluate dskd"]
     assert all("ran" in x for x in lines[:-1])
     out = tmp_path / "out"
+    for run in ("kd", "dskd"):  # a finished run is reused, never resumed: its checkpoints are gone
+        assert not (out / run / "checkpoints").exists() and (out / run / "student" / "model.safetensors").exists()
+        assert json.loads((out / run / "run.json").read_text())["pruned"] is True
     assert (out / "report.md").exists() and "kd" in (out / "report.md").read_text()
     first = {f: f.stat().st_mtime_ns for f in out.rglob("*") if f.is_file() and ".stages" not in f.parts}
 
@@ -156,6 +159,9 @@ def test_training_seeds_add_runs_beside_the_first_and_the_report_summarises_them
     assert cells[2] == f"{statistics.fmean(vals):.2f} ± {statistics.stdev(vals):.2f}"
     assert cells[3] == f"{statistics.fmean(nlls):.4f} ± {statistics.stdev(nlls):.4f}"
     assert "| kd-seed7 |" in text and "| kd | 2 |" in text
+    # and compares every run with the SFT run, paired by test example, over both seeds
+    gains = text.split("Against sft, paired by test example")[1]
+    assert next(x for x in gains.splitlines() if x.startswith("| kd |")).endswith("| 2 vs 2 |")
 
     # the file's train_seeds do the same; a run name that one seed's folder would take is refused
     write(p, p.read_text().replace('name = "tiny"', 'name = "tiny"\ntrain_seeds = [42, 7]'))
@@ -183,12 +189,14 @@ def test_student_by_block_influence_is_a_stage_of_its_own(llama_teacher, corpus,
 
 
 def test_interrupted_distill_resumes(llama_teacher, corpus, gpt2_student, tmp_path) -> None:
-    p = tiny(tmp_path, llama_teacher, corpus, gpt2_student, RUN.format(name="kd", method="kd", extra="save_steps = 1"))
+    p = tiny(tmp_path, llama_teacher, corpus, gpt2_student,
+             RUN.format(name="kd", method="kd", extra="save_steps = 1\nprune_when_done = false"))
     run_pipeline(p)
     run_json = tmp_path / "out" / "kd" / "run.json"
     info = json.loads(run_json.read_text())
     info["status"] = "training"  # as if killed after its last checkpoint
     run_json.write_text(json.dumps(info))
+    assert (tmp_path / "out" / "kd" / "checkpoints" / "step-0000002").is_dir()
     lines = run_pipeline(p)
     assert any(x.startswith("distill kd: resumed") for x in lines)
     assert json.loads(run_json.read_text())["status"] == "done"

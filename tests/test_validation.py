@@ -170,6 +170,35 @@ def test_keep_best_survives_a_resume(fp32_cache, dev_corpus, gpt2_student, tmp_p
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
+def test_prune_when_done_keeps_the_exported_student_and_a_resume_does_nothing(fp32_cache, dev_corpus, gpt2_student,
+                                                                             tmp_path):
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    base = cfg(gpt2_student, tmp_path / "r", cache=str(fp32_cache), method="kd", eval_data=str(dev_corpus),
+               keep_best="eval_ce", lr=0.3, max_steps=3, save_steps=1, keep_checkpoints=5)
+    kept = run(dataclasses.replace(base, out=str(tmp_path / "kept")))
+    pruned = run(dataclasses.replace(base, prune_when_done=True))
+    assert len(list((kept / "checkpoints").iterdir())) == 3 and (kept / "best" / "student").is_dir()
+    assert sorted(p.name for p in pruned.iterdir() if not p.name.startswith(".lock")) == ["metrics.jsonl", "run.json",
+                                                        "student", "student-last"]
+    info = json.loads((pruned / "run.json").read_text())
+    assert info["status"] == "done" and info["pruned"] is True
+    assert info["exported"]["step"] == json.loads((kept / "run.json").read_text())["exported"]["step"]
+    wa, wb = (load_file(str(d / "student" / "model.safetensors")) for d in (kept, pruned))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # pruning changed nothing that was exported
+
+    # --resume on the finished, pruned run does nothing (it would otherwise train again from scratch) ...
+    before = {p: p.stat().st_mtime_ns for p in pruned.rglob("*") if p.is_file() and ".lock" not in p.name}
+    run(dataclasses.replace(base, prune_when_done=True, resume=True))
+    assert {p: p.stat().st_mtime_ns for p in pruned.rglob("*") if p.is_file() and ".lock" not in p.name} == before
+    # ... and is refused, before anything is written, under other settings
+    with pytest.raises(DskdError, match="finished run of other settings and no checkpoint"):
+        run(dataclasses.replace(base, prune_when_done=True, resume=True, max_steps=4))
+    assert {p: p.stat().st_mtime_ns for p in pruned.rglob("*") if p.is_file() and ".lock" not in p.name} == before
+
+
 @pytest.mark.parametrize("problem,kw,match", [
     ("no dev", dict(keep_best="eval_ce"), "give --eval-data"),
     ("bad metric", dict(keep_best="rouge", eval_data="x"), "keep_best must be one of"),
@@ -200,14 +229,18 @@ def test_evaluate_reports_teacher_forced_nll(gpt2_student, dev_corpus, tiny_toke
     tok = AutoTokenizer.from_pretrained(str(gpt2_student))
     m = AutoModelForCausalLM.from_pretrained(str(gpt2_student)).eval()
     total, n = 0.0, 0
-    for ex in load_examples(dev_corpus).examples:
+    for ex, g in zip(load_examples(dev_corpus).examples, rep["sets"]["dev"]["generations"], strict=True):
         e = encode(tok, render_prompt(ex, "alpaca", tok), ex.response, max_prompt_len=64, max_len=512, template="alpaca")
         with torch.no_grad():
             lp = torch.log_softmax(m(torch.tensor([e.input_ids])).logits[0].double(), -1)
-        for i in range(e.prompt_len - 1, len(e.input_ids) - 1):
-            total -= float(lp[i, e.input_ids[i + 1]])
-            n += 1
+        own = -sum(float(lp[i, e.input_ids[i + 1]]) for i in range(e.prompt_len - 1, len(e.input_ids) - 1))
+        # each example's own nats and tokens sit beside its generations (the paired comparison reads them)
+        assert g["id"] == ex.id and g["nll"]["tokens"] == len(e.input_ids) - e.prompt_len
+        assert g["nll"]["nats"] == pytest.approx(own, rel=1e-5)
+        total += own
+        n += len(e.input_ids) - e.prompt_len
     assert nll["tokens"] == n and nll["nats_per_token"] == pytest.approx(total / n, rel=1e-5)
+    assert "per_example" not in nll
     n_bytes = sum(len(ex.response.encode()) for ex in load_examples(dev_corpus).examples)
     assert nll["bits_per_byte"] == pytest.approx(total / math.log(2) / n_bytes, rel=1e-5)
     assert "dev NLL" in (out / "report.md").read_text()
