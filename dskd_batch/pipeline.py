@@ -373,22 +373,21 @@ class _Stages:
 
     def _execute_side_by_side(self, todo: list[_Step], jobs: int) -> None:
         """Start each stage once the stages it reads are done (those that unblock the most others
-        first), up to ``jobs`` at a time. The workers share this process's threads: a count of the
-        stages running now is shared with them, and a training stage takes its share at every step
-        (all of them once it runs alone)."""
+        first), up to ``jobs`` at a time. The workers share this process's threads: each stage runs on
+        ``threads // jobs`` of them (at least one) from start to end, so its results do not depend on
+        what else happens to run beside it."""
         import concurrent.futures as cf
         import multiprocessing
 
         import torch
 
         ctx = multiprocessing.get_context("spawn")
-        now_running = ctx.RawValue("i", 0)
         done = {s.label for s in self.steps if s.action == "reused"}
         after = {s.label: _downstream(s.label, todo) for s in todo}
         pending, running, failed = list(todo), {}, []
         level = logging.getLogger().getEffectiveLevel()
         with cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
-                                    initargs=(now_running, torch.get_num_threads(), level)) as pool:
+                                    initargs=(max(1, torch.get_num_threads() // jobs), level)) as pool:
             while pending or running:
                 ready = sorted((s for s in pending if set(s.deps) <= done), key=lambda s: -after[s.label])
                 for step in ready[:jobs - len(running)] if not failed else []:
@@ -396,7 +395,6 @@ class _Stages:
                     self._start(step)
                     running[pool.submit(_in_worker, step.label, step.work, step.action == "resumed")] = step
                     pending.remove(step)
-                now_running.value = len(running)
                 if not running:
                     break
                 finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
@@ -429,48 +427,42 @@ def _downstream(label: str, steps: list[_Step]) -> int:
 
 
 def _in_process(work: Callable[[bool], Any], resume: bool) -> dict[str, Any]:
-    """Run ``work(resume)`` here; returns where and when it ran."""
+    """Run ``work(resume)`` here; returns where, when and on how many threads it ran."""
+    import torch
+
     started = time.time()
     work(resume)
-    return {"pid": os.getpid(), "started": started, "finished": time.time()}
+    return {"pid": os.getpid(), "started": started, "finished": time.time(), "threads": torch.get_num_threads()}
 
 
-_RUNNING: Any = None  # in a worker process: the shared count of the pipeline's stages running now
-_CORES = 1
+_THREADS = 1  # in a worker process: the threads of every stage it runs
 
 
-def _init_worker(running: Any, cores: int, level: int) -> None:
-    global _RUNNING, _CORES
-    _RUNNING, _CORES = running, cores
+def _init_worker(threads: int, level: int) -> None:
+    global _THREADS
+    _THREADS = threads
     from .logs import configure_logging
 
     configure_logging(level)
 
 
-def _share_threads(_step: int = 0) -> None:
-    """In a worker, take this stage's share of the cores as the number of running stages changes."""
-    if _RUNNING is None:
-        return
+def _in_worker(label: str, work: Callable[[bool], Any], resume: bool) -> dict[str, Any]:
+    """One stage in a worker process, its log lines tagged with the stage, on the worker's fixed
+    share of the cores for the whole stage: the thread count changes floating-point rounding, so a
+    share that followed the stages running at each moment would make results depend on timing."""
     import torch
 
-    share = max(1, _CORES // max(1, _RUNNING.value))
-    if share != torch.get_num_threads():
-        torch.set_num_threads(share)
-
-
-def _in_worker(label: str, work: Callable[[bool], Any], resume: bool) -> dict[str, Any]:
-    """One stage in a worker process, its log lines tagged with the stage."""
     from .logs import configure_logging
 
     configure_logging(logging.getLogger().getEffectiveLevel(), tag=label)
-    _share_threads()
+    torch.set_num_threads(_THREADS)
     return _in_process(work, resume)
 
 
 def _distill_work(cfg: DistillConfig, resume: bool) -> None:
     from .distill import run
 
-    run(dataclasses.replace(cfg, resume=resume), on_step=_share_threads)
+    run(dataclasses.replace(cfg, resume=resume))
 
 
 def _once(run: Callable[[Any], Any], cfg: Any, _resume: bool) -> None:

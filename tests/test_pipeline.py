@@ -298,6 +298,11 @@ def test_jobs_run_independent_stages_side_by_side_and_a_failed_stage_stops_new_o
     spans = sorted((r["started"], r["finished"]) for r in ran.values())
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
     assert ran["evaluate kd"]["started"] >= ran["distill kd"]["finished"]  # a stage waits for what it reads
+    # each stage ran on the worker's fixed share of the threads to its end, whatever ran beside it
+    # (a share that followed the running stages would change the rounding with the timing)
+    import torch
+
+    assert {r["threads"] for r in ran.values()} == {max(1, torch.get_num_threads() // 2)}
     assert "| kd |" in (out / "report.md").read_text() and "| sft |" in (out / "report.md").read_text()
     assert all("reused" in x for x in run_pipeline(p, jobs=2)[:-1])
     from click.testing import CliRunner
