@@ -104,8 +104,9 @@ def cache_teacher_cmd(**kwargs: Any) -> None:
                    "each run's mean +- std over them.")
 @click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1), metavar="N",
               help="Run stages that do not read each other (the runs, their evaluations, the teacher's row) side "
-                   "by side in N worker processes, each with its share of the CPU threads (on a GPU they share "
-                   "it). Results do not depend on it, apart from floating-point summation order.")
+                   "by side in N worker processes, each stage on a fixed 1/N of the CPU threads (on a GPU they "
+                   "share it). For a given N the results are the same run after run; another N changes the "
+                   "thread count, and with it the floating-point rounding.")
 def run_cmd(pipeline: Path, dry_run: bool, only: str | None, train_seeds: str | None, jobs: int) -> None:
     """Run an experiment pipeline (pipelines/*.toml): cache, align, student, distill runs, evaluate, report;
     stages already done with the same settings are reused."""

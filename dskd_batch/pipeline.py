@@ -528,8 +528,8 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
     names the runs to train and evaluate (the shared stages they need run too; the report lists these
     runs and the teacher); None: every run. ``train_seeds`` overrides the file's: each run is trained
     once per seed, and the report adds each run's mean and spread over them. ``jobs`` > 1 runs stages
-    that do not read each other side by side, in that many worker processes (each gets its share of
-    this process's threads). Every stage is planned, and every changed one refused, before any runs."""
+    that do not read each other side by side, in that many worker processes (each stage on a fixed
+    1/jobs of this process's threads). Every stage is planned, and every changed one refused, before any runs."""
     from .cache_teacher import run as cache_run
     from .evaluate import report as make_report
     from .evaluate import run as eval_run
