@@ -84,12 +84,11 @@ def paired_gain(base: list[dict[str, Any]], other: list[dict[str, Any]], set_nam
                         "comparison", hint="evaluate both on the same file")
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(ids_b), size=(resamples, len(ids_b)))
-    mean = np.mean
     out: dict[str, Any] = {
         "set": set_name, "metric": base[0]["sets"][set_name]["primary"], "examples": len(ids_b),
         "train_seeds": [len(base), len(other)], "resamples": resamples,
         "score": _summary(float(so.mean() - sb.mean()),
-                          _replicates(so, draws, rng, mean) - _replicates(sb, draws, rng, mean), True),
+                          _replicates(so, draws, rng, np.mean) - _replicates(sb, draws, rng, np.mean), True),
     }
     if nb is not None and no is not None:
         def rate(v: np.ndarray) -> float:

@@ -166,9 +166,9 @@ def load_pipeline(path: str | Path) -> Pipeline:
         _check_keys(t, _fields(DistillConfig) - {"student", "out", "cache", "teacher"}, f"{path} [teacher]")
         if "teacher" not in cache:
             raise DskdError(f"{path} [cache]: `teacher` (the base model the [teacher] stage fine-tunes) is required")
-        for key, default in (("method", "sft"), ("prune_when_done", True), ("data", cache.get("data")), ("template", cache.get("template")),
-                             ("max_prompt_len", cache.get("max_prompt_len")), ("max_len", cache.get("max_len")),
-                             ("limit", cache.get("limit"))):
+        for key, default in (("method", "sft"), ("prune_when_done", True), ("data", cache.get("data")),
+                             ("template", cache.get("template")), ("max_prompt_len", cache.get("max_prompt_len")),
+                             ("max_len", cache.get("max_len")), ("limit", cache.get("limit"))):
             if default is not None:
                 t.setdefault(key, default)
         tune = _build(DistillConfig, {**t, "student": base_teacher, "out": str(out / TEACHER_DIR)},
