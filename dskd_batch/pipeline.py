@@ -616,11 +616,10 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
     done = [step.line() for step in st.steps]
     if p.report_out is not None and not dry_run:
         target = p.out / p.report_out
+        shown = [n for n in p.run_names if only is None or n in only]
         groups = None
         if len(seeds) > 1:  # each run's rows over its training seeds
-            groups = [(name, [lab for lab, n, _ in expanded if n == name])
-                      for name in p.run_names if only is None or name in only]
-        shown = [n for n in p.run_names if only is None or n in only]
+            groups = [(name, [lab for lab, n, _ in expanded if n == name]) for name in shown]
         sft = [n for n, c in zip(p.run_names, p.runs) if c.method == "sft" and n in shown]
         table, _ = make_report([str(r) for _, r in run_dirs], str(target), labels=[n for n, _ in run_dirs],
                                groups=groups, baseline=sft[0] if sft and len(shown) > 1 else None)

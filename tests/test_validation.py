@@ -181,8 +181,8 @@ def test_prune_when_done_keeps_the_exported_student_and_a_resume_does_nothing(fp
     kept = run(dataclasses.replace(base, out=str(tmp_path / "kept")))
     pruned = run(dataclasses.replace(base, prune_when_done=True))
     assert len(list((kept / "checkpoints").iterdir())) == 3 and (kept / "best" / "student").is_dir()
-    assert sorted(p.name for p in pruned.iterdir() if not p.name.startswith(".lock")) == ["metrics.jsonl", "run.json",
-                                                        "student", "student-last"]
+    assert sorted(p.name for p in pruned.iterdir() if not p.name.startswith(".lock")) == [
+        "metrics.jsonl", "run.json", "student", "student-last"]
     info = json.loads((pruned / "run.json").read_text())
     assert info["status"] == "done" and info["pruned"] is True
     assert info["exported"]["step"] == json.loads((kept / "run.json").read_text())["exported"]["step"]
