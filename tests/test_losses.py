@@ -75,3 +75,37 @@ def test_masks_and_ce() -> None:
     assert masked_sum(per, torch.zeros(4, dtype=torch.bool)) == 0.0
     logits = torch.tensor([[0.0, math.log(3.0)]])
     torch.testing.assert_close(token_ce(logits, torch.tensor([1])), torch.tensor([-math.log(0.75)]))
+
+
+def test_akl_head_found_by_top_k_matches_a_full_sort() -> None:
+    """AKL finds its head with a growing top-k (rows whose head is longer than k are redone with 4k);
+    on a large vocabulary, with peaked rows and rows whose head is longer than 64 and 256 tokens, it
+    equals the formula computed with a full sort in float64."""
+    g = torch.Generator().manual_seed(3)
+    V = 3000
+    t = torch.randn(9, V, generator=g) * 2
+    t[:3, :2] += 25  # peaked: a head of one or two tokens
+    t[3:6] *= 0.05  # nearly flat: a head of about half the vocabulary
+    t[6:, :100] += 5  # 100 likely tokens: a head longer than 64
+    s = torch.randn(9, V, generator=g) * 2
+    lp, lq = torch.log_softmax(t.double() / 2, -1), torch.log_softmax(s.double() / 2, -1)
+    p, q = lp.exp(), lq.exp()
+    p_sorted, order = p.sort(-1)
+    gap = (p_sorted - q.gather(-1, order)).abs()
+    tail = p_sorted.cumsum(-1) < 0.5
+    gh, gt = (gap * ~tail).sum(-1), (gap * tail).sum(-1)
+    ref = (gh * (p * (lp - lq)).sum(-1) + gt * (q * (lq - lp)).sum(-1)) / (gh + gt)
+    heads = (~tail).sum(-1)
+    assert heads[:3].max() <= 2 and heads[3:6].min() > 256 and heads[6:].min() > 64
+    torch.testing.assert_close(DISTANCES["akl"](s, t, temperature=2.0).double(), ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(DISTANCES))
+def test_minus_inf_logits_count_as_absent_tokens(name: str) -> None:
+    """Tokens both models give -inf (a padded vocabulary's rows) change no distance."""
+    g = torch.Generator().manual_seed(5)
+    s, t = torch.randn(4, 20, generator=g), torch.randn(4, 20, generator=g)
+    pad = torch.full((4, 5), float("-inf"))
+    f = DISTANCES[name]
+    torch.testing.assert_close(f(torch.cat([s, pad], -1), torch.cat([t, pad], -1), temperature=2.0),
+                               f(s, t, temperature=2.0))
