@@ -40,7 +40,7 @@ test-slow: setup
 # Block Influence), distils it with SFT, KD and DSKD from the cache, evaluates the teacher and each
 # student on the held-out demo test split and prints the comparison table (a rerun reuses every
 # finished stage; --jobs 2: stages that do not read each other run side by side, one thread each, so the
-# table is the same run after run; 7.4 min in the last run, 2.3 GB in demo-out)
+# table is the same run after run; 9.5 min in the last run at a slow hour, 7.4 the day before; 2.3 GB in demo-out)
 demo: teacher
     {{py}} -m dskd_batch run pipelines/demo.toml --jobs 2
     {{py}} -m dskd_batch verify demo-out/cache
@@ -71,6 +71,10 @@ bench-quality: teacher
     {{py}} benchmarks/make_splits.py
     {{py}} -m dskd_batch run pipelines/quality-t0.toml --jobs 2
     {{py}} -m dskd_batch run pipelines/quality-self-instruct.toml --jobs 2
+
+# time of each KD distance on one loss chunk, AKL against its full-sort form (--cache demo-out/cache: the demo teacher's logits)
+bench-distances: setup
+    {{py}} benchmarks/bench_distances.py
 
 # at 8 x 512 response positions the one-piece DSKD needs ~36 GB, so this runs 8 x 257 (--response-len 512 on a bigger machine)
 # stage-two memory on the Qwen2 vocabulary (V = 151,936): SFT, KD, DSKD chunked and in one piece

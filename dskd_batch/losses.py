@@ -99,8 +99,9 @@ def _head_sum(p: Tensor, gap: Tensor, alpha: float) -> Tensor:
     tokens whose cumulative mass (ascending) stays below ``alpha``. A token is in the head when the
     mass of the tokens ranked above it is at most ``total - alpha``, so the head is a prefix of the
     descending order: found with top-k, k grown (for the rows that need it) until a row's head ends
-    inside it. A peaked distribution's head is a few tokens (the tuned demo teacher's: 1 on average
-    at T = 1, 9 at T = 2), and a full sort of a large vocabulary costs far more than the rest of AKL."""
+    inside it. A peaked distribution's head is a few tokens (the tuned demo teacher's: about 1 on
+    average at T = 1, 9-20 at T = 2), and a full sort of a large vocabulary costs more than the rest
+    of AKL (benchmarks/bench_distances.py)."""
     lead, vocab = p.shape[:-1], p.shape[-1]
     p, gap = p.reshape(-1, vocab), gap.reshape(-1, vocab)
     k = min(vocab, 64)
