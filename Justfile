@@ -65,8 +65,8 @@ bench-distill: teacher
 
 # quality: the papers' protocol at CPU scale on two tasks (T0 mixture, Self-Instruct seed tasks): the
 # teacher fine-tuned first, every method's best checkpoint on dev, test scored once (pipelines/quality-*.toml);
-# 59.9 min on 2 CPU cores with bf16 units (AMX / AVX-512 BF16) in the last run, 62 and 73 min in runs before (the machine's
-# speed varies; README); 11 GB of disk at the peak, 9.2 GB left at the end (finished stages keep no resume checkpoints)
+# 66.0 min on 2 CPU cores with bf16 units (AMX / AVX-512 BF16) in the last run, 59.9, 62 and 73 min in runs before (the
+# machine's speed varies; README); 11.6 GB of disk at the peak, 9.8 GB left at the end (finished stages keep no resume checkpoints)
 bench-quality: teacher
     {{py}} benchmarks/make_splits.py
     {{py}} -m dskd_batch run pipelines/quality-t0.toml --jobs 2
