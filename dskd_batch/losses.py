@@ -105,18 +105,21 @@ def _head_sum(p: Tensor, gap: Tensor, alpha: float) -> Tensor:
     lead, vocab = p.shape[:-1], p.shape[-1]
     p, gap = p.reshape(-1, vocab), gap.reshape(-1, vocab)
     k = min(vocab, 64)
-    vals, idx = p.topk(k, dim=-1)
-    head = (vals.cumsum(-1) - vals) <= p.sum(-1, keepdim=True) - alpha  # mass ranked above each token
-    out = (gap.gather(-1, idx) * head).sum(-1)
-    rows = torch.nonzero(head[:, -1]).flatten() if k < vocab else idx.new_zeros(0)
+    out, longer = _head_in_top_k(p, gap, alpha, k)
+    rows = torch.nonzero(longer).flatten()
     while rows.numel():  # heads longer than k: those rows again with 4k
         k = min(vocab, 4 * k)
-        pr = p[rows]
-        vals, idx = pr.topk(k, dim=-1)
-        head = (vals.cumsum(-1) - vals) <= pr.sum(-1, keepdim=True) - alpha
-        out[rows] = (gap[rows].gather(-1, idx) * head).sum(-1)
-        rows = rows[head[:, -1]] if k < vocab else rows[:0]
+        out[rows], longer = _head_in_top_k(p[rows], gap[rows], alpha, k)
+        rows = rows[longer]
     return out.reshape(lead)
+
+
+def _head_in_top_k(p: Tensor, gap: Tensor, alpha: float, k: int) -> tuple[Tensor, Tensor]:
+    """Over each row's top ``k`` of ``p``: the sum of ``gap`` over the head's tokens among them, and
+    whether the head may go on past them (its k-th token is in the head and k is not the vocabulary)."""
+    vals, idx = p.topk(k, dim=-1)
+    head = (vals.cumsum(-1) - vals) <= p.sum(-1, keepdim=True) - alpha  # mass ranked above each token
+    return (gap.gather(-1, idx) * head).sum(-1), head[:, -1] & (k < p.shape[-1])
 
 
 skl.bounds = srkl.bounds = {"skew_lambda": (0.0, 1.0)}  # type: ignore[attr-defined]
