@@ -7,8 +7,9 @@
 - stage one: cache-teacher tokens/s against a bare bf16 forward (full head at every position) on
   the same length-sorted batches of ``--examples`` T0-mixture rows, interleaved, best of 2;
 - stage two: distill-from-cache steps/s against plain SFT on the same rows (bf16 autocast), and
-  peak CUDA memory of KD and DSKD with ``--loss-chunk`` against one piece, on micro-batches of
-  8 x 512 response tokens (synthetic long responses), each run in its own process.
+  peak CUDA memory of KD and DSKD with the auto ``--loss-chunk`` (and the sizes around it) against
+  one piece, and DSKD with ``--activation-checkpointing``, on micro-batches of 8 x 512 response
+  tokens (synthetic long responses), all in one process started after stage one.
 Prints the figures and writes them to DIR/results.json.
 """
 
@@ -52,6 +53,40 @@ def sh(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dskd_batch", *args], env=env, capture_output=True, text=True)
 
 
+def stage_two_worker(jobs: dict[str, list[str]], out: Path) -> None:
+    """Every stage-two run in this one process (imports and CUDA start paid once), the peak memory
+    counter reset before each: steps/s after the first two steps, peak CUDA memory, the loss chunk
+    the run resolved to and its attention implementation."""
+    import gc
+
+    from click.testing import CliRunner
+
+    from dskd_batch.cli import main as cli
+
+    res: dict = {}
+    for name, args in jobs.items():
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        t = time.time()
+        r = CliRunner().invoke(cli, ["distill", *args], catch_exceptions=True)
+        run = Path(args[args.index("--out") + 1])
+        if r.exit_code:
+            res[name] = {"error": (r.output + repr(r.exception))[-1500:]}
+        else:
+            info = json.loads((run / "run.json").read_text())
+            lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+            later = [x for x in lines if x["step"] > 2 and "loss" in x]
+            secs = sum(1.0 / x["steps_per_s"] for x in later)
+            res[name] = {"steps_per_s": len(later) / secs, "response_tokens": lines[0]["response_tokens"],
+                         "cuda_peak_mib": info["peak_memory"].get("cuda_max_allocated_mib"),
+                         "loss_chunk": info.get("loss_chunk"), "attention": info.get("attention"),
+                         "wall_s": time.time() - t}
+        print(name, res[name], flush=True)
+        (out / "stage_two.json").write_text(json.dumps(res, indent=2))
+
+
 def main() -> None:
     from bench_cache import throughput
 
@@ -67,13 +102,20 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="profile one more stage-one repeat (cProfile, tottime)")
     ap.add_argument("--skip-stage-two", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU: check the script, measure nothing")
+    ap.add_argument("--stage-two-worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.stage_two_worker:
+        return stage_two_worker(json.loads(a.stage_two_worker), Path(a.out))
     dev = "cpu" if a.smoke else "cuda"
     shapes = ((64, 2, 4, 2, 128), (32, 2, 4, 2, 64)) if a.smoke else ((2048, 16, 32, 8, 8192), (1024, 8, 16, 4, 4096))
     out, work = Path(a.out), Path(a.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    res: dict = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu (smoke)", "torch": torch.__version__}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
+                            capture_output=True).stdout.strip()
+    res: dict = {"command": "python benchmarks/bench_gpu.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
+                 "commit": commit or os.environ.get("BENCH_COMMIT", ""),
+                 "device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu (smoke)", "torch": torch.__version__}
 
     def save() -> None:
         (out / "results.json").write_text(json.dumps(res, indent=2))
@@ -123,33 +165,29 @@ def main() -> None:
             res["cache_error"] = p.stderr[-2000:]
             save()
             raise SystemExit(p.stderr[-2000:])
-    runs = {
+    base = ["--student", str(student), "--batch-size", "8", "--max-steps", str(a.steps), "--precision", "bf16",
+            "--device", dev, "--lr", "1e-4", "--verify", "none", "--projector-init", "random"]
+    runs = {  # chunked: --loss-chunk -1 (the device's auto size); chunk-N: the sizes around it
         "sft-plain": ["--method", "sft", "--data", str(rows), *limits, "--loss-chunk", "0"],
-        "sft-cache-chunked": ["--method", "sft", "--cache", str(cache)],
         "kd-one-piece": ["--method", "kd", "--cache", str(cache), "--loss-chunk", "0"],
         "kd-chunked": ["--method", "kd", "--cache", str(cache)],
+        "kd-chunk-512": ["--method", "kd", "--cache", str(cache), "--loss-chunk", "512"],
+        "kd-chunk-2048": ["--method", "kd", "--cache", str(cache), "--loss-chunk", "2048"],
         "dskd-one-piece": ["--method", "dskd", "--cache", str(cache), "--loss-chunk", "0"],
         "dskd-chunked": ["--method", "dskd", "--cache", str(cache)],
+        "dskd-chunk-256": ["--method", "dskd", "--cache", str(cache), "--loss-chunk", "256"],
+        "dskd-chunk-1024": ["--method", "dskd", "--cache", str(cache), "--loss-chunk", "1024"],
+        "dskd-chunked-checkpointing": ["--method", "dskd", "--cache", str(cache), "--activation-checkpointing"],
     }
-    res["stage_two"] = {}
-    for name, args in runs.items():
-        run = work / "runs" / name
-        t = time.time()
-        p = sh(["distill", "--student", str(student), "--out", str(run), "--batch-size", "8", "--max-steps",
-                str(a.steps), "--precision", "bf16", "--device", dev, "--lr", "1e-4", "--verify", "none",
-                "--projector-init", "random", *args])
-        if p.returncode:
-            res["stage_two"][name] = {"error": p.stderr.strip().splitlines()[-3:]}
-        else:
-            info = json.loads((run / "run.json").read_text())
-            lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-            later = [r for r in lines if r["step"] > 2 and "loss" in r]
-            secs = sum(1.0 / r["steps_per_s"] for r in later)
-            res["stage_two"][name] = {"steps_per_s": len(later) / secs, "response_tokens": lines[0]["response_tokens"],
-                                      "cuda_peak_mib": info["peak_memory"].get("cuda_max_allocated_mib"),
-                                      "wall_s": time.time() - t}
-        print(name, res["stage_two"][name], flush=True)
-        save()
+    jobs = {name: [*base, "--out", str(work / "runs" / name), *args] for name, args in runs.items()}
+    t = time.time()
+    p = subprocess.run([sys.executable, __file__, "--stage-two-worker", json.dumps(jobs), "--out", str(out),
+                        "--tokenizer", "-", "--data", "-"], env=dict(os.environ, HF_HUB_OFFLINE="1"),
+                       capture_output=True, text=True)
+    print(p.stdout[-4000:], p.stderr[-3000:] if p.returncode else "", flush=True)
+    res["stage_two"] = json.loads((out / "stage_two.json").read_text()) if (out / "stage_two.json").exists() else {}
+    res["stage_two_wall_s"] = time.time() - t
+    save()
     s2 = res["stage_two"]
 
     def ratio(x: str, y: str, key: str) -> float | None:
@@ -157,6 +195,7 @@ def main() -> None:
 
     res["ratios"] = {
         "cache_vs_bare_forward": res["stage_one"]["ratio"],
+        "kd_one_piece_steps_vs_sft_plain": ratio("kd-one-piece", "sft-plain", "steps_per_s"),
         "kd_chunked_steps_vs_sft_plain": ratio("kd-chunked", "sft-plain", "steps_per_s"),
         "dskd_chunked_steps_vs_sft_plain": ratio("dskd-chunked", "sft-plain", "steps_per_s"),
         "kd_chunked_vs_one_piece_memory": ratio("kd-chunked", "kd-one-piece", "cuda_peak_mib"),
@@ -165,7 +204,21 @@ def main() -> None:
         "dskd_chunked_vs_one_piece_steps": ratio("dskd-chunked", "dskd-one-piece", "steps_per_s"),
         "kd_chunked_memory_vs_sft_plain": ratio("kd-chunked", "sft-plain", "cuda_peak_mib"),
         "dskd_chunked_memory_vs_sft_plain": ratio("dskd-chunked", "sft-plain", "cuda_peak_mib"),
+        "dskd_checkpointing_vs_chunked_memory": ratio("dskd-chunked-checkpointing", "dskd-chunked", "cuda_peak_mib"),
+        "dskd_checkpointing_vs_chunked_steps": ratio("dskd-chunked-checkpointing", "dskd-chunked", "steps_per_s"),
     }
+    for name, r in s2.items():
+        for base_ in ("kd", "dskd"):
+            if name.startswith(base_ + "-chunk") and f"{base_}-one-piece" in s2 and "steps_per_s" in r:
+                one = s2[f"{base_}-one-piece"]
+                r["vs_one_piece"] = {"steps": r["steps_per_s"] / one["steps_per_s"],
+                                     "memory": r["cuda_peak_mib"] / one["cuda_peak_mib"]}
+    print("| run | loss chunk | steps/s | peak GiB | ÷ one piece: steps/s, memory |\n|---|---|---|---|---|")
+    for name, r in s2.items():
+        vs = r.get("vs_one_piece")
+        print(f"| {name} | {r.get('loss_chunk')} | {r.get('steps_per_s', float('nan')):.2f} | "
+              f"{(r.get('cuda_peak_mib') or 0) / 1024:.1f} | "
+              + (f"{vs['steps']:.2f}, {vs['memory']:.2f} |" if vs else "|"))
     print(json.dumps(res["ratios"], indent=2), flush=True)
     save()
 

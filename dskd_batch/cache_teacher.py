@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .cache.format import (CODEC_FILE, FORMAT_VERSION, HEAD_FILE, MANIFEST, SETTINGS, SHARD_META, SHARDS, TEACHER,
@@ -24,7 +25,7 @@ from .cache.format import (CODEC_FILE, FORMAT_VERSION, HEAD_FILE, MANIFEST, SETT
                            shard_name, tmp_path)
 from .files import fingerprint, flatten
 from .cache.reader import LOSSLESS_HIDDEN, load_codec, verify_shard
-from .cache.writer import ShardWriter
+from .cache.writer import ShardWriter, StoreThread
 from .codecs import CompactCodec, HiddenCodec
 from .config import AlignConfig, CacheConfig
 from .data import Encoded, Prepared, data_fingerprint, encode, length_batches, prepare_corpus, template_fingerprint
@@ -32,7 +33,7 @@ from .distributed import DistContext
 from .errors import DskdError
 from .models import (DTYPE_BY_NAME, dtype_name, head_and_embeddings, load_causal_lm, load_tokenizer, model_fingerprint,
                      resolve_device, resolve_dtype, token_rows, tokenizer_fingerprint)
-from .records import ArraySpecs, array_specs, rows_at, to_arrays
+from .records import POSITIONS, TOKENS, ArraySpecs, array_specs, rows_at, to_arrays
 from .teacher import TeacherForward, assemble_logits, reconstruct_logits, reconstruction_check
 
 log = logging.getLogger(__name__)
@@ -253,7 +254,11 @@ class NormStats:
 
 def write_shard(out: Path, s: int, cfg: CacheConfig, settings: dict[str, Any], prep: Prepared, tf: TeacherForward,
                 codec: HiddenCodec | None, weight: torch.Tensor, bias: torch.Tensor | None, pbar: Any,
-                tok: Any = None, embed: torch.Tensor | None = None) -> None:
+                tok: Any = None, embed: torch.Tensor | None = None, *, overlap: bool | None = None) -> None:
+    """Run the teacher over shard ``s``'s examples and write the shard. With ``overlap`` (default:
+    when the teacher is on a GPU) each batch's records are stored on a thread of their own while
+    the teacher runs the next batches (:class:`StoreThread`, two batches queued at most); on a CPU
+    the teacher and the storing share the same cores, so they take turns."""
     lo, hi = s * cfg.shard_size, min(len(prep.examples), (s + 1) * cfg.shard_size)
     members = list(range(lo, hi))
     responses = {i: prep.examples[i].response for i in members}
@@ -268,42 +273,75 @@ def write_shard(out: Path, s: int, cfg: CacheConfig, settings: dict[str, Any], p
     norm = NormStats(embed)
     specs = shard_specs(settings, codec)
     mode = settings["storage"].get("positions", "targets")
-    with ShardWriter(out / SHARDS / shard_name(s), specs, compression_level=cfg.compression_level) as w:
-        for batch in length_batches(lengths, cfg.batch_tokens):
-            rows = [members[j] for j in batch]
-            recs = tf([prep.encoded[i].input_ids for i in rows],
-                      positions=[stored_positions(prep.encoded[i], mode) for i in rows],
-                      keep_logits=[j < cfg.fidelity_sample for j in batch])
+    wanted = {i: stored_positions(prep.encoded[i], mode) for i in members}
+    sizes = {TOKENS: sum(lengths), POSITIONS: sum(len(p) for p in wanted.values())}
+    if overlap is None:
+        overlap = getattr(getattr(tf, "device", None), "type", "cpu") != "cpu"
+    teacher_dtype = DTYPE_BY_NAME[settings["teacher"]["dtype"]]
+
+    per_position = {k: v for k, v in specs.items() if v[0] == POSITIONS}
+
+    def store(rows: list[int], pending: Any) -> None:
+        recs = pending.wait()
+        if not getattr(pending, "finite", False):
             check_finite(rows, recs, prep)
-            for i, rec in zip(rows, recs):
-                enc = prep.encoded[i]
+        whole = getattr(pending, "whole", None)  # the batch's arrays converted at once, then cut per example
+        batch = to_arrays(whole, per_position, codec) if whole is not None else None
+        lo = 0
+        for i, rec in zip(rows, recs):
+            enc = prep.encoded[i]
+            if batch is not None:
+                m = len(rec["positions"])
+                arrays = {k: v[lo:lo + m] for k, v in batch.items()}
+                arrays["input_ids"] = np.asarray(enc.input_ids, dtype=specs["input_ids"][1])
+                lo += m
+            else:
                 rec["input_ids"] = torch.as_tensor(enc.input_ids)
                 arrays = to_arrays(rec, specs, codec)
-                if "logits" in rec:
-                    stored = codec.decode({k: arrays[k] for k in codec.array_specs()}) if codec is not None else None
-                    res = reconstruction_check(rec["logits"], rec["hidden"], stored, weight, bias,
-                                               dtype=DTYPE_BY_NAME[settings["teacher"]["dtype"]])
-                    if stored is not None and cfg.top_k and codec is not None and codec.name not in LOSSLESS_HIDDEN:
-                        from .teacher import kl_stats
+            if "logits" in rec:
+                stored = codec.decode({k: arrays[k] for k in codec.array_specs()}) if codec is not None else None
+                res = reconstruction_check(rec["logits"], rec["hidden"], stored, weight, bias, dtype=teacher_dtype)
+                if stored is not None and cfg.top_k and codec is not None and codec.name not in LOSSLESS_HIDDEN:
+                    from .teacher import kl_stats
 
-                        asm = assemble_logits(reconstruct_logits(stored, weight, bias), rec["topk_values"],
-                                              rec["topk_indices"], rec["logsumexp"])
-                        res["assembled_t1"] = kl_stats(rec["logits"], asm, 1.0)
-                        res["assembled_t2"] = kl_stats(rec["logits"], asm, 2.0)
-                    fid.add(res)
-                targets = enc.targets()
-                at = rows_at(rec, torch.as_tensor(targets, dtype=torch.long))
-                norm.add(enc.input_ids, targets, rec["hidden"][at])
-                ex = prep.examples[i]
-                w.add({"order": i, "id": ex.id, "instruction": ex.instruction, "input": ex.input,
-                       "prompt": prep.prompts[i], "response": responses[i], "source": ex.source,
-                       "messages": json.dumps([list(m) for m in ex.messages], ensure_ascii=False) if ex.messages else "",
-                       "prompt_len": enc.prompt_len, "n_tokens": len(enc.input_ids),
-                       "n_positions": len(rec["positions"])}, arrays)
-                if pbar is not None:
-                    pbar.update(len(enc.input_ids))
+                    asm = assemble_logits(reconstruct_logits(stored, weight, bias), rec["topk_values"],
+                                          rec["topk_indices"], rec["logsumexp"])
+                    res["assembled_t1"] = kl_stats(rec["logits"], asm, 1.0)
+                    res["assembled_t2"] = kl_stats(rec["logits"], asm, 2.0)
+                fid.add(res)
+            targets = enc.targets()
+            at = rows_at(rec, torch.as_tensor(targets, dtype=torch.long))
+            norm.add(enc.input_ids, targets, rec["hidden"][at])
+            ex = prep.examples[i]
+            w.add({"order": i, "id": ex.id, "instruction": ex.instruction, "input": ex.input,
+                   "prompt": prep.prompts[i], "response": responses[i], "source": ex.source,
+                   "messages": json.dumps([list(m) for m in ex.messages], ensure_ascii=False) if ex.messages else "",
+                   "prompt_len": enc.prompt_len, "n_tokens": len(enc.input_ids),
+                   "n_positions": len(rec["positions"])}, arrays)
+            if pbar is not None:
+                pbar.update(len(enc.input_ids))
+
+    launch = getattr(tf, "launch", None)
+    with ShardWriter(out / SHARDS / shard_name(s), specs, compression_level=cfg.compression_level, rows=sizes) as w:
+        with StoreThread(depth=2 if overlap else 0) as storing:
+            for batch in length_batches(lengths, cfg.batch_tokens):
+                rows = [members[j] for j in batch]
+                args = ([prep.encoded[i].input_ids for i in rows],)
+                kw = {"positions": [wanted[i] for i in rows], "keep_logits": [j < cfg.fidelity_sample for j in batch]}
+                pending = launch(*args, **kw) if launch is not None else _Done(tf(*args, **kw))
+                storing.submit(lambda rows=rows, pending=pending: store(rows, pending))
         w.extra_meta["fidelity"] = fid.result()
         w.extra_meta["norm_sums"] = norm.sums
+
+
+class _Done:
+    """Records already on the host (a teacher without :meth:`TeacherForward.launch`)."""
+
+    def __init__(self, records: list[dict[str, Any]]) -> None:
+        self.records = records
+
+    def wait(self) -> list[dict[str, Any]]:
+        return self.records
 
 
 def generate_shard(model: Any, tok: Any, cfg: CacheConfig, prep: Prepared, members: list[int], *,

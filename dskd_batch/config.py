@@ -91,8 +91,8 @@ class CacheConfig:
     "Number of machines the shards are split over (merge with `dskd-batch merge`, or automatically by the last one)."
     skip_bad_rows: bool = False
     "Skip malformed corpus rows (and report how many) instead of stopping at the first."
-    compression_level: int = 3
-    "Blosc/zstd level of the per-token arrays."
+    compression_level: int = 1
+    "Blosc/zstd level of the shard arrays (0: uncompressed). Level 1 keeps 99% of level 3's saving at 3.7x its speed (benchmarks/bench_writer.py)."
     fidelity_sample: int = 4
     "Examples per shard whose reconstructed logits are checked against the real ones at write time (the manifest aggregates all shards)."
     split: str | None = None
@@ -286,7 +286,9 @@ class DistillConfig:
     eval_steps: int = 0
     "Evaluate --eval-data every N optimizer steps (0: at the end of each epoch); always at the end of training."
     loss_chunk: int = -1
-    "Compute the loss this many response positions at a time (student and teacher logits, projections, distances), each chunk differentiated as it is computed, so memory does not grow with batch x vocabulary and nothing is recomputed. -1 (auto): as many as keep each [positions, vocabulary] fp32 logit set of the method near 256 MiB (at V = 152k: 441 for SFT, 220 for KD, 110 for DSKD; at V = 49k: 1,365 / 682 / 341); 0: one piece. Every method but dskd-cma (its attention spans an example)."
+    "Compute the loss this many response positions at a time (student and teacher logits, projections, distances), each chunk differentiated as it is computed, so memory does not grow with batch x vocabulary and nothing is recomputed. -1 (auto): on a CPU as many as keep each [positions, vocabulary] fp32 logit set of the method near 256 MiB (at V = 152k: 441 for SFT, 220 for KD, 110 for DSKD; at V = 49k: 1,365 / 682 / 341); on a GPU a power of two that lets the chunk's logit sets take 4% of the free device memory (1-8 GiB; on an H200 at V = 128k: 1,024 for KD, 512 for DSKD); 0: one piece. Every method but dskd-cma (its attention spans an example)."
+    activation_checkpointing: bool = False
+    "Recompute each student layer's activations in the backward pass instead of keeping them: less memory for long rows and big students (a 1B student under a 7B teacher) at about one more forward of the body per step. Same losses and gradients."
     skip_nonfinite: bool = False
     "Skip (and count in metrics.jsonl) an optimizer step whose loss or gradient is NaN/Inf instead of stopping the run."
     log_to: str = "none"

@@ -44,7 +44,7 @@ CROSS_VOCAB_HINT = ("kd and dskd need the teacher's tokenizer; for a student wit
                     "`dskd-batch align CACHE --student-tokenizer STUDENT`")
 # settings that may change between a run and its resumption
 RESUMABLE = ("resume", "save_steps", "keep_checkpoints", "log_steps", "verify", "device", "teacher_device",
-             "skip_nonfinite", "loss_chunk", "log_to", "prune_when_done")
+             "skip_nonfinite", "loss_chunk", "log_to", "prune_when_done", "activation_checkpointing")
 # Settings added after runs were already made: left out of a run's identity while they keep these
 # defaults, so those runs still resume and pipelines still reuse them.
 LATER_DEFAULTS = {"kd_positions": "all", "length_group": 1}
@@ -359,13 +359,15 @@ def _run(cfg: DistillConfig, ctx: DistContext, on_step: Callable[[int], None] | 
                                   if pinv else None, rows=src.shared_rows if pinv else None)
     if cfg.projector_lr == 0:  # --projector-lr 0: the pinv projectors stay as solved (the extended paper's s2t)
         projectors.requires_grad_(False)
+    if cfg.activation_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_rank:
         student = _attach_lora(student, cfg)
     student.train()
     sharded = ctx.enabled and cfg.parallel == "fsdp"
     # under FSDP the student samples from an unsharded copy that each step's weights are gathered into
     sampler = copy.deepcopy(student).to(device) if cfg.on_policy and sharded else student
-    module = DistillModule(student, projectors, method, vocab, cfg.loss_chunk).to(device)
+    module = DistillModule(student, projectors, method, vocab, cfg.loss_chunk, device=device).to(device)
 
     plan = TrainPlan(cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps, cfg.seed, cfg.lr, cfg.projector_lr,
                      cfg.weight_decay, cfg.warmup_ratio, cfg.lr_schedule, cfg.grad_clip, cfg.save_steps,
@@ -396,6 +398,7 @@ def _run(cfg: DistillConfig, ctx: DistContext, on_step: Callable[[int], None] | 
         "total_steps": trainer.total_steps, "steps_per_epoch": trainer.steps_per_epoch,
         "global_batch": trainer.global_batch, "examples": len(src.examples), "vocab": vocab,
         "projectors": {k: list(v.weight.shape) for k, v in projectors.items()}, "status": "training",
+        "loss_chunk": module.loss_chunk, "attention": getattr(student.config, "_attn_implementation", None),
     }
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)

@@ -54,11 +54,26 @@ class TeacherForward:
     def close(self) -> None:
         self._hook.remove()
 
-    @torch.no_grad()
     def __call__(self, sequences: list[list[int]], *, positions: list[list[int]] | None = None,
                  keep_logits: bool | list[bool] = False) -> list[Record]:
         """Run the teacher on ``sequences`` (token id lists) and return its outputs at ``positions``
         (per sequence, increasing; default: every position); see the module docstring."""
+        return self.launch(sequences, positions=positions, keep_logits=keep_logits).wait()
+
+    def _upload(self, t: Tensor) -> Tensor:
+        """A host tensor on the teacher's device without waiting for the work queued there (pinned
+        memory, asynchronous copy; a pageable copy would wait for the previous batch's forward)."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    @torch.no_grad()
+    def launch(self, sequences: list[list[int]], *, positions: list[list[int]] | None = None,
+               keep_logits: bool | list[bool] = False) -> "PendingRecords":
+        """Queue the teacher's forward on ``sequences`` and the copies of its outputs to the host;
+        :meth:`PendingRecords.wait` gives the records of :meth:`__call__`. On a GPU this returns
+        before the device has finished, so the caller can queue the next batch while another thread
+        stores this one."""
         lengths = [len(s) for s in sequences]
         if positions is None:
             positions = [list(range(n)) for n in lengths]
@@ -73,34 +88,77 @@ class TeacherForward:
             if len(p) and (int(p.min()) < 0 or int(p.max()) >= n):
                 raise ValueError(f"sequence {i}: positions outside 0..{n - 1}")
         rows = torch.cat([torch.full((len(p),), i, dtype=torch.long) for i, p in enumerate(pos)])
-        self._select = (rows.to(self.device), torch.cat(pos).to(self.device))
+        self._select = (self._upload(rows), self._upload(torch.cat(pos)))
         self._captured.clear()
         try:
-            out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False)
+            out = self.model(input_ids=self._upload(ids), attention_mask=self._upload(mask), use_cache=False)
         finally:
             self._select = None
         if len(self._captured) != 1:
             raise RuntimeError(f"expected the output head to run once, it ran {len(self._captured)} times")
-        hidden = self._captured.pop()[0].float().cpu()
+        hidden = self._captured.pop()[0]  # [M, d] in the teacher's dtype; made fp32 on the host (exact)
         logits = out.logits[0, :, :self.vocab]  # [M, V]: padded vocabulary rows cut off
         logits = logits if logits.dtype == torch.float32 else logits.float()
         keep = keep_logits if isinstance(keep_logits, list) else [keep_logits] * len(sequences)
         counts = [len(p) for p in pos]
-        kept = {i: part.detach().clone().cpu() for i, part in enumerate(logits.split(counts)) if keep[i]}
+        kept = {f"logits{i}": part.detach().clone() for i, part in enumerate(logits.split(counts)) if keep[i]}
         tv, ti = torch.topk(logits, max(1, self.top_k), dim=-1)
         top1 = tv[:, :1]
+        finite = torch.stack([torch.isfinite(t).all() for t in (hidden, top1, *kept.values())]).all()
         # exact log-sum-exp in one in-place pass (the logits are ours to overwrite now)
-        lse = (top1.squeeze(-1) + logits.sub_(top1).exp_().sum(-1).log()).cpu()
-        tv, ti = tv.cpu(), ti.cpu()
+        lse = top1.squeeze(-1) + logits.sub_(top1).exp_().sum(-1).log()
+        finite = finite & torch.isfinite(lse).all()
+        outs = {"hidden": hidden, "logsumexp": lse, "topk_values": tv, "topk_indices": ti, "finite": finite, **kept}
+        return PendingRecords(pos, self.top_k, *_to_host(outs, self.device))
+
+
+def _to_host(tensors: dict[str, Tensor], device: torch.device) -> tuple[dict[str, Tensor], Any]:
+    """Host copies of device tensors: on a GPU, asynchronous copies into pinned memory and the event
+    that says they are done; elsewhere the tensors themselves."""
+    if device.type != "cuda":
+        return {k: v.detach().cpu() for k, v in tensors.items()}, None
+    host = {}
+    for k, v in tensors.items():
+        buf = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+        buf.copy_(v.detach(), non_blocking=True)
+        host[k] = buf
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
+class PendingRecords:
+    """The outputs of one :meth:`TeacherForward.launch`, on their way to the host."""
+
+    def __init__(self, positions: list[Tensor], top_k: int, host: dict[str, Tensor], done: Any) -> None:
+        self.positions = positions
+        self.top_k = top_k
+        self.host = host
+        self.done = done
+        self.finite = True  # every output finite (known after wait)
+        self.whole: Record | None = None  # the batch's record fields over all its positions (after wait)
+
+    def wait(self) -> list[Record]:
+        """The records, once the copies are done (blocks this thread only)."""
+        if self.done is not None:
+            self.done.synchronize()
+        h = self.host
+        self.finite = bool(h["finite"])
+        hidden = h["hidden"].float()
+        self.whole = {"positions": torch.cat(self.positions), "hidden": hidden, "logsumexp": h["logsumexp"],
+                      "argmax": h["topk_indices"][:, 0]}
+        if self.top_k:
+            self.whole.update(topk_values=h["topk_values"], topk_indices=h["topk_indices"])
         records: list[Record] = []
         lo = 0
-        for i, p in enumerate(pos):
+        for i, p in enumerate(self.positions):
             hi = lo + len(p)
-            rec: Record = {"positions": p, "hidden": hidden[lo:hi], "logsumexp": lse[lo:hi], "argmax": ti[lo:hi, 0]}
+            rec: Record = {"positions": p, "hidden": hidden[lo:hi], "logsumexp": h["logsumexp"][lo:hi],
+                           "argmax": h["topk_indices"][lo:hi, 0]}
             if self.top_k:
-                rec["topk_values"], rec["topk_indices"] = tv[lo:hi], ti[lo:hi]
-            if i in kept:
-                rec["logits"] = kept[i]
+                rec["topk_values"], rec["topk_indices"] = h["topk_values"][lo:hi], h["topk_indices"][lo:hi]
+            if f"logits{i}" in h:
+                rec["logits"] = h[f"logits{i}"]
             records.append(rec)
             lo = hi
         return records

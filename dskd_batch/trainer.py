@@ -49,14 +49,40 @@ CHECKPOINTS = "checkpoints"
 STATE = "state.json"
 
 
-AUTO_CHUNK_ELEMENTS = 2**26  # --loss-chunk -1: positions x vocabulary of one fp32 chunk tensor (256 MiB) per
+AUTO_CHUNK_ELEMENTS = 2**26  # CPU, --loss-chunk -1: positions x vocabulary of one fp32 chunk tensor (256 MiB) per
 # logit set of the method (Method.logit_sets: 1 for SFT, 2 for KD, 4 for DSKD)
+ACCEL_CHUNK_SHARE = 0.04  # accelerator, --loss-chunk -1: share of the device's free memory a chunk's logit sets may use
+ACCEL_CHUNK_BYTES = (1 << 30, 8 << 30)  # ... within these bounds
+CHUNK_BYTES_PER_ELEMENT = 12  # a [C, V] logit set in fp32 and the softmax and gradient built from it
+MAX_AUTO_CHUNK = 4096
 
 
-def auto_chunk(vocab: int, method: Method) -> int:
-    """--loss-chunk -1: the positions per chunk that keep each of the method's [C, V] fp32 logit sets
-    near 256 MiB, so a chunk's working set is about the same for every method."""
-    return max(64, AUTO_CHUNK_ELEMENTS // (max(vocab, 1) * max(method.logit_sets, 1)))
+def auto_chunk(vocab: int, method: Method, device: torch.device | str | None = None,
+               free_bytes: int | None = None) -> int:
+    """--loss-chunk -1: positions per loss chunk.
+
+    On a CPU: each of the method's [C, V] fp32 logit sets near 256 MiB, so a chunk's working set is
+    about the same for every method (the size that measured fastest there). On an accelerator,
+    where each chunk also costs a fixed launch overhead and bigger matrix products run faster, the
+    chunk's logit sets (with their softmaxes and gradients) may take ACCEL_CHUNK_SHARE of the
+    memory the device has free (``free_bytes``; read from the device when not given), between 1
+    and 8 GiB; the result is a power of two between 64 and MAX_AUTO_CHUNK."""
+    sets = max(vocab, 1) * max(method.logit_sets, 1)
+    kind = torch.device(device).type if device is not None else "cpu"
+    if kind == "cpu":
+        return max(64, AUTO_CHUNK_ELEMENTS // sets)
+    if free_bytes is None:
+        free_bytes = _free_device_memory(torch.device(device))
+    lo, hi = ACCEL_CHUNK_BYTES
+    budget = min(max(free_bytes * ACCEL_CHUNK_SHARE, lo), hi)
+    n = int(budget // (sets * CHUNK_BYTES_PER_ELEMENT))
+    return min(MAX_AUTO_CHUNK, max(64, 1 << max(0, n.bit_length() - 1)))
+
+
+def _free_device_memory(device: torch.device) -> int:
+    if device.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(device)[0])
+    return 0  # unknown: the lower bound
 
 
 class EagerChunks(torch.autograd.Function):
@@ -119,7 +145,7 @@ class DistillModule(nn.Module):
     """
 
     def __init__(self, student: nn.Module, projectors: nn.ModuleDict, method: Method, vocab: int,
-                 loss_chunk: int = -1) -> None:
+                 loss_chunk: int = -1, *, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.student = student
         self.projectors = projectors
@@ -130,7 +156,7 @@ class DistillModule(nn.Module):
         if loss_chunk and post:
             log.warning("--loss-chunk is off: the student's logits are post-processed after its head (%s)", post)
         if loss_chunk < 0:
-            loss_chunk = auto_chunk(vocab, method)
+            loss_chunk = auto_chunk(vocab, method, device)
         self.loss_chunk = 0 if post or not method.per_position else loss_chunk
         self.eager_chunks = True  # chunk gradients taken in the forward pass (off under FSDP: checkpointing)
         self._select: torch.Tensor | None = None

@@ -107,3 +107,4 @@ def test_auto_chunk_gives_every_method_the_same_working_set():
     assert got == {"sft": 441, "seqkd": 441, "kd": 220, "dskd": 110, "dskd-eta": 110, "mined": 220, "uld": 220}
     assert auto_chunk(49_152, make_method("dskd", ls)) == 341
     assert auto_chunk(10_000_000, make_method("dskd", ls)) == 64
+    assert auto_chunk(49_152, make_method("dskd", ls), "cpu", free_bytes=1 << 40) == 341  # the CPU rule ignores memory

@@ -5,13 +5,21 @@ examples; ``positions/``: one row per stored teacher position), a Parquet index,
 final one; on a clean exit the meta (sizes and sha256 of every file) is written and the folder
 is renamed into place in one step, so a shard either exists complete or not at all. On an
 exception the temporary folder is removed.
+
+Given each axis's row count up front (``rows=``), the arrays are created at their final shape, so
+appending rewrites no array metadata; whole chunks are flushed a few at a time, every array of an
+axis in its own thread (Blosc releases the GIL), so compression uses several cores.
+:class:`StoreThread` runs the storing of a shard's batches beside the teacher's forward.
 """
 
 from __future__ import annotations
 
+import queue
 import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -38,12 +46,17 @@ def chunk_rows_for(specs: ArraySpecs, axis: str, target_bytes: int = 2 << 20) ->
     return 1 << (int(n).bit_length() - 1)
 
 
+FLUSH_CHUNKS = 4  # whole chunks buffered per array before a flush (written side by side)
+
+
 class _Axis:
     """Buffered appends to the arrays of one axis, flushed in whole chunks."""
 
-    def __init__(self, arrays: dict[str, Any], chunk: int) -> None:
+    def __init__(self, arrays: dict[str, Any], chunk: int, sized: bool, pool: ThreadPoolExecutor) -> None:
         self.arrays = arrays
         self.chunk = chunk
+        self.sized = sized  # created at the final shape: no resize per flush
+        self.pool = pool
         self.buf: dict[str, list[np.ndarray]] = {k: [] for k in arrays}
         self.buffered = 0
         self.written = 0
@@ -53,7 +66,7 @@ class _Axis:
         for name, arr in parts.items():
             self.buf[name].append(arr)
         self.buffered += n
-        if self.buffered >= self.chunk:
+        if self.buffered >= FLUSH_CHUNKS * self.chunk:
             self.flush(final=False)
         return offset
 
@@ -61,12 +74,21 @@ class _Axis:
         n = self.buffered if final else (self.buffered // self.chunk) * self.chunk
         if n == 0:
             return
-        for name, parts in self.buf.items():
+        lo = self.written
+
+        def write(name: str) -> None:
+            parts = self.buf[name]
             data = np.concatenate(parts) if len(parts) > 1 else parts[0]
             arr = self.arrays[name]
-            arr.resize((self.written + n, *arr.shape[1:]))
-            arr[self.written:self.written + n] = data[:n]
+            if not self.sized:
+                arr.resize((lo + n, *arr.shape[1:]))
+            elif lo + n > arr.shape[0]:
+                raise ValueError(f"array {name}: {lo + n} rows written, the shard was sized for {arr.shape[0]}")
+            arr[lo:lo + n] = data[:n]
             self.buf[name] = [data[n:]] if n < len(data) else []
+
+        for f in [self.pool.submit(write, name) for name in self.buf]:
+            f.result()
         self.written += n
         self.buffered -= n
 
@@ -74,10 +96,12 @@ class _Axis:
 class ShardWriter:
     """Accumulates examples of one shard and commits them atomically on exit."""
 
-    def __init__(self, final_dir: Path, specs: ArraySpecs, *, compression_level: int = 3) -> None:
+    def __init__(self, final_dir: Path, specs: ArraySpecs, *, compression_level: int = 1,
+                 rows: dict[str, int] | None = None) -> None:
         self.final_dir = Path(final_dir)
         self.specs = specs
         self.clevel = compression_level
+        self.sizes = rows  # rows of each axis the shard will hold, if known
         self.rows: list[dict[str, Any]] = []
         self.extra_meta: dict[str, Any] = {}
 
@@ -85,6 +109,7 @@ class ShardWriter:
         self.tmp = tmp_path(self.final_dir)
         self.tmp.mkdir(parents=True)
         self.axes: dict[str, _Axis] = {}
+        self.pool = ThreadPoolExecutor(max_workers=len(self.specs), thread_name_prefix="shard-writer")
         for axis in (TOKENS, POSITIONS):
             chunk = chunk_rows_for(self.specs, axis)
             arrays = {}
@@ -93,11 +118,12 @@ class ShardWriter:
                     continue
                 compressors = [BloscCodec(cname="zstd", clevel=self.clevel, shuffle=BloscShuffle.shuffle)] \
                     if self.clevel else None
+                rows = self.sizes[axis] if self.sizes is not None else 0
                 arrays[name] = zarr.create_array(
-                    store=str(self.tmp / axis / name), shape=(0, *shape), chunks=(chunk, *shape),
+                    store=str(self.tmp / axis / name), shape=(rows, *shape), chunks=(chunk, *shape),
                     dtype=dtype, compressors=compressors, zarr_format=3, fill_value=0,
                 )
-            self.axes[axis] = _Axis(arrays, chunk)
+            self.axes[axis] = _Axis(arrays, chunk, self.sizes is not None, self.pool)
         return self
 
     def add(self, row: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
@@ -119,11 +145,16 @@ class ShardWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
+            self.pool.shutdown(wait=True)
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
         try:
-            for state in self.axes.values():
+            for axis, state in self.axes.items():
                 state.flush(final=True)
+                if state.sized and state.written != self.sizes[axis]:
+                    raise ValueError(f"shard {self.final_dir.name}: {state.written} rows on the {axis} axis, "
+                                     f"sized for {self.sizes[axis]}")
+            self.pool.shutdown(wait=True)
             rows = sorted(self.rows, key=lambda r: r["order"])
             table = pa.Table.from_pylist([{k: r[k] for k in INDEX_SCHEMA.names} for r in rows], schema=INDEX_SCHEMA)
             pq.write_table(table, self.tmp / INDEX)
@@ -141,5 +172,70 @@ class ShardWriter:
             else:
                 self.tmp.rename(self.final_dir)
         except BaseException:
+            self.pool.shutdown(wait=True)
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
+
+
+class StoreThread:
+    """Runs jobs (storing a batch of teacher records) one after another on a thread of its own, so
+    the caller can run the teacher's next forward meanwhile. ``depth`` bounds the jobs waiting (each
+    holds one batch of records in host memory: at most ``depth`` + 1 batches, the one being stored
+    included). The first error stops the thread; :meth:`submit` and :meth:`join` raise it. Leaving
+    the ``with`` block on an exception drops what is still queued and waits for the running job.
+    With ``depth`` 0 every job runs at once on the caller's thread."""
+
+    def __init__(self, depth: int = 2) -> None:
+        self.depth = depth
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+        if depth > 0:
+            self.jobs: queue.Queue = queue.Queue(maxsize=depth)
+            self.thread = threading.Thread(target=self._loop, name="store-records", daemon=True)
+            self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            if self.error is None:
+                try:
+                    job()
+                except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                    self.error = e
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def submit(self, job: Callable[[], None]) -> None:
+        if self.thread is None:
+            job()
+            return
+        self._raise()
+        while True:
+            try:
+                self.jobs.put(job, timeout=0.5)
+                return
+            except queue.Full:
+                self._raise()
+
+    def join(self) -> None:
+        """Wait for every job; raise the first error."""
+        if self.thread is not None and self.thread.is_alive():
+            self.jobs.put(None)
+            self.thread.join()
+        self._raise()
+
+    def __enter__(self) -> "StoreThread":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.join()
+            return
+        if self.thread is not None and self.thread.is_alive():
+            self.error = self.error or exc  # the thread skips what is still queued
+            self.jobs.put(None)
+            self.thread.join()
