@@ -111,10 +111,10 @@ def main() -> None:
     out, work = Path(a.out), Path(a.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
-                            capture_output=True).stdout.strip()
+    commit = os.environ.get("BENCH_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent, text=True, capture_output=True).stdout.strip()
     res: dict = {"command": "python benchmarks/bench_gpu.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
-                 "commit": commit or os.environ.get("BENCH_COMMIT", ""),
+                 "commit": commit,
                  "device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu (smoke)", "torch": torch.__version__}
 
     def save() -> None:
