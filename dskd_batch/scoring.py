@@ -6,18 +6,15 @@
 - :func:`math_correct`: 100 if the final number of the response equals the reference's final
   number (GSM8K answers end in ``#### N``; commas and a trailing period are ignored).
 - :func:`pass_at_1`: 100 if a HumanEval-style completion passes the problem's tests when run in
-  a separate Python process with a time limit, memory limit and no network (sockets disabled),
-  else 0. A looping or crashing completion scores 0 and never hangs the caller.
+  the sandbox of :mod:`dskd_batch.sandbox` (a fresh interpreter with CPU, memory, file-size and
+  process limits, no network, no new processes, nothing outside its folder removed or written),
+  else 0. A looping, crashing or hostile completion scores 0 and never hangs the caller.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import string
-import subprocess
-import sys
-import tempfile
 from functools import lru_cache
 from typing import Any
 
@@ -78,30 +75,14 @@ def truncate_code(completion: str) -> str:
     return completion[:cut]
 
 
-_GUARD = """
-import resource, socket, sys
-resource.setrlimit(resource.RLIMIT_AS, ({mem}, {mem}))
-def _no_net(*a, **k):
-    raise OSError("network access is disabled while scoring")
-socket.socket = _no_net
-socket.create_connection = _no_net
-"""
-
-
 def pass_at_1(problem: dict[str, Any], completion: str, timeout: float = 10.0, memory_mb: int = 1024) -> float:
-    """Run ``prompt + completion + test + check(entry_point)`` in a fresh interpreter."""
-    program = "\n".join([_GUARD.format(mem=memory_mb * 2**20), problem["prompt"] + completion, "",
-                         problem["test"], "", f"check({problem['entry_point']})", ""])
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "program.py")
-        with open(path, "w") as f:
-            f.write(program)
-        env = {"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0", "no_proxy": "*"}
-        try:
-            r = subprocess.run([sys.executable, "-I", path], cwd=d, env=env, capture_output=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return 0.0
-    return 100.0 if r.returncode == 0 else 0.0
+    """Run ``prompt + completion + test + check(entry_point)`` in the sandbox of
+    :mod:`dskd_batch.sandbox` (a fresh interpreter with resource limits, no network, no new
+    processes, nothing outside its folder removed or written); 100 if it exits cleanly."""
+    from .sandbox import Limits, run_untrusted
+
+    program = "\n".join([problem["prompt"] + completion, "", problem["test"], "", f"check({problem['entry_point']})", ""])
+    return 100.0 if run_untrusted(program, Limits(timeout=timeout, memory_mb=memory_mb)).passed else 0.0
 
 
 METRICS = {"rougeL": rouge_l, "exact_match": exact_match, "math": math_correct}

@@ -306,18 +306,42 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    st: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every random generator's state as tensors and plain values only, so a checkpoint's rng.pt
+    loads with ``torch.load(weights_only=True)`` (no pickled objects)."""
+    version, words, gauss = random.getstate()
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    st: dict[str, Any] = {"python": [version, torch.tensor(words, dtype=torch.int64), gauss],
+                          "numpy": [kind, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+                          "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
 
 
 def set_rng_state(st: dict[str, Any]) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    version, words, gauss = st["python"]
+    random.setstate((version, tuple(int(w) for w in words.tolist()), gauss))
+    kind, key, pos, has_gauss, cached = st["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def load_state_file(path: Path, map_location: Any = None) -> Any:
+    """A checkpoint's optimizer or RNG state: tensors and plain values only
+    (``torch.load(weights_only=True)``). A file that holds anything else, which unpickling could
+    turn into running code, is refused before any of it is built."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = next((line for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
+        raise DskdError(f"{path} holds Python objects besides tensors and plain values, and is not loaded: "
+                        f"unpickling them could run code{(' (' + first.strip() + ')') if first else ''}",
+                        hint="a checkpoint from an older dskd-batch, or not from dskd-batch: resume is refused; start "
+                             "the run again in a new --out (its student/ folder holds plain safetensors weights)") from None
 
 
 def make_optimizer(module: DistillModule, plan: TrainPlan) -> torch.optim.Optimizer:
@@ -457,7 +481,7 @@ class Trainer:
             raise DskdError(f"checkpoint {ck} was written with {state['world_size']} processes, this run has "
                             f"{self.ctx.world_size}", hint="resume with the same number of processes")
         proj = load_file(str(ck / PROJECTOR_FILE))
-        optim = torch.load(ck / "optim.pt", map_location="cpu" if self.sharded else self.device, weights_only=False)
+        optim = load_state_file(ck / "optim.pt", map_location="cpu" if self.sharded else self.device)
         if self.sharded:  # every process reads the full tensors and keeps its shard
             full = {f"student.{k}": v for k, v in self._student_checkpoint(ck / "student").items()}
             full.update({f"projectors.{k}": v for k, v in proj.items()})
@@ -469,7 +493,7 @@ class Trainer:
                 self.module.projectors.load_state_dict(proj)
             self.opt.load_state_dict(optim["optimizer"])
         self.sched.load_state_dict(optim["scheduler"])
-        set_rng_state(torch.load(ck / "rng.pt", weights_only=False)[self.ctx.rank])
+        set_rng_state(load_state_file(ck / "rng.pt")[self.ctx.rank])
         self.step = int(state["step"])
         if self.best is not None:
             self.best.load(self.step)
