@@ -9,6 +9,7 @@ shards are skipped, temporary leftovers of a killed run are removed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -28,7 +29,8 @@ from .cache.reader import LOSSLESS_HIDDEN, load_codec, verify_shard
 from .cache.writer import ShardWriter, StoreThread
 from .codecs import CompactCodec, HiddenCodec
 from .config import AlignConfig, CacheConfig
-from .data import Encoded, Prepared, data_fingerprint, encode, length_batches, prepare_corpus, template_fingerprint
+from .data import (Encoded, Prepared, data_fingerprint, encode, length_batches, prepare_corpus, resolve_template,
+                   template_fingerprint)
 from .distributed import DistContext
 from .errors import DskdError
 from .models import (DTYPE_BY_NAME, dtype_name, head_and_embeddings, load_causal_lm, load_tokenizer, model_fingerprint,
@@ -67,7 +69,7 @@ def build_settings(cfg: CacheConfig, tok: Any, prep: Prepared, model: Any | None
                       "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id, "size": vocab},
         "data": {"source": str(cfg.data), "fingerprint": data_fingerprint(prep.examples),
                  "examples": len(prep.examples), "skipped_rows": prep.skipped},
-        "template": {"name": cfg.template, "fingerprint": template_fingerprint(cfg.template, tok)},
+        "template": {"name": resolve_template(cfg.template, tok), "fingerprint": template_fingerprint(cfg.template, tok)},
         "limits": {"max_prompt_len": cfg.max_prompt_len, "max_len": cfg.max_len, "limit": cfg.limit},
         "storage": {"hidden": cfg.hidden, "top_k": cfg.top_k, "shard_size": cfg.shard_size,
                     "compression_level": cfg.compression_level, "positions": cfg.positions},
@@ -267,7 +269,7 @@ def write_shard(out: Path, s: int, cfg: CacheConfig, settings: dict[str, Any], p
         prep = Prepared(prep.examples, prep.prompts, list(prep.encoded), prep.skipped)
         for i in members:
             prep.encoded[i] = encode(tok, prep.prompts[i], responses[i], max_prompt_len=cfg.max_prompt_len,
-                                     max_len=cfg.max_len, template=cfg.template)
+                                     max_len=cfg.max_len, template=resolve_template(cfg.template, tok))
     lengths = [len(prep.encoded[i].input_ids) for i in members]
     fid = FidelityAccumulator()
     norm = NormStats(embed)
@@ -526,8 +528,10 @@ def _manifest_readable(out: Path) -> bool:
 
 def _run_locked(cfg: CacheConfig, ctx: DistContext, progress: bool, out: Path) -> Path:
     tok = load_tokenizer(cfg.teacher)
-    for st in cfg.student_tokenizer:  # a bad --student-tokenizer fails now, not after the teacher ran
-        load_tokenizer(st)
+    students = [load_tokenizer(st) for st in cfg.student_tokenizer]  # a bad one fails now, not after the teacher ran
+    if cfg.template == "auto":  # the chat template only if every tokenizer that renders these rows has one
+        chat = all(getattr(t, "chat_template", None) for t in [tok, *students])
+        cfg = dataclasses.replace(cfg, template="chat" if chat else "alpaca")
     prep = prepare_corpus(cfg, tok)
     device = resolve_device(cfg.device)
     if ctx.enabled and device.type == "cuda":

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import click
 
-from .config import AlignConfig, CacheConfig, DistillConfig, EvalConfig, field_docs
+from .config import AlignConfig, CacheConfig, DistillConfig, EvalConfig, field_choices, field_docs
 from .errors import DskdError
 
 
@@ -34,16 +34,44 @@ def _option_type(tp: Any) -> tuple[Any, bool]:
     return str, False
 
 
+def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--config FILE.toml: its keys (the option names, with underscores or dashes) become the
+    command's defaults, so flags given on the command line override them."""
+    if not value:
+        return value
+    import tomllib
+
+    path = Path(value)
+    try:
+        table = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise click.BadParameter(f"{path} does not exist", ctx=ctx, param=param) from None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise click.BadParameter(f"{path} is not a readable TOML file ({e})", ctx=ctx, param=param) from None
+    names = {p.name for p in ctx.command.params if p.name != "config"}
+    table = {k.replace("-", "_"): v for k, v in table.items()}
+    unknown = sorted(set(table) - names)
+    if unknown:
+        raise click.BadParameter(f"{path}: unknown setting(s) {', '.join(unknown)} (the keys are "
+                                 f"`{ctx.command.name} --help`'s option names)", ctx=ctx, param=param)
+    ctx.default_map = {**(ctx.default_map or {}), **table}
+    return value
+
+
 def config_options(cls: type, exclude: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
-    """Decorate a click command with one option per field of ``cls``."""
+    """Decorate a click command with one option per field of ``cls`` (enumerated fields as
+    `click.Choice`), and ``--config FILE.toml`` that supplies any of them."""
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
+    choices = field_choices(cls)
 
     def deco(fn: Callable) -> Callable:
         for f in reversed(dataclasses.fields(cls)):
             if f.name in exclude:
                 continue
             tp, is_flag = _option_type(hints[f.name])
+            if f.name in choices:
+                tp = click.Choice(list(choices[f.name]))
             required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
             name = "--" + f.name.replace("_", "-")
             kwargs: dict[str, Any] = {"help": docs.get(f.name, ""), "show_default": not required}
@@ -54,7 +82,10 @@ def config_options(cls: type, exclude: tuple[str, ...] = ()) -> Callable[[Callab
             else:
                 default = None if required else f.default
                 fn = click.option(name, type=tp, required=required, default=default, **kwargs)(fn)
-        return fn
+        return click.option("--config", "config", default=None, metavar="FILE.toml", is_eager=True,
+                            expose_value=False, callback=_load_config_file,
+                            help="Read any of these settings from a TOML file (keys: the option names); flags given "
+                                 "here override it.")(fn)
 
     return deco
 
@@ -76,6 +107,7 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="dskd-batch", prog_name="dskd-batch")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose: bool) -> None:
     """dskd-batch: cache a teacher once, distil many students from the cache (Dual-Space KD)."""

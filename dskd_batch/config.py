@@ -18,8 +18,8 @@ from .methods import Method, method_classes
 from .tracking import LOG_TO
 
 HIDDEN_MODES = ("fp32", "fp16", "bf16", "compact", "none")
-TEMPLATES = ("alpaca", "chat", "none")
-TEMPLATE_HELP = ("`alpaca`, `chat` (the tokenizer's chat template, its default system prompt included if it has one), "
+TEMPLATES = ("auto", "alpaca", "chat", "none")
+TEMPLATE_HELP = ("`auto` (the tokenizer's chat template when it has one, else alpaca), `alpaca`, `chat` (the tokenizer's chat template, its default system prompt included if it has one), "
                  "`chat:SYSTEM` (the chat template with SYSTEM as the system turn; `chat:` an empty one) or `none`")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 
@@ -63,8 +63,8 @@ class CacheConfig:
     "Corpus: a .jsonl/.json file, a .parquet file, or a saved `datasets` folder."
     out: str
     "Cache folder to create (or resume)."
-    template: str = "alpaca"
-    "Prompt template: `alpaca` (instruction/input layout of the papers), `chat` (the teacher's chat template, with its default system prompt if it has one), `chat:SYSTEM` (the chat template with SYSTEM as the system turn; `chat:` an empty one, which saves SmolLM2's 21-token default in every row) or `none`."
+    template: str = "auto"
+    "Prompt template: `auto` (`chat` when the teacher's tokenizer has a chat template, else `alpaca`; the cache records which), `alpaca` (instruction/input layout of the papers), `chat` (the teacher's chat template, with its default system prompt if it has one), `chat:SYSTEM` (the chat template with SYSTEM as the system turn; `chat:` an empty one, which saves SmolLM2's 21-token default in every row) or `none`."
     max_prompt_len: int = 256
     "Prompt tokens kept (the prompt is cut to this first)."
     max_len: int = 512
@@ -151,9 +151,24 @@ class CacheConfig:
             raise DskdError(problems)
 
 
+def resolve_precision(precision: str, device: str) -> str:
+    """`--precision auto`: bf16 autocast where the student's device is a GPU with bf16 support
+    (where it is faster at the same losses, within bf16 rounding), fp32 elsewhere (a CPU without
+    bf16 units runs bf16 slower)."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
 SCHEDULES = ("cosine", "linear", "constant")
 PROJECTOR_INITS = ("random", "pinv")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
+VERIFY = ("sizes", "lazy", "full", "none")
 PARALLEL = ("ddp", "fsdp")
 
 
@@ -187,7 +202,7 @@ class DistillConfig:
     "Live teacher (instead of --cache): run the teacher during training with the same code stage one uses."
     data: str | None = None
     "Corpus for training without a cache (--teacher, or --method sft)."
-    method: str = "dskd"
+    method: str = "kd"
     "sft, seqkd (SFT on teacher-generated responses: a cache made with --generate), kd (vanilla KD), dskd; for a student with another tokenizer (from an aligned cache): dskd-eta (exact token alignment), dskd-cma (cross-model attention), mined or uld."
     distance: str = "fkl"
     "Distance of the KD term: fkl, rkl, js, skl, srkl, akl, or an installed plug-in's (`dskd-batch distances` lists them)."
@@ -197,8 +212,8 @@ class DistillConfig:
     "Stop after this many optimizer steps (overrides --epochs for the schedule's length)."
     lr: float = 2e-5
     "Learning rate of the student."
-    projector_lr: float = 1e-3
-    "Learning rate of the DSKD projectors; 0 keeps them as --projector-init pinv solved them (frozen: the heads stay unified, as the extended paper computes its student-to-teacher projector)."
+    projector_lr: float | None = None
+    "Learning rate of the DSKD projectors. Default: 0 with --projector-init pinv (the projectors stay as solved, frozen: the heads stay unified, as the extended paper computes its student-to-teacher projector; the best DSKD measured here), 1e-3 with random."
     batch_size: int = 4
     "Examples per micro-batch per process."
     grad_accum: int = 1
@@ -227,8 +242,8 @@ class DistillConfig:
     "LoRA dropout."
     lora_targets: str = "all-linear"
     "Modules LoRA adapts: `all-linear` or a comma-separated list of module names (q_proj,v_proj,...)."
-    projector_init: str = "random"
-    "DSKD projector initialisation: `random` (first paper) or `pinv` (extended paper: least-squares match of the two heads)."
+    projector_init: str | None = None
+    "DSKD projector initialisation: `pinv` (extended paper: least-squares match of the two heads; the default where the method's projectors read h_T) or `random` (first paper, and the default for dskd-cma; trained from random, DSKD lost to SFT in held-out likelihood here)."
     agreement_mask: bool = False
     "DSKD: apply the student-space KD only where the projected teacher's argmax equals the teacher's own argmax."
     kd_positions: str = "all"
@@ -252,20 +267,20 @@ class DistillConfig:
     "Write a metrics.jsonl line every N optimizer steps."
     device: str = "auto"
     "Device of the student: auto, cpu, cuda, cuda:1, ..."
-    precision: str = "fp32"
-    "fp32, or bf16 autocast: matmuls in bf16, fp32 master weights, log-softmaxes, distances and sums in fp32 (GPU or CPU; on a CPU without bf16 units it is slower)."
+    precision: str = "auto"
+    "auto (bf16 on a GPU that supports it, fp32 elsewhere), fp32, or bf16 autocast: matmuls in bf16, fp32 master weights, log-softmaxes, distances and sums in fp32 (GPU or CPU; on a CPU without bf16 units it is slower)."
     parallel: str = "ddp"
     "Under torchrun: ddp (replicated student) or fsdp (PyTorch FSDP2 fully_shard: the student and projectors sharded over the processes, for students that do not fit one device; with LoRA too; CPU with gloo too)."
-    template: str = "alpaca"
-    "Prompt template when reading --data (a cache records its own)."
+    template: str = "auto"
+    "Prompt template when reading --data (a cache records its own): auto (the tokenizer's chat template when it has one, else alpaca), alpaca, chat, chat:SYSTEM or none."
     max_prompt_len: int = 256
     "Prompt tokens kept when reading --data (a cache records its own)."
     max_len: int = 512
     "Total tokens kept when reading --data (a cache records its own)."
     limit: int | None = None
     "Use only the first N training examples."
-    verify: str = "full"
-    "Cache verification before training: full (hash every shard first), lazy (each shard on first read) or none."
+    verify: str = "sizes"
+    "Cache check before training: sizes (every file present with its recorded size: cheap), full (re-hash every shard first; `dskd-batch verify` does the same), lazy (hash each shard on its first read) or none."
     shuffle: str = "shard"
     "Data order per epoch: `shard` (shuffle the cache's shards, then the examples inside each: each chunk is read once) or `global` (one permutation of all examples; the only order for --data)."
     length_group: int = 1
@@ -310,6 +325,10 @@ class DistillConfig:
 
         choice("method", tuple(method_classes()))
         kind = method_classes().get(self.method, Method)  # what the method declares it needs
+        if self.projector_init is None:
+            self.projector_init = "pinv" if kind.pinv_projectors else "random"
+        if self.projector_lr is None:
+            self.projector_lr = 0.0 if self.projector_init == "pinv" else 1e-3
         choice("distance", tuple(distances()))
         if isinstance(self.distance_arg, dict):  # a pipeline's `distance_arg = {skew_lambda = 0.2}`
             self.distance_arg = tuple(f"{k}={v}" for k, v in self.distance_arg.items())
@@ -320,7 +339,7 @@ class DistillConfig:
         choice("precision", PRECISIONS)
         choice("parallel", PARALLEL)
         problems += template_problem(self.template)
-        choice("verify", ("full", "lazy", "none"))
+        choice("verify", VERIFY)
         choice("shuffle", ("shard", "global"))
         choice("log_to", LOG_TO)
         if self.cache is None and self.teacher is None and self.data is None:
@@ -456,3 +475,18 @@ class EvalConfig:
     @property
     def seed_list(self) -> list[int]:
         return [int(s) for s in self.seeds.split(",") if s.strip()]
+
+
+def field_choices(cls: type) -> dict[str, tuple[str, ...]]:
+    """The enumerated fields of a command's config and their values, plug-ins included: the CLI
+    makes each a `click.Choice` (the help lists the values, a typo is refused with the list)."""
+    if cls is CacheConfig:
+        return {"hidden": HIDDEN_MODES, "positions": ("targets", "all"), "dtype": DTYPES}
+    if cls is DistillConfig:
+        return {"method": tuple(method_classes()), "distance": tuple(distances()), "lr_schedule": SCHEDULES,
+                "projector_init": PROJECTOR_INITS, "kd_positions": ("all", "teacher-correct"),
+                "precision": PRECISIONS, "parallel": PARALLEL, "verify": VERIFY, "shuffle": ("shard", "global"),
+                "log_to": tuple(LOG_TO), "keep_best": ("eval_ce", "eval_kl", "eval_top1")}
+    if cls is EvalConfig:
+        return {"dtype": DTYPES}
+    return {}

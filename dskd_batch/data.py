@@ -247,8 +247,17 @@ def load_examples(data: str | Path, *, limit: int | None = None, skip_bad_rows: 
     return LoadReport(examples, skipped)
 
 
+def resolve_template(template: str, tokenizer: Any = None) -> str:
+    """`auto`: the tokenizer's chat template (`chat`) when it has one, else `alpaca`; any other
+    name as it is. Caches and runs record the resolved name."""
+    if template != "auto":
+        return template
+    return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
+
+
 def render_prompt(ex: Example, template: str, tokenizer: Any = None) -> str:
     """The prompt text the model reads before the response (none for a plain-text row)."""
+    template = resolve_template(template, tokenizer)
     if ex.is_text:
         return ""
     if ex.is_chat:  # the turns before the last assistant turn, and the assistant's header
@@ -272,6 +281,7 @@ def render_prompt(ex: Example, template: str, tokenizer: Any = None) -> str:
 
 
 def template_fingerprint(template: str, tokenizer: Any = None) -> str:
+    template = resolve_template(template, tokenizer)
     parts = [template]
     if template == "alpaca":
         parts += [ALPACA_HEAD, ALPACA_HEAD_INPUT]
@@ -505,7 +515,8 @@ def prepare_corpus(cfg: Any, tok: Any) -> Prepared:
     if chat is not None and getattr(cfg, "positions", "targets") == "all":
         raise DskdError(f"{chat.source}: --positions all is for prompt/response and text rows; a conversation's "
                         "targets are its assistant turns", hint="cache conversations with --positions targets")
-    prompts = [render_prompt(ex, cfg.template, tok) for ex in examples]
+    template = resolve_template(cfg.template, tok)
+    prompts = [render_prompt(ex, template, tok) for ex in examples]
     encoded = [encode_example(tok, ex, p, max_prompt_len=cfg.max_prompt_len, max_len=cfg.max_len,
-                              template=cfg.template) for p, ex in zip(prompts, examples)]
+                              template=template) for p, ex in zip(prompts, examples)]
     return Prepared(examples, prompts, encoded, len(report.skipped))

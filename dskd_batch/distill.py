@@ -25,7 +25,7 @@ from torch import nn
 
 from .batches import CacheExamples, CorpusExamples, LiveSource, LiveTeacher, OnPolicySource, Source
 from .files import atomic_write_json, fingerprint, remove_stale_tmp
-from .config import DistillConfig, to_dict
+from .config import DistillConfig, resolve_precision, to_dict
 from .distributed import DistContext
 from .errors import DskdError
 from .methods import LossSettings, TeacherHead, make_method, method_info
@@ -53,7 +53,9 @@ LATER_DEFAULTS = {"kd_positions": "all", "length_group": 1}
 def run_settings(cfg: DistillConfig) -> dict[str, Any]:
     """A run's settings as its identity: less those that may change when it resumes, and less the
     later additions at their defaults."""
-    return {k: v for k, v in to_dict(cfg).items()
+    settings = to_dict(cfg)
+    settings["precision"] = resolve_precision(cfg.precision, cfg.device)
+    return {k: v for k, v in settings.items()
             if k not in RESUMABLE and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
 
 
@@ -231,7 +233,10 @@ def _from_corpus(cfg: DistillConfig, student_tok: Any, method: Any, device: torc
     prep = prepare_corpus(cfg, tok)
     fps = {"data": data_fingerprint(prep.examples), "tokenizer": tokenizer_fingerprint(tok),
            "template": template_fingerprint(cfg.template, tok)}
-    template = {"template": cfg.template, "max_prompt_len": cfg.max_prompt_len, "max_len": cfg.max_len, "limit": cfg.limit}
+    from .data import resolve_template
+
+    template = {"template": resolve_template(cfg.template, tok), "max_prompt_len": cfg.max_prompt_len,
+                "max_len": cfg.max_len, "limit": cfg.limit}
     examples = CorpusExamples(prep.encoded)
     if cfg.teacher is None or not method.needs_teacher:
         return Sources(examples, None, None, template, fps)
@@ -338,6 +343,7 @@ def _run(cfg: DistillConfig, ctx: DistContext, on_step: Callable[[int], None] | 
     device = resolve_device(cfg.device)
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
+    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, str(device)))
     src = _from_cache(cfg, student_tok, method) if cfg.cache else _from_corpus(cfg, student_tok, method, device)
     vocab = len(student_tok)
     validation = _validation(cfg, student_tok, src, method, device)

@@ -23,7 +23,7 @@ import torch
 
 from .files import atomic_write_json
 from .config import EvalConfig
-from .data import Example, data_fingerprint, encode_prompt, load_examples, render_prompt
+from .data import Example, data_fingerprint, encode_prompt, load_examples, render_prompt, resolve_template
 from .errors import DskdError
 from .generation import SamplingSettings, sample_responses
 from .models import (dtype_name, fp32_logits, head_inputs, load_causal_lm, load_tokenizer, model_fingerprint, post_head_settings,
@@ -44,7 +44,7 @@ def resolve_model(cfg: EvalConfig) -> tuple[str, dict[str, Any], Path]:
             raise DskdError(f"run {p} has no final student yet (status: {run.get('status')})",
                             hint="finish or resume the run first")
         prompt = dict(run["prompt"])
-        if cfg.template is not None and cfg.template != prompt["template"]:
+        if cfg.template not in (None, "auto") and cfg.template != prompt["template"]:
             raise DskdError(f"run {p} was trained with template {prompt['template']!r}, not {cfg.template!r}",
                             hint="drop --template: a run's own template is used")
         if cfg.max_prompt_len is not None:
@@ -52,7 +52,7 @@ def resolve_model(cfg: EvalConfig) -> tuple[str, dict[str, Any], Path]:
         return str(p / "student"), prompt, p / "eval"
     if not p.exists() and not cfg.model.startswith("pkg:") and "/" not in cfg.model:
         raise DskdError(f"model not found: {cfg.model}")
-    prompt = {"template": cfg.template or "alpaca", "max_prompt_len": cfg.max_prompt_len or 256, "max_len": 512}
+    prompt = {"template": cfg.template or "auto", "max_prompt_len": cfg.max_prompt_len or 256, "max_len": 512}
     return cfg.model, prompt, Path("eval-out")
 
 
@@ -117,6 +117,7 @@ def run(cfg: EvalConfig, *, progress: bool = True) -> Path:
             name = name.removesuffix(suffix)
         sets[name if name not in sets else path] = (path, *load_test_set(path, cfg.limit))
     tok = load_tokenizer(spec)
+    prompt["template"] = resolve_template(prompt["template"], tok)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     model = load_causal_lm(spec, dtype=dtype, device=device)

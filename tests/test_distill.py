@@ -409,7 +409,7 @@ def test_projector_lr_zero_keeps_the_pinv_projectors(fp32_cache, gpt2_student, t
     frozen = run(cfg(gpt2_student, tmp_path / "frozen", cache=str(fp32_cache), method="dskd", projector_init="pinv",
                      projector_lr=0.0, max_steps=2))
     moving = run(cfg(gpt2_student, tmp_path / "moving", cache=str(fp32_cache), method="dskd", projector_init="pinv",
-                     max_steps=2))
+                     projector_lr=1e-3, max_steps=2))
     start = run(cfg(gpt2_student, tmp_path / "start", cache=str(fp32_cache), method="dskd", projector_init="pinv",
                     max_steps=1, lr=1e-12, projector_lr=1e-12))
     p0, pf, pm = (load_file(str(r / "projectors.safetensors")) for r in (start, frozen, moving))
@@ -420,7 +420,20 @@ def test_projector_lr_zero_keeps_the_pinv_projectors(fp32_cache, gpt2_student, t
     assert not torch.equal(final_weights(frozen)["transformer.wte.weight"], load_file(
         str(gpt2_student / "model.safetensors"))["transformer.wte.weight"])  # the student did train
     with pytest.raises(DskdError, match="only --projector-init pinv"):
-        cfg(gpt2_student, tmp_path / "x", cache=str(fp32_cache), method="dskd", projector_lr=0.0)
+        cfg(gpt2_student, tmp_path / "x", cache=str(fp32_cache), method="dskd", projector_init="random", projector_lr=0.0)
+
+
+def test_defaults_follow_the_findings(tmp_path):
+    """With no method flags: KD (FKL, T = 2, kd_rate 0.5); DSKD with the pinv projectors frozen (its
+    best variant measured), dskd-cma (no pinv) with random ones trained; cheap cache check."""
+    c = DistillConfig(student="s", out=str(tmp_path), cache="c")
+    assert (c.method, c.distance, c.temperature, c.kd_rate, c.verify, c.precision, c.template) == \
+        ("kd", "fkl", 2.0, 0.5, "sizes", "auto", "auto")
+    d = DistillConfig(student="s", out=str(tmp_path), cache="c", method="dskd")
+    assert (d.projector_init, d.projector_lr) == ("pinv", 0.0)
+    cma = DistillConfig(student="s", out=str(tmp_path), cache="c", method="dskd-cma")
+    assert (cma.projector_init, cma.projector_lr) == ("random", 1e-3)
+    assert DistillConfig(student="s", out=str(tmp_path), cache="c", method="dskd", projector_init="random").projector_lr == 1e-3
 
 
 @pytest.mark.parametrize("method", ["kd", "dskd"])

@@ -140,6 +140,9 @@ class _Shard:
         return rec
 
 
+VERIFY_MODES = ("sizes", "lazy", "full", "none")  # what opening a cache checks: see TeacherCache
+
+
 class TeacherCache(Sequence):
     """A complete teacher cache, as a sequence of example records (see the module docstring)."""
 
@@ -148,8 +151,8 @@ class TeacherCache(Sequence):
         self.path = Path(path)
         self.chunk_cache = chunk_cache
         self.max_open_shards = max_open_shards
-        if verify not in ("lazy", "full", "none"):
-            raise ValueError("verify must be lazy, full or none")
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}")
         self.verify_mode = verify
         if not self.path.is_dir():
             raise DskdError(f"cache not found: {self.path}")
@@ -188,6 +191,11 @@ class TeacherCache(Sequence):
         self._lock = threading.Lock()
         if verify == "full":
             self.verify()
+        elif verify == "sizes":
+            problems = self.problems(hash_files=False)
+            if problems:
+                raise CacheCorruptError(problems, hint=f"run `dskd-batch verify {self.path}`; re-run cache-teacher to "
+                                                       "rewrite bad shards (delete them first)")
 
     # -- sequence -----------------------------------------------------------------------------
     def __len__(self) -> int:
