@@ -60,13 +60,13 @@ class CacheConfig:
     teacher: str
     "Teacher model: a local Hugging Face folder, a .gguf file, or a hub id where the network allows."
     data: str
-    "Corpus: a .jsonl/.json file, a .parquet file, or a saved `datasets` folder."
+    "Corpus: a .jsonl/.json file, a .parquet file, a saved `datasets` folder, or hf:ORG/NAME[:CONFIG][@SPLIT] (`datasets.load_dataset`; offline, from the local Hugging Face cache)."
     out: str
     "Cache folder to create (or resume)."
     template: str = "auto"
     "Prompt template: `auto` (`chat` when the teacher's tokenizer has a chat template, else `alpaca`; the cache records which), `alpaca` (instruction/input layout of the papers), `chat` (the teacher's chat template, with its default system prompt if it has one), `chat:SYSTEM` (the chat template with SYSTEM as the system turn; `chat:` an empty one, which saves SmolLM2's 21-token default in every row) or `none`."
-    max_prompt_len: int = 256
-    "Prompt tokens kept (the prompt is cut to this first)."
+    max_prompt_len: int | None = None
+    "Prompt tokens kept (the prompt is cut to this first). Default: 256, or half of --max-len when that is below 512 (plain-text rows have no prompt: --max-len alone sets their windows)."
     max_len: int = 512
     "Total tokens kept, EOS included (prompt + response cut to max_len - 1, then EOS)."
     hidden: str = "fp16"
@@ -96,7 +96,9 @@ class CacheConfig:
     fidelity_sample: int = 4
     "Examples per shard whose reconstructed logits are checked against the real ones at write time (the manifest aggregates all shards)."
     split: str | None = None
-    "Split to read from a saved DatasetDict folder (default: `train`)."
+    "Split to read from a saved DatasetDict folder or a hub dataset (default: `train`)."
+    columns: str | None = None
+    "Map the data's columns onto row fields: FIELD=COLUMN,... with fields prompt, response, instruction, input, output, messages, text (e.g. prompt=question,response=answer)."
     generate: bool = False
     "SeqKD: replace each response by one the teacher samples for the prompt, and cache the teacher on that."
     gen_max_new_tokens: int = 256
@@ -114,7 +116,10 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         problems: list[str] = []
+        if self.max_prompt_len is None:
+            self.max_prompt_len = default_prompt_len(self.max_len)
         problems += template_problem(self.template)
+        problems += columns_problem(self.columns)
         if self.positions not in ("targets", "all"):
             problems.append(f"positions must be targets or all, got {self.positions!r}")
         if self.hidden not in HIDDEN_MODES:
@@ -149,6 +154,21 @@ class CacheConfig:
             problems.append(f"gen_temperature must be >= 0 and gen_top_p in (0, 1]; got {self.gen_temperature}, {self.gen_top_p}")
         if problems:
             raise DskdError(problems)
+
+
+def columns_problem(columns: str | None) -> list[str]:
+    from .data import parse_columns
+
+    try:
+        parse_columns(columns)
+    except DskdError as e:
+        return list(e.problems)
+    return []
+
+
+def default_prompt_len(max_len: int) -> int:
+    """--max-prompt-len when not given: 256 (the papers'), or half of a --max-len below 512."""
+    return min(256, max(1, max_len // 2))
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -201,7 +221,9 @@ class DistillConfig:
     teacher: str | None = None
     "Live teacher (instead of --cache): run the teacher during training with the same code stage one uses."
     data: str | None = None
-    "Corpus for training without a cache (--teacher, or --method sft)."
+    "Corpus for training without a cache (--teacher, or --method sft): a file, a `datasets` folder or hf:ORG/NAME[:CONFIG][@SPLIT]."
+    columns: str | None = None
+    "With --data: map its columns onto row fields, FIELD=COLUMN,... (as cache-teacher --columns)."
     method: str = "kd"
     "sft, seqkd (SFT on teacher-generated responses: a cache made with --generate), kd (vanilla KD), dskd; for a student with another tokenizer (from an aligned cache): dskd-eta (exact token alignment), dskd-cma (cross-model attention), mined or uld."
     distance: str = "fkl"
@@ -273,8 +295,8 @@ class DistillConfig:
     "Under torchrun: ddp (replicated student) or fsdp (PyTorch FSDP2 fully_shard: the student and projectors sharded over the processes, for students that do not fit one device; with LoRA too; CPU with gloo too)."
     template: str = "auto"
     "Prompt template when reading --data (a cache records its own): auto (the tokenizer's chat template when it has one, else alpaca), alpaca, chat, chat:SYSTEM or none."
-    max_prompt_len: int = 256
-    "Prompt tokens kept when reading --data (a cache records its own)."
+    max_prompt_len: int | None = None
+    "Prompt tokens kept when reading --data (a cache records its own). Default: 256, or half of --max-len when that is below 512."
     max_len: int = 512
     "Total tokens kept when reading --data (a cache records its own)."
     limit: int | None = None
@@ -323,6 +345,9 @@ class DistillConfig:
             if getattr(self, name) not in options:
                 problems.append(f"{name} must be one of {', '.join(options)}; got {getattr(self, name)!r}")
 
+        if self.max_prompt_len is None:
+            self.max_prompt_len = default_prompt_len(self.max_len)
+        problems += columns_problem(self.columns)
         choice("method", tuple(method_classes()))
         kind = method_classes().get(self.method, Method)  # what the method declares it needs
         if self.projector_init is None:

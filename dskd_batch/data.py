@@ -154,6 +154,16 @@ def _conversation(messages: Any, where: str) -> tuple[str, str, str, str, tuple[
     return (user, "", turns[last][1], where, tuple(turns))
 
 
+def _mapped(row: Any, mapping: dict[str, str], where: str) -> Any:
+    """The row with the mapped columns under the row fields' names (and nothing else)."""
+    if not isinstance(row, dict):
+        return row
+    missing = [c for c in mapping.values() if c not in row]
+    if missing:
+        raise DskdError(f"{where}: no column {missing[0]!r} (--columns); the row has {', '.join(sorted(row))}")
+    return {field: row[column] for field, column in mapping.items()}
+
+
 def _normalise(row: Any, where: str) -> list[tuple]:
     """Row -> list of (instruction, input, response, source[, messages])."""
     if not isinstance(row, dict):
@@ -207,23 +217,79 @@ def example_id(instruction: str, inp: str, response: str, messages: tuple = ()) 
     return h[:16]
 
 
+HF_PREFIX = "hf:"
+
+
+def parse_columns(columns: str | None) -> dict[str, str]:
+    """``--columns prompt=question,response=answer`` -> {row field: the dataset's column}."""
+    if not columns:
+        return {}
+    out: dict[str, str] = {}
+    for part in columns.split(","):
+        field, sep, column = (x.strip() for x in part.partition("="))
+        if not sep or not field or not column:
+            raise DskdError(f"--columns: {part!r} is not FIELD=COLUMN", hint="e.g. --columns prompt=question,response=answer")
+        if field not in ROW_FIELDS:
+            raise DskdError(f"--columns: {field!r} is not a row field ({', '.join(ROW_FIELDS)})")
+        out[field] = column
+    return out
+
+
+ROW_FIELDS = ("prompt", "response", "instruction", "input", "output", "instances", "messages", "text")
+
+
+def _hub_rows(spec: str, split: str | None) -> Iterable[tuple[str, Any]]:
+    """Rows of ``hf:ORG/NAME[:CONFIG][@SPLIT]`` through `datasets.load_dataset` (offline, from the
+    local Hugging Face cache)."""
+    import datasets
+
+    name = spec[len(HF_PREFIX):]
+    name, _, at = name.partition("@")
+    name, _, config = name.partition(":")
+    split = at or split or "train"
+    if not name:
+        raise DskdError(f"{spec!r}: give a dataset name, hf:ORG/NAME[:CONFIG][@SPLIT]")
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split)
+    except Exception as e:  # noqa: BLE001 - whatever datasets says, as one error
+        offline = datasets.config.HF_HUB_OFFLINE
+        raise DskdError(f"{spec}: cannot load the dataset {name!r}" + (f" ({config})" if config else "")
+                        + f", split {split!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                        hint=("offline (HF_HUB_OFFLINE=1), only datasets already in the local Hugging Face cache load: "
+                              f"run `python -c \"import datasets; datasets.load_dataset('{name}'"
+                              + (f", '{config}'" if config else "") + ")\"` once with network, or save it with "
+                              "`save_to_disk` and pass that folder") if offline else
+                        "check the name, config and split on the hub") from None
+    for i, row in enumerate(ds):
+        yield f"{spec}#{i}", row
+
+
 def load_examples(data: str | Path, *, limit: int | None = None, skip_bad_rows: bool = False,
-                  split: str | None = None) -> LoadReport:
-    """Read a corpus into :class:`Example` rows, in file order.
+                  split: str | None = None, columns: str | dict[str, str] | None = None) -> LoadReport:
+    """Read a corpus into :class:`Example` rows, in file order: a .jsonl/.json/.parquet file, a
+    `datasets` folder, or ``hf:ORG/NAME[:CONFIG][@SPLIT]`` (`datasets.load_dataset`). ``columns``
+    maps row fields onto the data's own columns (``prompt=question,response=answer``).
 
     Raises one :class:`DskdError` naming the file and line of the first bad row (or, with
     ``skip_bad_rows``, skips them and reports the count). An empty corpus is an error.
     """
+    mapping = columns if isinstance(columns, dict) else parse_columns(columns)
     path = Path(data)
-    if not path.exists():
+    if str(data).startswith(HF_PREFIX):
+        rows = _hub_rows(str(data), split)
+    elif not path.exists():
         raise DskdError(f"corpus not found: {path}")
+    else:
+        rows = _raw_rows(path, split)
     examples: list[Example] = []
     skipped: list[str] = []
     seen: dict[str, int] = {}
-    for where, row in _raw_rows(path, split):
+    for where, row in rows:
         try:
             if isinstance(row, DskdError):
                 raise row
+            if mapping:
+                row = _mapped(row, mapping, where)
             items = _normalise(row, where)
         except DskdError as e:
             if not skip_bad_rows:
@@ -243,7 +309,7 @@ def load_examples(data: str | Path, *, limit: int | None = None, skip_bad_rows: 
     if skipped:
         log.warning("skipped %d malformed row(s) of %s; first: %s", len(skipped), path, skipped[0])
     if not examples:
-        raise DskdError(f"{path}: the corpus holds no usable example" + (f" ({len(skipped)} rows skipped)" if skipped else ""))
+        raise DskdError(f"{data}: the corpus holds no usable example" + (f" ({len(skipped)} rows skipped)" if skipped else ""))
     return LoadReport(examples, skipped)
 
 
@@ -502,7 +568,7 @@ def prepare_corpus(cfg: Any, tok: Any) -> Prepared:
     """Read, render and encode ``cfg.data`` (a CacheConfig, a DistillConfig or anything with their
     data fields) with ``tok``: the one corpus preparation of stage one, stage two and alignment."""
     report = load_examples(cfg.data, limit=cfg.limit, skip_bad_rows=getattr(cfg, "skip_bad_rows", False),
-                           split=getattr(cfg, "split", None))
+                           split=getattr(cfg, "split", None), columns=getattr(cfg, "columns", None))
     examples = split_long_texts(report.examples, tok, cfg.max_len)  # plain text: windows, nothing dropped
     if getattr(cfg, "generate", False) and any(ex.is_text for ex in examples):
         first = next(ex for ex in examples if ex.is_text)

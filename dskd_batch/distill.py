@@ -47,7 +47,7 @@ RESUMABLE = ("resume", "save_steps", "keep_checkpoints", "log_steps", "verify", 
              "skip_nonfinite", "loss_chunk", "log_to", "prune_when_done", "activation_checkpointing")
 # Settings added after runs were already made: left out of a run's identity while they keep these
 # defaults, so those runs still resume and pipelines still reuse them.
-LATER_DEFAULTS = {"kd_positions": "all", "length_group": 1}
+LATER_DEFAULTS = {"kd_positions": "all", "length_group": 1, "columns": None}
 
 
 def run_settings(cfg: DistillConfig) -> dict[str, Any]:
