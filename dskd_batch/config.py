@@ -60,7 +60,7 @@ class CacheConfig:
     teacher: str
     "Teacher model: a local Hugging Face folder, a .gguf file, or a hub id where the network allows."
     data: str
-    "Corpus: a .jsonl/.json file, a .parquet file, a saved `datasets` folder, or hf:ORG/NAME[:CONFIG][@SPLIT] (`datasets.load_dataset`; offline, from the local Hugging Face cache)."
+    "Corpus: a .jsonl/.json file, a .parquet file, a saved `datasets` folder, or `hf:ORG/NAME[:CONFIG][@SPLIT]` (`datasets.load_dataset`; offline, from the local Hugging Face cache)."
     out: str
     "Cache folder to create (or resume)."
     template: str = "auto"
@@ -221,7 +221,7 @@ class DistillConfig:
     teacher: str | None = None
     "Live teacher (instead of --cache): run the teacher during training with the same code stage one uses."
     data: str | None = None
-    "Corpus for training without a cache (--teacher, or --method sft): a file, a `datasets` folder or hf:ORG/NAME[:CONFIG][@SPLIT]."
+    "Corpus for training without a cache (--teacher, or --method sft): a file, a `datasets` folder or `hf:ORG/NAME[:CONFIG][@SPLIT]`."
     columns: str | None = None
     "With --data: map its columns onto row fields, FIELD=COLUMN,... (as cache-teacher --columns)."
     method: str = "kd"
