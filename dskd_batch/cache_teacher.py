@@ -518,6 +518,15 @@ def check_finite(rows: list[int], recs: list[dict[str, Any]], prep: Prepared) ->
                         hint="check the teacher's weights; in fp16 activations can overflow: try --dtype bf16 or fp32")
 
 
+def resolved_template_config(cfg: CacheConfig, tok: Any, students: list[Any]) -> CacheConfig:
+    """``cfg`` with `--template auto` made concrete: the chat template only if the teacher's and every
+    student tokenizer that renders these rows have one, else alpaca."""
+    if cfg.template != "auto":
+        return cfg
+    chat = all(getattr(t, "chat_template", None) for t in [tok, *students])
+    return dataclasses.replace(cfg, template="chat" if chat else "alpaca")
+
+
 def _manifest_readable(out: Path) -> bool:
     try:
         m = read_json(out / MANIFEST)
@@ -529,9 +538,7 @@ def _manifest_readable(out: Path) -> bool:
 def _run_locked(cfg: CacheConfig, ctx: DistContext, progress: bool, out: Path) -> Path:
     tok = load_tokenizer(cfg.teacher)
     students = [load_tokenizer(st) for st in cfg.student_tokenizer]  # a bad one fails now, not after the teacher ran
-    if cfg.template == "auto":  # the chat template only if every tokenizer that renders these rows has one
-        chat = all(getattr(t, "chat_template", None) for t in [tok, *students])
-        cfg = dataclasses.replace(cfg, template="chat" if chat else "alpaca")
+    cfg = resolved_template_config(cfg, tok, students)
     prep = prepare_corpus(cfg, tok)
     device = resolve_device(cfg.device)
     if ctx.enabled and device.type == "cuda":

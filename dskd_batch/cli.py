@@ -118,9 +118,15 @@ def main(verbose: bool) -> None:
 @config_options(CacheConfig)
 def cache_teacher_cmd(**kwargs: Any) -> None:
     """Stage one: run the teacher over a corpus and write a teacher cache (re-run to resume)."""
+    cfg = CacheConfig(**kwargs)
+    if cfg.dry_run:
+        from .cache.sizing import estimate, render
+
+        click.echo(render(estimate(cfg)))
+        return
     from .cache_teacher import run
 
-    out = run(CacheConfig(**kwargs))
+    out = run(cfg)
     click.echo(f"cache: {out}")
 
 
@@ -139,7 +145,12 @@ def cache_teacher_cmd(**kwargs: Any) -> None:
                    "by side in N worker processes, each stage on a fixed 1/N of the CPU threads (on a GPU they "
                    "share it). For a given N the results are the same run after run; another N changes the "
                    "thread count, and with it the floating-point rounding.")
-def run_cmd(pipeline: Path, dry_run: bool, only: str | None, train_seeds: str | None, jobs: int) -> None:
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override a setting of the file (repeatable): distill.lr=1e-4, cache.top_k=32, runs.kd.kd_rate=0.9, "
+                   "name=other (VALUE is read as TOML, else as a string).")
+@click.option("--out", "out_dir", default=None, help="Write every stage below this folder instead of the file's `out`.")
+def run_cmd(pipeline: Path, dry_run: bool, only: str | None, train_seeds: str | None, jobs: int,
+            overrides: tuple[str, ...], out_dir: str | None) -> None:
     """Run an experiment pipeline (pipelines/*.toml): cache, align, student, distill runs, evaluate, report;
     stages already done with the same settings are reused."""
     from .pipeline import run_pipeline
@@ -153,8 +164,28 @@ def run_cmd(pipeline: Path, dry_run: bool, only: str | None, train_seeds: str | 
             raise DskdError(f"--train-seeds must be comma-separated integers, got {train_seeds!r}") from None
         if not seeds:
             raise DskdError("--train-seeds names no seed")
-    for line in run_pipeline(pipeline, dry_run=dry_run, only=names, train_seeds=seeds, jobs=jobs):
+    sets = list(overrides) + ([f"out={json.dumps(out_dir)}"] if out_dir else [])
+    for line in run_pipeline(pipeline, dry_run=dry_run, only=names, train_seeds=seeds, jobs=jobs, overrides=sets):
         click.echo(line)
+
+
+@main.command("init-pipeline")
+@click.option("--teacher", required=True, help="Teacher model (folder, .gguf, pkg:NAME or hub id).")
+@click.option("--data", required=True, help="Training data (a file, a datasets folder or hf:ORG/NAME).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The pipeline file to write (.toml).")
+@click.option("--student", default=None, help="An existing student model (or use --layers).")
+@click.option("--layers", type=int, default=None, help="Build the student from this many of the teacher's layers.")
+@click.option("--dev", default=None, help="A held-out dev split: runs keep their best checkpoint on it.")
+@click.option("--test", default=None, help="A test split: evaluate and report every run on it.")
+@click.option("--columns", default=None, help="Map the data's columns onto row fields (as cache-teacher --columns).")
+def init_pipeline_cmd(teacher: str, data: str, out: Path, student: str | None, layers: int | None, dev: str | None,
+                      test: str | None, columns: str | None) -> None:
+    """Write a commented pipeline file for your own teacher, student and data (then `dskd-batch run FILE`)."""
+    from .pipeline import init_pipeline
+
+    path = init_pipeline(teacher=teacher, data=data, out=out, student=student, layers=layers, dev=dev, test=test,
+                         columns=columns)
+    click.echo(f"pipeline: {path}\nnext: dskd-batch run {path} --dry-run")
 
 
 @main.command("align")
@@ -226,7 +257,7 @@ def distances_cmd() -> None:
                    "(1 - cosine of each layer's input and output) on --calibration rows.")
 @click.option("--calibration", default=None, help="With --select influence: rows to score the layers on (any "
               "corpus; the first 64 are read), e.g. the training split.")
-@click.option("--template", default="alpaca", show_default=True,
+@click.option("--template", default="auto", show_default=True,
               help="With --select influence: how the calibration rows are rendered (as cache-teacher --template).")
 @click.option("--tokenizer", default=None, help="Give the student this tokenizer's vocabulary (a folder, .gguf or "
               "pkg:NAME): embeddings (and an untied head) transplanted from the teacher's, row by row.")

@@ -91,6 +91,8 @@ class CacheConfig:
     "Number of machines the shards are split over (merge with `dskd-batch merge`, or automatically by the last one)."
     skip_bad_rows: bool = False
     "Skip malformed corpus rows (and report how many) instead of stopping at the first."
+    dry_run: bool = False
+    "Tokenize the corpus and print what the cache will hold and its size on disk (every --hidden mode side by side), from the teacher's config alone; nothing is written and no weights are loaded."
     compression_level: int = 1
     "Blosc/zstd level of the shard arrays (0: uncompressed). Level 1 keeps 99% of level 3's saving at 3.7x its speed (benchmarks/bench_writer.py)."
     fidelity_sample: int = 4

@@ -103,6 +103,17 @@ def load_tokenizer(spec: str | os.PathLike) -> Any:
     return tok
 
 
+def teacher_config(spec: str | os.PathLike) -> Any:
+    """A model's config alone (hidden size, vocabulary, tying), without its weights."""
+    from transformers import AutoConfig
+
+    src = resolve_source(spec)
+    try:
+        return AutoConfig.from_pretrained(src.path, **src.kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise _hub_error(str(spec), e) from e
+
+
 def load_causal_lm(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                    device: str | torch.device = "cpu") -> Any:
     from transformers import AutoModelForCausalLM

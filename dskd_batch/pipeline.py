@@ -142,8 +142,37 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
         raise DskdError(f"{where}: {e}") from None
 
 
-def load_pipeline(path: str | Path) -> Pipeline:
-    """Parse and check a pipeline file (every stage's settings are validated; nothing runs)."""
+def apply_overrides(doc: dict[str, Any], overrides: list[str], where: str) -> dict[str, Any]:
+    """``--set SECTION.KEY=VALUE`` (``KEY=VALUE`` at the top level, ``runs.NAME.KEY=VALUE`` for one run):
+    VALUE is read as a TOML value (``3``, ``1e-4``, ``true``, ``[1, 2]``), else as a string."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = [k.strip() for k in key.strip().split(".")]
+        if not sep or not all(parts):
+            raise DskdError(f"--set {item!r}: not SECTION.KEY=VALUE", hint="e.g. --set distill.lr=1e-4")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        node: Any = doc
+        if parts[0] == "runs":
+            if len(parts) != 3:
+                raise DskdError(f"--set {item!r}: a run's setting is runs.NAME.KEY=VALUE")
+            match = [r for r in doc.get("runs", []) if r.get("name") == parts[1]]
+            if not match:
+                raise DskdError(f"--set {item!r}: {where} has no run named {parts[1]!r}")
+            node, parts = match[0], parts[2:]
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise DskdError(f"--set {item!r}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return doc
+
+
+def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
+    """Parse and check a pipeline file (every stage's settings are validated; nothing runs);
+    ``overrides`` are ``--set`` items applied first."""
     path = Path(path)
     if not path.is_file():
         raise DskdError(f"pipeline not found: {path}")
@@ -151,6 +180,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise DskdError(f"{path}: not valid TOML ({e})") from None
+    apply_overrides(doc, list(overrides or ()), str(path))
     _check_keys(doc, TOP_KEYS, str(path))
     for key in ("name", "out"):
         if not isinstance(doc.get(key), str) or not doc[key]:
@@ -472,14 +502,14 @@ def _once(run: Callable[[Any], Any], cfg: Any, _resume: bool) -> None:
 
 
 def _student_work(sdir: Path, source: str, layers: int, select: str, calibration: str | None, template: str,
-                  _resume: bool) -> None:
+                  columns: str | None, _resume: bool) -> None:
     import shutil
 
     from .student import init_student
 
     if sdir.exists():
         shutil.rmtree(sdir)
-    init_student(source, layers, sdir, select=select, calibration=calibration, template=template)
+    init_student(source, layers, sdir, select=select, calibration=calibration, template=template, columns=columns)
 
 
 def _changes(old: Any, new: dict[str, Any]) -> list[str]:
@@ -523,13 +553,14 @@ def seeded_runs(names: list[str], runs: list[DistillConfig], seeds: list[int]) -
 
 
 def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | None = None,
-                 train_seeds: list[int] | None = None, jobs: int = 1) -> list[str]:
+                 train_seeds: list[int] | None = None, jobs: int = 1, overrides: list[str] | None = None) -> list[str]:
     """Run (or, with ``dry_run``, list) every stage of a pipeline; returns one line per stage. ``only``
     names the runs to train and evaluate (the shared stages they need run too; the report lists these
     runs and the teacher); None: every run. ``train_seeds`` overrides the file's: each run is trained
     once per seed, and the report adds each run's mean and spread over them. ``jobs`` > 1 runs stages
     that do not read each other side by side, in that many worker processes (each stage on a fixed
-    1/jobs of this process's threads). Every stage is planned, and every changed one refused, before any runs."""
+    1/jobs of this process's threads). ``overrides``: ``--set`` items (:func:`apply_overrides`).
+    Every stage is planned, and every changed one refused, before any runs."""
     from .cache_teacher import run as cache_run
     from .evaluate import report as make_report
     from .evaluate import run as eval_run
@@ -538,7 +569,7 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
         raise DskdError(f"jobs must be a positive integer, got {jobs!r}")
     if jobs > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise DskdError("--jobs runs stages in worker processes of one machine; under torchrun use --jobs 1")
-    p = load_pipeline(path)
+    p = load_pipeline(path, overrides)
     unknown = sorted(set(only or ()) - set(p.run_names))
     if unknown:
         raise DskdError(f"{path}: no run named {', '.join(map(repr, unknown))}",
@@ -586,7 +617,9 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
         sdir = p.out / "student"
         st.stage("student", sdir, student_settings, lambda: (sdir / "config.json").exists(),
                  partial(_student_work, sdir, p.student_from, int(p.student_layers), p.student_select,
-                         p.student_calibration, p.cache.template), deps=("teacher",) if from_tuned else ())
+                         p.student_calibration, p.cache.template,
+                         p.cache.columns if p.student_calibration == p.cache.data else None),
+                 deps=("teacher",) if from_tuned else ())
 
     run_dirs: list[tuple[str, Path]] = []
     if p.evaluate is not None:  # the teacher's own row, read with the cache's template and limits
@@ -625,3 +658,79 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
                                groups=groups, baseline=sft[0] if sft and len(shown) > 1 else None)
         done.append(f"report: {target}\n{table}")
     return done
+
+
+PIPELINE_TEMPLATE = """\
+# A pipeline for your own teacher and data: `dskd-batch run {path}` runs every stage and reuses what is
+# done; `dskd-batch run {path} --dry-run` lists the stages; `--set distill.lr=1e-4` overrides a key.
+# The keys are the command-line options' names (underscores); `dskd-batch <command> --help` explains each.
+name = "{name}"
+out = "{out}"                     # every stage writes below this folder
+
+# [teacher]                       # optional: fine-tune the teacher on the training data first (the papers'
+# epochs = 1                      # first step; worth it for a general chat model), kept by dev CE
+# lr = 5e-5
+# eval_data = "{dev_or}"
+
+[cache]                           # stage one: the teacher once over the training data
+teacher = "{teacher}"
+data = "{data}"
+{columns}# template = "auto"               # the teacher's chat template when it has one, else alpaca
+# max_len = 512
+# hidden = "fp16"                 # exact logits at any temperature; "compact" for 0.6x the bytes
+# top_k = 64
+{dev_block}
+[student]
+{student_block}
+
+[distill]                         # settings of every run below
+epochs = 3
+lr = 2e-5
+# precision = "auto"              # bf16 on a GPU, fp32 on a CPU
+{keep_best}
+[[runs]]
+name = "sft"
+method = "sft"
+
+[[runs]]
+name = "kd"
+method = "kd"                     # forward KL at T = 2, the measured best (docs: Findings)
+
+[[runs]]
+name = "dskd"
+method = "dskd"                   # pinv projectors, frozen
+{eval_block}"""
+
+
+def init_pipeline(*, teacher: str, data: str, out: Path, student: str | None = None, layers: int | None = None,
+                  dev: str | None = None, test: str | None = None, name: str | None = None,
+                  columns: str | None = None) -> Path:
+    """Write a commented pipeline for one's own teacher and data (and an existing student, or one
+    pruned from the teacher), checked by :func:`load_pipeline` before it is kept."""
+    out = Path(out)
+    if out.exists():
+        raise DskdError(f"{out} exists", hint="choose another --out, or delete it")
+    if (student is None) == (layers is None):
+        raise DskdError("give --student (an existing student) or --layers N (N of the teacher's layers)")
+    name = name or out.stem
+    student_block = (f'path = "{student}"' if student else
+                     f'from = "{teacher}"                # init-student: {layers} of the teacher\'s layers\n'
+                     f'layers = {layers}\nselect = "influence"            # the layers of highest Block Influence')
+    dev_block = (f'\n[dev_cache]                       # the held-out split, cached like [cache]: dev CE/KL for\n'
+                 f'data = "{dev}"                  # choosing checkpoints\n') if dev else ""
+    text = PIPELINE_TEMPLATE.format(
+        path=out, name=name, out=f"{name}-out", teacher=teacher, data=data, dev_or=dev or "DEV.jsonl",
+        dev_block=dev_block, student_block=student_block,
+        columns=f'columns = "{columns}"\n' if columns else "",
+        keep_best='keep_best = "eval_ce"              # each run keeps its best checkpoint on dev\n' if dev else "",
+        eval_block=(f'\n[evaluate]\ndata = "{test}"\nseeds = "10,20,30"\n\n[report]\nout = "report.md"\n' if test else ""))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text)
+    try:
+        load_pipeline(tmp)
+    except BaseException:
+        tmp.unlink()
+        raise
+    tmp.rename(out)
+    return out

@@ -52,15 +52,16 @@ STUDENT_INFO = "student.json"
 
 @torch.no_grad()
 def block_influence(model: Any, tok: Any, data: str | Path, template: str, *, limit: int = 64, max_len: int = 512,
-                    batch_size: int = 8) -> list[float]:
+                    batch_size: int = 8, columns: str | None = None) -> list[float]:
     """Each decoder layer's Block Influence on the first ``limit`` rows of ``data`` (any row shape,
     rendered with ``template``): 1 - cosine similarity of the layer's input and output hidden
     states, averaged over every real token. A layer that passes its input through scores 0."""
     from .batches import CorpusExamples, collate
-    from .data import encode_example, load_examples, render_prompt
+    from .data import encode_example, load_examples, render_prompt, resolve_template
 
     _, _, layers = _layer_list(model)
-    examples = load_examples(data, limit=limit).examples
+    examples = load_examples(data, limit=limit, columns=columns).examples
+    template = resolve_template(template, tok)
     src = CorpusExamples([encode_example(tok, ex, render_prompt(ex, template, tok), max_prompt_len=max_len // 2,
                                          max_len=max_len, template=template) for ex in examples])
     sums = torch.zeros(len(layers), dtype=torch.float64)
@@ -198,7 +199,7 @@ def transplant_vocabulary(model: Any, teacher_tok: Any, student_tok: Any, seed: 
 
 def init_student(source: str, layers: int, out: str | Path, tokenizer: str | None = None,
                  embeddings: str = "transplant", select: str = "even", calibration: str | None = None,
-                 template: str = "alpaca") -> Path:
+                 template: str = "auto", columns: str | None = None) -> Path:
     """A student of ``layers`` of ``source``'s layers in ``out``; ``select`` = "influence" chooses them
     by Block Influence on ``calibration`` rows (rendered with ``template``)."""
     out = Path(out)
@@ -209,7 +210,7 @@ def init_student(source: str, layers: int, out: str | Path, tokenizer: str | Non
     if select == "influence":
         if calibration is None:
             raise DskdError("--select influence scores the layers on calibration rows: give --calibration DATA")
-        if not Path(calibration).exists():
+        if not str(calibration).startswith("hf:") and not Path(calibration).exists():
             raise DskdError(f"calibration data not found: {calibration}")
     tok = load_tokenizer(source)
     student_tok = load_tokenizer(tokenizer) if tokenizer is not None else None  # before the model: fail fast
@@ -217,7 +218,7 @@ def init_student(source: str, layers: int, out: str | Path, tokenizer: str | Non
     parent, attr, old = _layer_list(model)
     scores = None
     if select == "influence":
-        scores = block_influence(model, tok, calibration, template)
+        scores = block_influence(model, tok, calibration, template, columns=columns)
         keep = influence_layers(scores, layers)
     else:
         keep = kept_layers(len(old), layers)

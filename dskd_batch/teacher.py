@@ -270,7 +270,7 @@ def assemble_logits(approx: torch.Tensor, topk_values: torch.Tensor, topk_indice
 
     For a top-k-only cache (``approx`` all zeros) the tail is flat. A tail shaped like the
     student's own (so that the KL at T = 1 is the exact KL over the top-k plus one bucket) was
-    tried and trained worse than the flat one at T = 2 (README, Benchmarks: "What the bytes buy in
+    tried and trained worse than the flat one at T = 2 (docs/results/benchmarks.md: "What the bytes buy in
     training").
     """
     tv = topk_values.float()

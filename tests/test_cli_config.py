@@ -59,3 +59,24 @@ def test_template_auto_takes_a_chat_template_when_there_is_one(llama_teacher, co
                                   str(tmp_path / "c"), "--max-len", "64", "--max-prompt-len", "40"])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "c" / "settings.json").read_text())["template"]["name"] == "chat"
+
+
+def test_dry_run_counts_exactly_and_sizes_within_ten_percent(llama_teacher, corpus, tmp_path) -> None:
+    from dskd_batch.cache.sizing import estimate
+    from dskd_batch.cache_teacher import run
+    from dskd_batch.config import CacheConfig
+
+    out = tmp_path / "cache"
+    cfg = CacheConfig(teacher=str(llama_teacher), data=str(corpus), out=str(out), max_len=64, shard_size=5, dry_run=True)
+    r = CliRunner().invoke(main, ["cache-teacher", "--teacher", str(llama_teacher), "--data", str(corpus), "--out",
+                                  str(out), "--max-len", "64", "--shard-size", "5", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert "stored positions" in r.output and "| compact |" in r.output and not out.exists()  # nothing written
+    est = estimate(cfg)
+    run(CacheConfig(**{**cfg.__dict__, "dry_run": False}), progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (est["examples"], est["tokens"], est["positions"], est["shards"]) == (
+        manifest["totals"]["examples"], manifest["totals"]["tokens"], manifest["totals"]["positions"],
+        len(manifest["shards"]))
+    disk = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and ".lock" not in f.name)
+    assert abs(est["total_bytes"] - disk) <= 0.10 * disk, (est["total_bytes"], disk)

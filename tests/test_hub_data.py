@@ -70,3 +70,32 @@ def test_hub_dataset_with_a_column_mapping(llama_teacher, gpt2_student, tmp_path
     run = distill_run(DistillConfig(student=str(gpt2_student), out=str(tmp_path / "run"), cache=str(out), batch_size=2,
                                     max_steps=2, lr=1e-3, device="cpu"))
     assert (run / "student" / "config.json").exists()
+
+
+def test_a_new_user_from_init_pipeline_to_a_report(llama_teacher, corpus, tmp_path, monkeypatch) -> None:
+    """As a new user would: write a pipeline with init-pipeline for a tiny teacher over a hub
+    dataset with a column mapping, check it with --dry-run, run it (a few steps, --set), read the report."""
+    import datasets
+    from click.testing import CliRunner
+
+    from dskd_batch.cli import main
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(_hub_cached(tmp_path, "acme/qa", ROWS)))
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, ["init-pipeline", "--teacher", str(llama_teacher), "--data", "hf:acme/qa",
+                                  "--columns", "prompt=question,response=answer", "--layers", "1", "--test",
+                                  str(corpus), "--out", "mine.toml"])
+    assert r.exit_code == 0, r.output
+    text = (tmp_path / "mine.toml").read_text()
+    assert 'columns = "prompt=question,response=answer"' in text and "[[runs]]" in text
+    sets = ["--set", "distill.max_steps=2", "--set", "distill.batch_size=2", "--set", "distill.lr=1e-3",
+            "--set", "evaluate.limit=2", "--set", "evaluate.max_new_tokens=4", "--set", 'evaluate.seeds="1"',
+            "--set", "cache.max_len=64", "--out", "mine-out"]
+    r = CliRunner().invoke(main, ["run", "mine.toml", "--dry-run", *sets])
+    assert r.exit_code == 0 and "distill kd: would run" in r.output, r.output
+    r = CliRunner().invoke(main, ["run", "mine.toml", *sets])
+    assert r.exit_code == 0, r.output
+    report = (tmp_path / "mine-out" / "report.md").read_text()
+    assert all(name in report for name in ("sft", "kd", "dskd"))
+    bad = CliRunner().invoke(main, ["run", "mine.toml", "--set", "distill.lrr=1"])
+    assert bad.exit_code == 2 and "lrr" in bad.output
