@@ -101,6 +101,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--profile", action="store_true", help="profile one more stage-one repeat (cProfile, tottime)")
     ap.add_argument("--skip-stage-two", action="store_true")
+    ap.add_argument("--skip-stage-one", action="store_true")
+    ap.add_argument("--runs", default=None, help="comma-separated stage-two runs to do (default: all)")
     ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU: check the script, measure nothing")
     ap.add_argument("--stage-two-worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -129,10 +131,11 @@ def main() -> None:
     # -- stage one ---------------------------------------------------------------------------------
     cfg = CacheConfig(teacher=str(teacher), data=a.data, out=str(work / "unused"), limit=a.examples, hidden="fp16",
                       top_k=64, batch_tokens=16384, max_len=512, max_prompt_len=384, dtype="bf16", device=dev)
-    res["stage_one"] = throughput(cfg, 2, work / "tp", device=dev, dtype=torch.bfloat16)
-    print("stage one:", res["stage_one"], flush=True)
-    save()
-    if a.profile:  # where stage one's time goes: one more repeat under cProfile
+    if not a.skip_stage_one:
+        res["stage_one"] = throughput(cfg, 2, work / "tp", device=dev, dtype=torch.bfloat16)
+        print("stage one:", res["stage_one"], flush=True)
+        save()
+    if a.profile and not a.skip_stage_one:  # where stage one's time goes: one more repeat under cProfile
         import cProfile
         import io
         import pstats
@@ -178,7 +181,11 @@ def main() -> None:
         "dskd-chunk-256": ["--method", "dskd", "--cache", str(cache), "--loss-chunk", "256"],
         "dskd-chunk-1024": ["--method", "dskd", "--cache", str(cache), "--loss-chunk", "1024"],
         "dskd-chunked-checkpointing": ["--method", "dskd", "--cache", str(cache), "--activation-checkpointing"],
+        "kd-chunked-compiled": ["--method", "kd", "--cache", str(cache), "--compile-loss"],
+        "dskd-chunked-compiled": ["--method", "dskd", "--cache", str(cache), "--compile-loss"],
     }
+    if a.runs:
+        runs = {k: v for k, v in runs.items() if k in a.runs.split(",")}
     jobs = {name: [*base, "--out", str(work / "runs" / name), *args] for name, args in runs.items()}
     t = time.time()
     p = subprocess.run([sys.executable, __file__, "--stage-two-worker", json.dumps(jobs), "--out", str(out),
@@ -194,7 +201,7 @@ def main() -> None:
         return s2[x][key] / s2[y][key] if key in s2.get(x, {}) and key in s2.get(y, {}) else None
 
     res["ratios"] = {
-        "cache_vs_bare_forward": res["stage_one"]["ratio"],
+        "cache_vs_bare_forward": res.get("stage_one", {}).get("ratio"),
         "kd_one_piece_steps_vs_sft_plain": ratio("kd-one-piece", "sft-plain", "steps_per_s"),
         "kd_chunked_steps_vs_sft_plain": ratio("kd-chunked", "sft-plain", "steps_per_s"),
         "dskd_chunked_steps_vs_sft_plain": ratio("dskd-chunked", "sft-plain", "steps_per_s"),
@@ -206,6 +213,10 @@ def main() -> None:
         "dskd_chunked_memory_vs_sft_plain": ratio("dskd-chunked", "sft-plain", "cuda_peak_mib"),
         "dskd_checkpointing_vs_chunked_memory": ratio("dskd-chunked-checkpointing", "dskd-chunked", "cuda_peak_mib"),
         "dskd_checkpointing_vs_chunked_steps": ratio("dskd-chunked-checkpointing", "dskd-chunked", "steps_per_s"),
+        "kd_compiled_vs_eager_chunks_steps": ratio("kd-chunked-compiled", "kd-chunked", "steps_per_s"),
+        "dskd_compiled_vs_eager_chunks_steps": ratio("dskd-chunked-compiled", "dskd-chunked", "steps_per_s"),
+        "kd_compiled_vs_eager_chunks_memory": ratio("kd-chunked-compiled", "kd-chunked", "cuda_peak_mib"),
+        "dskd_compiled_vs_eager_chunks_memory": ratio("dskd-chunked-compiled", "dskd-chunked", "cuda_peak_mib"),
     }
     for name, r in s2.items():
         for base_ in ("kd", "dskd"):

@@ -326,6 +326,8 @@ class DistillConfig:
     "Evaluate --eval-data every N optimizer steps (0: at the end of each epoch); always at the end of training."
     loss_chunk: int = -1
     "Compute the loss this many response positions at a time (student and teacher logits, projections, distances), each chunk differentiated as it is computed, so memory does not grow with batch x vocabulary and nothing is recomputed. -1 (auto): on a CPU as many as keep each [positions, vocabulary] fp32 logit set of the method near 256 MiB (at V = 152k: 441 for SFT, 220 for KD, 110 for DSKD; at V = 49k: 1,365 / 682 / 341); on a GPU a power of two that lets the chunk's logit sets take 4% of the free device memory (1-8 GiB; on an H200 at V = 128k: 1,024 for KD, 512 for DSKD); 0: one piece. Every method but dskd-cma (its attention spans an example)."
+    compile_loss: bool = False
+    "torch.compile each loss chunk (student head, teacher logits, projections, distance) for the same vocabulary; the first steps pay the compilation."
     activation_checkpointing: bool = False
     "Recompute each student layer's activations in the backward pass instead of keeping them: less memory for long rows and big students (a 1B student under a 7B teacher) at about one more forward of the body per step. Same losses and gradients."
     skip_nonfinite: bool = False

@@ -47,7 +47,7 @@ RESUMABLE = ("resume", "save_steps", "keep_checkpoints", "log_steps", "verify", 
              "skip_nonfinite", "loss_chunk", "log_to", "prune_when_done", "activation_checkpointing")
 # Settings added after runs were already made: left out of a run's identity while they keep these
 # defaults, so those runs still resume and pipelines still reuse them.
-LATER_DEFAULTS = {"kd_positions": "all", "length_group": 1, "columns": None}
+LATER_DEFAULTS = {"kd_positions": "all", "length_group": 1, "columns": None, "compile_loss": False}
 
 
 def run_settings(cfg: DistillConfig) -> dict[str, Any]:
@@ -373,7 +373,8 @@ def _run(cfg: DistillConfig, ctx: DistContext, on_step: Callable[[int], None] | 
     sharded = ctx.enabled and cfg.parallel == "fsdp"
     # under FSDP the student samples from an unsharded copy that each step's weights are gathered into
     sampler = copy.deepcopy(student).to(device) if cfg.on_policy and sharded else student
-    module = DistillModule(student, projectors, method, vocab, cfg.loss_chunk, device=device).to(device)
+    module = DistillModule(student, projectors, method, vocab, cfg.loss_chunk, device=device,
+                           compile_loss=cfg.compile_loss).to(device)
 
     plan = TrainPlan(cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps, cfg.seed, cfg.lr, cfg.projector_lr,
                      cfg.weight_decay, cfg.warmup_ratio, cfg.lr_schedule, cfg.grad_clip, cfg.save_steps,

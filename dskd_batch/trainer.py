@@ -145,7 +145,7 @@ class DistillModule(nn.Module):
     """
 
     def __init__(self, student: nn.Module, projectors: nn.ModuleDict, method: Method, vocab: int,
-                 loss_chunk: int = -1, *, device: torch.device | str | None = None) -> None:
+                 loss_chunk: int = -1, *, device: torch.device | str | None = None, compile_loss: bool = False) -> None:
         super().__init__()
         self.student = student
         self.projectors = projectors
@@ -159,6 +159,8 @@ class DistillModule(nn.Module):
             loss_chunk = auto_chunk(vocab, method, device)
         self.loss_chunk = 0 if post or not method.per_position else loss_chunk
         self.eager_chunks = True  # chunk gradients taken in the forward pass (off under FSDP: checkpointing)
+        # --compile-loss: one chunk's loss (heads, teacher logits, projections, distance) through torch.compile
+        self._same_vocab_chunk = torch.compile(self._chunk_losses, dynamic=True) if compile_loss else self._chunk_losses
         self._select: torch.Tensor | None = None
         self._h: torch.Tensor | None = None
         self.student.get_output_embeddings().register_forward_pre_hook(self._keep_selected)
@@ -200,7 +202,7 @@ class DistillModule(nn.Module):
             if mb.cross is not None:  # across vocabularies: the teacher side whole, the pairs of these positions
                 return self._chunk_losses(h_part, mb.targets[part], mb.teacher, head, mb.cross.student_rows(part))
             tb = mb.teacher.rows(part) if mb.teacher is not None else None
-            return self._chunk_losses(h_part, mb.targets[part], tb, head)
+            return self._same_vocab_chunk(h_part, mb.targets[part], tb, head)
 
         if eager and self.eager_chunks:
             params = [p for m in (self.student.get_output_embeddings(), self.projectors) for p in m.parameters()
