@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -70,8 +71,9 @@ def stage_two_worker(jobs: dict[str, list[str]], out: Path) -> None:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         t = time.time()
-        r = CliRunner().invoke(cli, ["distill", *args], catch_exceptions=True)
         run = Path(args[args.index("--out") + 1])
+        shutil.rmtree(run, ignore_errors=True)  # a fresh run each time the benchmark is run
+        r = CliRunner().invoke(cli, ["distill", *args], catch_exceptions=True)
         if r.exit_code:
             res[name] = {"error": (r.output + repr(r.exception))[-1500:]}
         else:
