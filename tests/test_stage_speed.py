@@ -129,7 +129,9 @@ def test_auto_chunk_follows_the_device() -> None:
         auto_chunk(V, dskd, "cuda", free_bytes=f) for f in (10**10, 10**11, 10**12))
 
 
-def test_activation_checkpointing_same_losses_and_gradients(fp32_cache, gpt2_student) -> None:
+def _loss_and_grads(cache_dir, student_dir, method: str, *, checkpointing: bool = False,
+                    compile_loss: bool = False) -> tuple[float, dict]:
+    """One step's objective and every gradient, DSKD or KD from the test cache, chunks of 7 positions."""
     from transformers import AutoModelForCausalLM
 
     from dskd_batch.batches import CacheExamples, collate
@@ -138,24 +140,27 @@ def test_activation_checkpointing_same_losses_and_gradients(fp32_cache, gpt2_stu
     from dskd_batch.projectors import build_projectors
     from dskd_batch.trainer import DistillModule
 
-    cache = open_cache(fp32_cache)
+    cache = open_cache(cache_dir)
     mb = collate(CacheExamples(cache).records([0, 1, 2, 3]), pad_id=1, with_teacher=True)
     head = TeacherHead(cache.lm_head, cache.lm_head_bias, cache.logits_source)
-    got = []
-    for ckpt in (False, True):
-        student = AutoModelForCausalLM.from_pretrained(str(gpt2_student)).float()
-        if ckpt:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        student.train()
-        proj = build_projectors(student.get_output_embeddings().weight.shape[1], cache.lm_head.shape[1], t2s=True,
-                                s2t=True, init="random", seed=1)
-        module = DistillModule(student, proj, make_method("dskd", LossSettings("fkl", 2.0, 0.5)),
-                               int(cache.settings["tokenizer"]["size"]), loss_chunk=7)
-        terms = module(mb, head)
-        terms["objective"].backward()
-        got.append((float(terms["objective"]), {n: p.grad.clone() for n, p in module.named_parameters()
-                                                if p.grad is not None}))
-    (l0, g0), (l1, g1) = got
+    torch.manual_seed(0)
+    student = AutoModelForCausalLM.from_pretrained(str(student_dir)).float()
+    if checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student.train()
+    proj = build_projectors(student.get_output_embeddings().weight.shape[1], cache.lm_head.shape[1],
+                            t2s=method == "dskd", s2t=method == "dskd", init="random", seed=1)
+    module = DistillModule(student, proj, make_method(method, LossSettings("fkl", 2.0, 0.5)),
+                           int(cache.settings["tokenizer"]["size"]), loss_chunk=7, compile_loss=compile_loss)
+    terms = module(mb, head)
+    terms["objective"].backward()
+    return float(terms["objective"].detach()), {n: p.grad.clone() for n, p in module.named_parameters()
+                                                if p.grad is not None}
+
+
+def test_activation_checkpointing_same_losses_and_gradients(fp32_cache, gpt2_student) -> None:
+    l0, g0 = _loss_and_grads(fp32_cache, gpt2_student, "dskd")
+    l1, g1 = _loss_and_grads(fp32_cache, gpt2_student, "dskd", checkpointing=True)
     assert l0 == pytest.approx(l1, rel=1e-6)
     assert g0.keys() == g1.keys() and len(g0) > 4
     for n in g0:
@@ -166,30 +171,9 @@ def test_activation_checkpointing_same_losses_and_gradients(fp32_cache, gpt2_stu
 @pytest.mark.parametrize("method", ["kd", "dskd"])
 def test_compiled_loss_chunks_equal_eager(method, fp32_cache, gpt2_student) -> None:
     """--compile-loss: the same losses and gradients as the eager chunks (up to the compiler's rounding)."""
-    from transformers import AutoModelForCausalLM
-
-    from dskd_batch.batches import CacheExamples, collate
-    from dskd_batch.cache.reader import open_cache
-    from dskd_batch.methods import TeacherHead
-    from dskd_batch.projectors import build_projectors
-    from dskd_batch.trainer import DistillModule
-
-    cache = open_cache(fp32_cache)
-    mb = collate(CacheExamples(cache).records([0, 1, 2, 3]), pad_id=1, with_teacher=True)
-    head = TeacherHead(cache.lm_head, cache.lm_head_bias, cache.logits_source)
-    got = []
-    for compiled in (False, True):
-        torch.manual_seed(0)
-        student = AutoModelForCausalLM.from_pretrained(str(gpt2_student)).float().train()
-        proj = build_projectors(student.get_output_embeddings().weight.shape[1], cache.lm_head.shape[1],
-                                t2s=method == "dskd", s2t=method == "dskd", init="random", seed=1)
-        module = DistillModule(student, proj, make_method(method, LossSettings("fkl", 2.0, 0.5)),
-                               int(cache.settings["tokenizer"]["size"]), loss_chunk=7, compile_loss=compiled)
-        terms = module(mb, head)
-        terms["objective"].backward()
-        got.append((float(terms["objective"]), {n: p.grad.clone() for n, p in module.named_parameters()
-                                                if p.grad is not None}))
-    (l0, g0), (l1, g1) = got
+    l0, g0 = _loss_and_grads(fp32_cache, gpt2_student, method)
+    l1, g1 = _loss_and_grads(fp32_cache, gpt2_student, method, compile_loss=True)
     assert l0 == pytest.approx(l1, rel=1e-5)
+    assert g0.keys() == g1.keys()
     for n in g0:
         assert torch.allclose(g0[n], g1[n], atol=1e-5, rtol=1e-4), n
