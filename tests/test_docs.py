@@ -67,3 +67,16 @@ def test_the_api_example_runs(llama_teacher, gpt2_student, corpus, tmp_path, mon
                               "max_new_tokens=4, device='cpu')"), "docs/api.md", "exec"), scope)
     assert (tmp_path / "cache" / "manifest.json").exists() and (tmp_path / "runs" / "kd" / "student").exists()
     assert set(scope["record"]) >= {"input_ids", "positions", "hidden", "topk_values"}
+
+
+def test_benchmark_tables_are_rendered_from_the_results_json() -> None:
+    """docs/results/benchmarks.md's marked tables equal what benchmarks/render_docs.py makes of
+    benchmarks/results/*.json (run it after a benchmark)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("render_docs", ROOT / "benchmarks" / "render_docs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    text = mod.PAGE.read_text()
+    assert text.count("<!-- table:") == len(mod.TABLES)
+    assert mod.render(text) == text

@@ -1,0 +1,105 @@
+"""Render the benchmark tables of the docs from the results JSON files, so the pages cannot drift
+from the figures: each table sits between ``<!-- table:NAME -->`` and ``<!-- /table -->`` in a docs
+page and is rewritten from ``benchmarks/results/*.json``.
+
+    python benchmarks/render_docs.py           # rewrite the tables
+    python benchmarks/render_docs.py --check   # exit 1 if a page differs from what the JSON gives
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+PAGE = ROOT / "docs" / "results" / "benchmarks.md"
+
+
+def _load(name: str) -> dict[str, Any]:
+    return json.loads((RESULTS / name).read_text())
+
+
+def writer_table() -> str:
+    rows = []
+    for label, name in (("this 2-core machine", "bench_writer_cpu.json"), ("the H200's 16-core host", "bench_writer_h200.json")):
+        runs = {(r["level"], r["store_thread"]): r for r in _load(name)["write_path"]}
+        cells = [f"{runs[k]['mb_s']:.0f} ({runs[k]['mb_s_per_core']:.0f})" for k in ((3, False), (1, False), (1, True))]
+        rows.append(f"| {label}: MB/s of records (per core second) | " + " | ".join(cells) + " |")
+    return "| | zstd 3 | zstd 1 | zstd 1, storing thread |\n|---|---|---|---|\n" + "\n".join(rows)
+
+
+def _stage_two_rows(s2: dict[str, Any], sft: float, rows: list[tuple[str, str, str]]) -> str:
+    out = ["| setting | loss chunk | steps/s | ÷ sft-plain | peak GiB | ÷ one piece: steps/s, memory |",
+           "|---|---|---|---|---|---|"]
+    for name, label, one in rows:
+        r = s2[name]
+        chunk = "one piece" if not r["loss_chunk"] else f"{r['loss_chunk']:,}"
+        vs = ""
+        if one:
+            o = s2[one]
+            vs = f"{r['steps_per_s'] / o['steps_per_s']:.2f}, {r['cuda_peak_mib'] / o['cuda_peak_mib']:.2f}"
+        out.append(f"| {label} | {chunk} | {r['steps_per_s']:.2f} | {r['steps_per_s'] / sft:.2f} | "
+                   f"{r['cuda_peak_mib'] / 1024:.1f} | {vs} |")
+    return "\n".join(out)
+
+
+def gpu_stage_two_table() -> str:
+    s2 = _load("bench_gpu_h200.json")["stage_two"]
+    return _stage_two_rows(s2, s2["sft-plain"]["steps_per_s"], [
+        ("sft-plain", "sft-plain (corpus)", ""), ("kd-one-piece", "kd, one piece", ""),
+        ("kd-chunked", "kd, auto", "kd-one-piece"), ("kd-chunk-512", "kd", "kd-one-piece"),
+        ("kd-chunk-2048", "kd", "kd-one-piece"), ("dskd-one-piece", "dskd, one piece", ""),
+        ("dskd-chunked", "dskd, auto", "dskd-one-piece"), ("dskd-chunk-256", "dskd", "dskd-one-piece"),
+        ("dskd-chunk-1024", "dskd", "dskd-one-piece"),
+        ("dskd-chunked-checkpointing", "dskd, auto, `--activation-checkpointing`", "dskd-one-piece")])
+
+
+def gpu_compiled_table() -> str:
+    res = _load("bench_gpu_h200_compiled_loss.json")
+    return _stage_two_rows(res["stage_two"], res["sft_plain_next_call"]["steps_per_s"], [
+        ("kd-one-piece", "kd, one piece", ""), ("kd-chunked", "kd, eager chunks", "kd-one-piece"),
+        ("kd-chunked-compiled", "**kd, compiled chunks**", "kd-one-piece"),
+        ("dskd-one-piece", "dskd, one piece", ""), ("dskd-chunked", "dskd, eager chunks", "dskd-one-piece"),
+        ("dskd-chunked-compiled", "**dskd, compiled chunks**", "dskd-one-piece")])
+
+
+def gpu_stage_one_table() -> str:
+    s1 = _load("bench_gpu_h200.json")["stage_one"]
+    return ("| bare bf16 forward | cache-teacher (targets) | ratio | every position stored | ratio |\n|---|---|---|---|---|\n"
+            f"| {s1['bare_tok_s']:,.0f} tok/s | {s1['cache_tok_s']:,.0f} tok/s | **{s1['ratio']:.3f}** | "
+            f"{s1['cache_all_tok_s']:,.0f} tok/s | {s1['ratio_all']:.2f} |")
+
+
+TABLES: dict[str, Callable[[], str]] = {"writer": writer_table, "gpu-stage-one": gpu_stage_one_table,
+                                        "gpu-stage-two": gpu_stage_two_table, "gpu-compiled": gpu_compiled_table}
+
+
+def render(text: str) -> str:
+    def fill(m: re.Match) -> str:
+        return f"<!-- table:{m.group(1)} -->\n{TABLES[m.group(1)]()}\n<!-- /table -->"
+
+    return re.sub(r"<!-- table:([\w-]+) -->\n.*?<!-- /table -->", fill, text, flags=re.S)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true")
+    a = ap.parse_args()
+    old = PAGE.read_text()
+    new = render(old)
+    if a.check:
+        if new != old:
+            print(f"{PAGE}: tables differ from benchmarks/results; run python benchmarks/render_docs.py", file=sys.stderr)
+            return 1
+        return 0
+    PAGE.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
