@@ -63,6 +63,7 @@ bench: teacher
 # stage one's write path alone: synthetic records through the real shard writer, and the compressors (CPU)
 bench-writer: setup
     {{py}} benchmarks/bench_writer.py
+    {{py}} benchmarks/render_docs.py
 
 # cross-tokenizer alignment coverage and speed on the real tokenizers in ../shared
 bench-align: setup
