@@ -75,8 +75,31 @@ def gpu_stage_one_table() -> str:
             f"{s1['cache_all_tok_s']:,.0f} tok/s | {s1['ratio_all']:.2f} |")
 
 
+def cpu_distill_table() -> str:
+    r = _load("bench_distill_cpu.json")["results"]
+    sft = r["sft-plain"]["steps_per_s"]
+    labels = {"sft-plain": "sft-plain (corpus file, no teacher)", "sft-cache": "sft-cache", "kd-cache": "kd-cache",
+              "dskd-cache": "dskd-cache"}
+    rows = [f"| {labels.get(n, n)} | {v['steps_per_s']:.3f} | {v['steps_per_s'] / sft:.2f} | {v['tokens_per_s']:.0f} | "
+            f"{v['peak_rss_mib']:.0f} |" for n, v in r.items()]
+    return "| setting | steps/s | ÷ sft-plain | tokens/s | peak RSS MiB |\n|---|---|---|---|---|\n" + "\n".join(rows)
+
+
+def cpu_memory_table() -> str:
+    r = _load("bench_memory_cpu.json")
+    auto = {"sft": 441, "kd": 220, "dskd": 110}  # the CPU auto chunk at V = 151,936 (trainer.auto_chunk)
+    rows = []
+    for kind in ("one-piece", "chunked"):
+        for m in ("sft", "kd", "dskd"):
+            v = r[f"{m}-{kind}"]
+            label = f"{m}, one piece" if kind == "one-piece" else f"{m}, chunked (auto: {auto[m]} positions)"
+            rows.append(f"| {label} | {v['peak_rss_mib']:,.0f} | {v['steps_per_s']:.3f} |")
+    return "| setting | peak RSS MiB | steps/s |\n|---|---|---|\n" + "\n".join(rows)
+
+
 TABLES: dict[str, Callable[[], str]] = {"writer": writer_table, "gpu-stage-one": gpu_stage_one_table,
-                                        "gpu-stage-two": gpu_stage_two_table, "gpu-compiled": gpu_compiled_table}
+                                        "gpu-stage-two": gpu_stage_two_table, "gpu-compiled": gpu_compiled_table,
+                                        "cpu-distill": cpu_distill_table, "cpu-memory": cpu_memory_table}
 
 
 def render(text: str) -> str:
