@@ -14,6 +14,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DSKD_CPU_BF16", "0")  # --precision auto is fp32 in the tests on any CPU: exact comparisons
 torch.set_num_threads(2)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
