@@ -36,7 +36,7 @@ from .errors import DskdError
 from .models import (DTYPE_BY_NAME, dtype_name, head_and_embeddings, load_causal_lm, load_tokenizer, model_fingerprint,
                      resolve_device, resolve_dtype, token_rows, tokenizer_fingerprint)
 from .records import POSITIONS, TOKENS, ArraySpecs, array_specs, rows_at, to_arrays
-from .teacher import TeacherForward, assemble_logits, reconstruct_logits, reconstruction_check
+from .teacher import PendingRecords, TeacherForward, assemble_logits, reconstruct_logits, reconstruction_check
 
 log = logging.getLogger(__name__)
 
@@ -283,23 +283,18 @@ def write_shard(out: Path, s: int, cfg: CacheConfig, settings: dict[str, Any], p
 
     per_position = {k: v for k, v in specs.items() if v[0] == POSITIONS}
 
-    def store(rows: list[int], pending: Any) -> None:
+    def store(rows: list[int], pending: PendingRecords) -> None:
         recs = pending.wait()
-        if not getattr(pending, "finite", False):
+        if not pending.finite:
             check_finite(rows, recs, prep)
-        whole = getattr(pending, "whole", None)  # the batch's arrays converted at once, then cut per example
-        batch = to_arrays(whole, per_position, codec) if whole is not None else None
+        batch = to_arrays(pending.whole, per_position, codec)  # the batch's arrays at once, then cut per example
         lo = 0
         for i, rec in zip(rows, recs):
             enc = prep.encoded[i]
-            if batch is not None:
-                m = len(rec["positions"])
-                arrays = {k: v[lo:lo + m] for k, v in batch.items()}
-                arrays["input_ids"] = np.asarray(enc.input_ids, dtype=specs["input_ids"][1])
-                lo += m
-            else:
-                rec["input_ids"] = torch.as_tensor(enc.input_ids)
-                arrays = to_arrays(rec, specs, codec)
+            m = len(rec["positions"])
+            arrays = {k: v[lo:lo + m] for k, v in batch.items()}
+            arrays["input_ids"] = np.asarray(enc.input_ids, dtype=specs["input_ids"][1])
+            lo += m
             if "logits" in rec:
                 stored = codec.decode({k: arrays[k] for k in codec.array_specs()}) if codec is not None else None
                 res = reconstruction_check(rec["logits"], rec["hidden"], stored, weight, bias, dtype=teacher_dtype)
@@ -323,27 +318,15 @@ def write_shard(out: Path, s: int, cfg: CacheConfig, settings: dict[str, Any], p
             if pbar is not None:
                 pbar.update(len(enc.input_ids))
 
-    launch = getattr(tf, "launch", None)
     with ShardWriter(out / SHARDS / shard_name(s), specs, compression_level=cfg.compression_level, rows=sizes) as w:
         with StoreThread(depth=2 if overlap else 0) as storing:
             for batch in length_batches(lengths, cfg.batch_tokens):
                 rows = [members[j] for j in batch]
-                args = ([prep.encoded[i].input_ids for i in rows],)
-                kw = {"positions": [wanted[i] for i in rows], "keep_logits": [j < cfg.fidelity_sample for j in batch]}
-                pending = launch(*args, **kw) if launch is not None else _Done(tf(*args, **kw))
+                pending = tf.launch([prep.encoded[i].input_ids for i in rows], positions=[wanted[i] for i in rows],
+                                    keep_logits=[j < cfg.fidelity_sample for j in batch])
                 storing.submit(lambda rows=rows, pending=pending: store(rows, pending))
         w.extra_meta["fidelity"] = fid.result()
         w.extra_meta["norm_sums"] = norm.sums
-
-
-class _Done:
-    """Records already on the host (a teacher without :meth:`TeacherForward.launch`)."""
-
-    def __init__(self, records: list[dict[str, Any]]) -> None:
-        self.records = records
-
-    def wait(self) -> list[dict[str, Any]]:
-        return self.records
 
 
 def generate_shard(model: Any, tok: Any, cfg: CacheConfig, prep: Prepared, members: list[int], *,

@@ -4,7 +4,7 @@ taken away before the code runs.
 What :func:`run_untrusted` does, in this order:
 
 - the program runs in a new Python (``-I``: no user site, no ``PYTHON*`` variables) in a new
-  session, in an empty temporary folder that is also its home and temp folder, with a scrubbed
+  process group, in an empty temporary folder that is also its home and temp folder, with a scrubbed
   environment (``PATH``, ``HOME``, ``TMPDIR``, ``LANG``, ``PYTHONHASHSEED`` only) and no stdin;
   its stdout and stderr go to files in that folder;
 - before the program's first line: resource limits on CPU seconds, address space, file size,
@@ -15,7 +15,7 @@ What :func:`run_untrusted` does, in this order:
   re-permissioned or opened for writing, and other processes' ``/proc`` entries (a parent's
   environment) cannot be read; ``ctypes``/``cffi`` and a few introspection-heavy modules cannot
   be imported;
-- the parent waits at most ``timeout`` seconds (wall), then kills the whole session, and kills
+- the parent waits at most ``timeout`` seconds (wall), then kills its whole process group, and kills
   whatever the program left behind in any case. The folder is deleted afterwards.
 
 It is not a container: the process runs as the same user, with the same view of the file system
@@ -161,12 +161,12 @@ def run_untrusted(program: str, limits: Limits = Limits()) -> Outcome:
             except subprocess.TimeoutExpired:
                 code = None
             finally:
-                _kill_session(proc)
+                _kill_group(proc)
         return Outcome(code, _tail(out_path), _tail(err_path))
 
 
-def _kill_session(proc: subprocess.Popen) -> None:
-    """SIGKILL to the program's whole session (whatever it started lives there too)."""
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL to the program's whole process group (whatever it started lives there too)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):

@@ -144,19 +144,17 @@ class PendingRecords:
             self.done.synchronize()
         h = self.host
         self.finite = bool(h["finite"])
-        hidden = h["hidden"].float()
-        self.whole = {"positions": torch.cat(self.positions), "hidden": hidden, "logsumexp": h["logsumexp"],
-                      "argmax": h["topk_indices"][:, 0]}
+        whole: Record = {"positions": torch.cat(self.positions), "hidden": h["hidden"].float(),
+                         "logsumexp": h["logsumexp"], "argmax": h["topk_indices"][:, 0]}
         if self.top_k:
-            self.whole.update(topk_values=h["topk_values"], topk_indices=h["topk_indices"])
+            whole.update(topk_values=h["topk_values"], topk_indices=h["topk_indices"])
+        self.whole = whole
         records: list[Record] = []
         lo = 0
-        for i, p in enumerate(self.positions):
+        for i, p in enumerate(self.positions):  # each example's rows of the batch's fields
             hi = lo + len(p)
-            rec: Record = {"positions": p, "hidden": hidden[lo:hi], "logsumexp": h["logsumexp"][lo:hi],
-                           "argmax": h["topk_indices"][lo:hi, 0]}
-            if self.top_k:
-                rec["topk_values"], rec["topk_indices"] = h["topk_values"][lo:hi], h["topk_indices"][lo:hi]
+            rec: Record = {k: v[lo:hi] for k, v in whole.items()}
+            rec["positions"] = p
             if f"logits{i}" in h:
                 rec["logits"] = h[f"logits{i}"]
             records.append(rec)

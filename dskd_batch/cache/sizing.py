@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 # uncompressed / on-disk bytes with Blosc zstd level 1 + byte shuffle, measured on real caches: the
 # demo cache (`data/demo/train.jsonl`, SmolLM2-135M in fp32) for an fp32 teacher, and stage one on
@@ -63,21 +64,22 @@ def estimate(cfg: Any) -> dict[str, Any]:
     d = int(conf.hidden_size)
     vocab = len(tok)
     tied = bool(getattr(conf, "tie_word_embeddings", False))
-    dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device)) if cfg.device != "auto" or cfg.dtype != "auto" \
-        else resolve_dtype("auto", resolve_device("auto"))
-    teacher_dtype = "bf16" if str(dtype).endswith("bfloat16") or str(dtype).endswith("float16") else "fp32"
+    # only a bf16 head input leaves fp16's low mantissa bits zero; fp16 and fp32 teachers compress alike
+    dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device))
+    teacher_dtype = "bf16" if dtype == torch.bfloat16 else "fp32"
     ratios = COMPRESSION[teacher_dtype]
     ids = np.concatenate([np.asarray(e.input_ids, dtype=np.int32) for e in prep.encoded])
     pos = np.concatenate([np.asarray(stored_positions(e, cfg.positions), dtype=np.int32) for e in prep.encoded])
     tokens, positions = int(ids.size), int(pos.size)
+    known = {"input_ids": (ids.nbytes, _compressed(ids, cfg.compression_level)),  # compressed for real, once
+             "positions": (pos.nbytes, _compressed(pos, cfg.compression_level))}
     index_dtype = "uint16" if vocab <= 65536 else "int32"
     k = cfg.top_k
 
     def per_array(hidden: str) -> dict[str, tuple[float, float]]:
         """array -> (uncompressed bytes, estimated bytes on disk)."""
         out: dict[str, tuple[float, float]] = {
-            "input_ids": (ids.nbytes, _compressed(ids, cfg.compression_level)),
-            "positions": (pos.nbytes, _compressed(pos, cfg.compression_level)),
+            **known,
             "logsumexp": (4.0 * positions, 4.0 * positions / ratios["logsumexp"]),
             "argmax": (4.0 * positions, 4.0 * positions / ratios["argmax"]),
         }
