@@ -30,6 +30,11 @@ evaluate -> report.
     select = "influence"             # optional: "even" (default) or the layers of highest Block Influence
                                      # on `calibration` rows (default: the cache's data and template)
 
+    [heal]                           # optional: heal the pruned student on a general corpus before the task:
+    data = "general.jsonl"           # the base teacher cached over `data` into OUT/heal-cache (CacheConfig
+    method = "kd"                    # keys), then the student trained from it into OUT/heal (DistillConfig
+    epochs = 1                       # keys; method kd unless given); every run starts from OUT/heal/student
+
     [distill]                        # DistillConfig fields shared by every run (prune_when_done is
     epochs = 2                       # true unless given: a finished run keeps no resume checkpoints)
 
@@ -79,10 +84,14 @@ from .errors import DskdError
 log = logging.getLogger(__name__)
 
 STAGES_DIR = ".stages"
-TOP_KEYS = {"name", "out", "teacher", "cache", "dev_cache", "seqkd_cache", "student", "distill", "runs", "evaluate",
-            "report", "description", "train_seeds"}
+TOP_KEYS = {"name", "out", "teacher", "cache", "dev_cache", "seqkd_cache", "student", "heal", "distill", "runs",
+            "evaluate", "report", "description", "train_seeds"}
 TEACHER_DIR = "teacher"
-RESERVED = {"cache", "dev-cache", "seqkd-cache", "student", TEACHER_DIR, "teacher-eval"}  # stage folders in OUT
+HEAL_DIR = "heal"
+RESERVED = {"cache", "dev-cache", "seqkd-cache", "student", TEACHER_DIR, "teacher-eval", HEAL_DIR,
+            "heal-cache"}  # stage folders in OUT
+# [heal] keys that belong to its cache only (the shared ones, data ... template, describe the corpus)
+HEAL_CACHE_ONLY = {"teacher", "data", "columns", "limit", "max_len", "max_prompt_len", "template"}
 
 
 @dataclass
@@ -106,10 +115,18 @@ class Pipeline:
     student_select: str = "even"  # init-student --select
     student_calibration: str | None = None  # its --calibration rows (select = "influence")
     train_seeds: list[int] = field(default_factory=list)  # [] : each run trains once, with its own seed
+    heal_cache: CacheConfig | None = None  # the [heal] stage: the teacher over a general corpus ...
+    heal: DistillConfig | None = None  # ... and the pruned student trained from that cache
+
+    @property
+    def pruned(self) -> str:
+        """The student as [student] gives it (before any healing)."""
+        return self.student_path or str(self.out / "student")
 
     @property
     def student(self) -> str:
-        return self.student_path or str(self.out / "student")
+        """The student every run starts from: the healed one when there is a [heal] stage."""
+        return str(Path(self.heal.out) / "student") if self.heal is not None else self.pruned
 
 
 def _fields(cls: type) -> set[str]:
@@ -245,6 +262,9 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
                             "[teacher] stage, or name a model")
         student["from"] = str(out / TEACHER_DIR / "student")
 
+    pruned = str(student.get("path") or out / "student")
+    heal_cache, heal = _heal_stage(doc, path, out, base_teacher, pruned)
+
     common = _section(doc, "distill", str(path))
     _check_keys(common, _fields(DistillConfig) - {"student", "out", "cache"}, f"{path} [distill]")
     common.setdefault("prune_when_done", True)  # a finished stage is reused, never resumed: its checkpoints go
@@ -252,7 +272,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
     if not isinstance(runs_doc, list) or not runs_doc:
         raise DskdError(f"{path}: at least one [[runs]] entry is required")
     runs, names = [], []
-    student_spec = student.get("path") or str(out / "student")
+    student_spec = str(Path(heal.out) / "student") if heal is not None else pruned
     for i, r in enumerate(runs_doc):
         where = f"{path} [[runs]] #{i + 1}"
         if not isinstance(r, dict) or not isinstance(r.get("name"), str):
@@ -289,7 +309,38 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
     return Pipeline(path, doc["name"], out, cache_cfg, student.get("from"), student.get("layers"), student.get("path"),
                     runs, names, evaluate, (report or {}).get("out", "report.md") if report is not None else None,
                     str(doc.get("description", "")), tune, base_teacher, extra_caches, train_seeds=seeds,
-                    student_select=select, student_calibration=calibration)
+                    student_select=select, student_calibration=calibration, heal_cache=heal_cache, heal=heal)
+
+
+def _heal_stage(doc: dict[str, Any], path: Path, out: Path, base_teacher: str,
+                student: str) -> tuple[CacheConfig | None, DistillConfig | None]:
+    """The optional [heal] section: (its cache, its training run), or (None, None). Cache keys
+    (data, template, max_len, hidden, top_k, generate, ...) go to the cache of the general corpus,
+    made by the base teacher ([cache] teacher before any [teacher] stage) unless ``teacher`` names
+    another; the other keys are the training run's, which starts from the pruned ``student``."""
+    if "heal" not in doc:
+        return None, None
+    where = f"{path} [heal]"
+    sec = _section(doc, "heal", str(path))
+    cache_keys = _fields(CacheConfig) - {"out", "student_tokenizer", "shard_index", "num_shards", "dry_run"}
+    _check_keys(sec, cache_keys | (_fields(DistillConfig) - {"student", "out", "cache", "resume"}), where)
+    if "data" not in sec:
+        raise DskdError(f"{where}: `data` (the general corpus the student is healed on) is required",
+                        hint="plain-text rows {\"text\": ...}, chat or instruction rows, or hf:ORG/NAME")
+    cache = {k: v for k, v in sec.items() if k in cache_keys}
+    cache.setdefault("teacher", base_teacher)
+    if not cache["teacher"]:
+        raise DskdError(f"{where}: no teacher: give `teacher` here or in [cache]")
+    cache_cfg = _build(CacheConfig, {**cache, "out": str(out / "heal-cache")}, f"{where} (its cache)")
+    train = {k: v for k, v in sec.items() if k not in HEAL_CACHE_ONLY and (k not in cache_keys or k == "device")}
+    train.setdefault("method", "kd")
+    train.setdefault("prune_when_done", True)
+    run = _build(DistillConfig, {**train, "student": student, "out": str(out / HEAL_DIR), "cache": cache_cfg.out},
+                 f"{where} (its training run)")
+    if run.method in ("seqkd", "dskd-eta", "dskd-cma", "mined", "uld") or run.on_policy:
+        raise DskdError(f"{where}: the student is healed with sft, kd or dskd from the cache, got method "
+                        f"{run.method!r}{' with on_policy' if run.on_policy else ''}")
+    return cache_cfg, run
 
 
 @dataclass
@@ -620,6 +671,15 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
                          p.student_calibration, p.cache.template,
                          p.cache.columns if p.student_calibration == p.cache.data else None),
                  deps=("teacher",) if from_tuned else ())
+    student_stage = "student"
+    if p.heal is not None and p.heal_cache is not None:  # the general corpus, then the pruned student healed on it
+        hcache = Path(p.heal_cache.out)
+        hcache_fp = st.stage("heal cache", hcache, {"cache": to_dict(p.heal_cache)},
+                             lambda: (hcache / MANIFEST).exists(), partial(_once, cache_run, p.heal_cache))
+        hdir = Path(p.heal.out)
+        student_fp = st.stage("heal", hdir, {"distill": _run_ident(p.heal), "cache": hcache_fp, "student": student_fp},
+                              lambda: _finished(hdir), partial(_distill_work, p.heal), deps=("heal cache", "student"))
+        student_stage = "heal"
 
     run_dirs: list[tuple[str, Path]] = []
     if p.evaluate is not None:  # the teacher's own row, read with the cache's template and limits
@@ -634,7 +694,7 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
     for name, cfg in chosen:
         rdir = Path(cfg.out)
         dev = Path(cfg.eval_data) if cfg.eval_data and Path(cfg.eval_data) in cache_fps else None  # a [dev_cache]
-        reads = (cache_labels[Path(cfg.cache)], "align", "student") + ((cache_labels[dev],) if dev else ())
+        reads = (cache_labels[Path(cfg.cache)], "align", student_stage) + ((cache_labels[dev],) if dev else ())
         fp = st.stage(f"distill {name}", rdir, {"distill": _run_ident(cfg), "cache": cache_fps[Path(cfg.cache)],
                                                 "student": student_fp, **({"dev": cache_fps[dev]} if dev else {})},
                       lambda rdir=rdir: _finished(rdir), partial(_distill_work, cfg), deps=reads)

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from dskd_batch.errors import DskdError
 from dskd_batch.pipeline import load_pipeline, run_pipeline
@@ -188,6 +189,43 @@ def test_student_by_block_influence_is_a_stage_of_its_own(llama_teacher, corpus,
     assert "select: was 'influence', now '(absent)'" in str(e.value)  # the refusal names what changed
 
 
+def test_heal_stage_trains_the_pruned_student_on_a_general_corpus_before_every_run(
+        llama_teacher, corpus, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    text = write(tmp_path / "general.jsonl", "\n".join(json.dumps({"text": t}) for t in (
+        "The sea is vast and salty; waves roll in from far away.", "Gravity pulls masses towards each other.",
+        "Rain on the roof whispers to the sleeping town.", "Apples, pears and plums grow in the orchard.")) + "\n")
+    p = tiny(tmp_path, llama_teacher, corpus, llama_teacher, RUN.format(name="kd", method="kd", extra=""))
+    body = p.read_text().replace(f'[student]\npath = "{llama_teacher}"', f'[student]\nfrom = "{llama_teacher}"\nlayers = 1')
+    body = body.replace("[distill]", f'[heal]\ndata = "{text}"\nmax_len = 32\nshard_size = 2\nbatch_size = 2\n'
+                                     'max_steps = 3\nlr = 1e-2\n\n[distill]')
+    write(p, body.replace("[evaluate]", "[unused]").split("[unused]")[0])
+    pl = load_pipeline(p)
+    assert pl.heal_cache.teacher == str(llama_teacher) and pl.heal_cache.max_len == 32 and pl.heal_cache.shard_size == 2
+    assert pl.heal.method == "kd" and pl.heal.max_steps == 3 and pl.heal.batch_size == 2 and pl.heal.lr == 1e-2
+    assert pl.heal.student == str(tmp_path / "out" / "student") and pl.heal.cache == pl.heal_cache.out
+    assert pl.runs[0].student == str(tmp_path / "out" / "heal" / "student") == pl.student
+    assert pl.runs[0].batch_size == 4  # [heal] settings stay in the heal stage
+    lines = run_pipeline(p)
+    assert [x.split(":")[0] for x in lines] == ["cache", "student", "heal cache", "heal", "distill kd"]
+    out = tmp_path / "out"
+    from dskd_batch import open_cache
+
+    heal_cache = open_cache(out / "heal-cache")
+    assert len(heal_cache) == 4  # plain text: every token after the first is a target
+    assert all(len(heal_cache[i]["targets"]) == len(heal_cache[i]["input_ids"]) - 1 for i in range(4))
+    pruned = load_file(str(out / "student" / "model.safetensors"))
+    healed = load_file(str(out / "heal" / "student" / "model.safetensors"))
+    assert pruned.keys() == healed.keys() and any(not torch.equal(pruned[k], healed[k]) for k in pruned)
+    assert json.loads((out / "kd" / "run.json").read_text())["config"]["student"] == str(out / "heal" / "student")
+    assert all("reused" in x for x in run_pipeline(p, dry_run=True))
+    write(p, p.read_text().replace("max_steps = 3", "max_steps = 4"))  # a changed heal: refused, naming it
+    with pytest.raises(DskdError, match=r"heal: .*heal was made with other settings") as e:
+        run_pipeline(p, dry_run=True)
+    assert "distill.max_steps: was 3, now 4" in str(e.value)
+
+
 def test_interrupted_distill_resumes(llama_teacher, corpus, gpt2_student, tmp_path) -> None:
     p = tiny(tmp_path, llama_teacher, corpus, gpt2_student,
              RUN.format(name="kd", method="kd", extra="save_steps = 1\nprune_when_done = false"))
@@ -219,6 +257,12 @@ def test_interrupted_distill_resumes(llama_teacher, corpus, gpt2_student, tmp_pa
      '[[runs]]\nname = "a"\n', "`train_seeds` must be a non-empty list of integers"),
     ('name = "x"\nout = "o"\n[cache]\nteacher = "t"\ndata = "d"\n[student]\nfrom = "t"\n[[runs]]\nname = "a"\n',
      "needs `layers`"),
+    ('name = "x"\nout = "o"\n[cache]\nteacher = "t"\ndata = "d"\n[student]\npath = "s"\n[heal]\nepochs = 1\n'
+     '[[runs]]\nname = "a"\n', r"\[heal\]: `data` \(the general corpus"),
+    ('name = "x"\nout = "o"\n[cache]\nteacher = "t"\ndata = "d"\n[student]\npath = "s"\n[heal]\ndata = "g"\n'
+     'method = "uld"\n[[runs]]\nname = "a"\n', "healed with sft, kd or dskd"),
+    ('name = "x"\nout = "o"\n[cache]\nteacher = "t"\ndata = "d"\n[student]\npath = "s"\n[heal]\ndata = "g"\n'
+     'lrr = 1\n[[runs]]\nname = "a"\n', r"\[heal\]: unknown setting\(s\) lrr"),
 ])
 def test_bad_pipeline_files_name_the_problem(tmp_path, body, match) -> None:
     with pytest.raises(DskdError, match=match):
