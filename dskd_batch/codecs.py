@@ -225,11 +225,3 @@ def bytes_per_token(codec: HiddenCodec | None) -> float:
         return 0.0
     return float(sum(np.dtype(dt).itemsize * math.prod(shape) for dt, shape in codec.array_specs().values()))
 
-
-def codec_params(codec: HiddenCodec | None) -> dict[str, Any]:
-    if codec is None:
-        return {"mode": "none"}
-    out: dict[str, Any] = {"mode": codec.name, "raw_bytes_per_token": bytes_per_token(codec)}
-    if isinstance(codec, CompactCodec):
-        out["bits_per_value"] = codec.total_bits / codec.dim
-    return out

@@ -32,8 +32,3 @@ class DskdError(Exception):
 class CacheCorruptError(DskdError):
     """A cache file is missing, truncated or does not match its recorded checksum."""
 
-
-def raise_if(problems: list[str], hint: str | None = None, cls: type[DskdError] = DskdError) -> None:
-    """Raise ``cls`` listing ``problems`` if there are any."""
-    if problems:
-        raise cls(problems, hint)

@@ -98,6 +98,3 @@ def render_summary(info: dict[str, Any]) -> str:
             lines.append(f"check        ok ({what})")
     return "\n".join(lines)
 
-
-def cache_path_hint(path: Path) -> str:
-    return f"dskd-batch cache-info {path}"
