@@ -1,6 +1,6 @@
 """Render the benchmark tables of the docs from the results JSON files, so the pages cannot drift
 from the figures: each table sits between ``<!-- table:NAME -->`` and ``<!-- /table -->`` in a docs
-page and is rewritten from ``benchmarks/results/*.json``.
+page (PAGES) and is rewritten from ``benchmarks/results/*.json``.
 
     python benchmarks/render_docs.py           # rewrite the tables
     python benchmarks/render_docs.py --check   # exit 1 if a page differs from what the JSON gives
@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-PAGE = ROOT / "docs" / "results" / "benchmarks.md"
+PAGES = [ROOT / "docs" / "results" / "benchmarks.md", ROOT / "docs" / "heal.md"]
 
 
 def _load(name: str) -> dict[str, Any]:
@@ -97,7 +97,31 @@ def cpu_memory_table() -> str:
     return "| setting | peak RSS MiB | steps/s |\n|---|---|---|\n" + "\n".join(rows)
 
 
-TABLES: dict[str, Callable[[], str]] = {"writer": writer_table, "gpu-stage-one": gpu_stage_one_table,
+def _cell(st: dict[str, Any], digits: int) -> str:
+    return f"{st['mean']:.{digits}f}" if st["n"] < 2 else f"{st['mean']:.{digits}f} ± {st['std']:.{digits}f}"
+
+
+def heal_table(setting: str = "influence") -> str:
+    """Held-out NLL of the teacher, the pruned student and the healed students (bench_heal.py)."""
+    doc = _load("heal_cpu.json")["settings"][setting]
+    sets = list(doc["tests"])
+    head = ["model"] + [f"{s} nats/token (bits/byte)" for s in sets] + [f"gap closed, {s}" for s in sets] + \
+        ["tokens trained", "time"]
+    out = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for name, row in doc["summary"].items():
+        cells = [f"{_cell(row[s]['nats_per_token'], 3)} ({_cell(row[s]['bits_per_byte'], 3)})" for s in sets]
+        if "gap_closed" in row[sets[0]]:
+            cells += [_cell(row[s]["gap_closed"], 2) for s in sets]
+            secs = [x for x in row["seconds"] if x == x]
+            cells += [f"{row['tokens_trained'][0]:,}", f"{sum(secs) / max(len(secs), 1) / 60:.1f} min" if secs else "–"]
+        else:
+            cells += ["–"] * (len(sets) + 2)
+        label = {"teacher": "teacher (30 layers)", "pruned": "pruned (8 layers), not healed"}.get(name, f"healed: {name}")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+TABLES: dict[str, Callable[[], str]] = {"heal": heal_table,"writer": writer_table, "gpu-stage-one": gpu_stage_one_table,
                                         "gpu-stage-two": gpu_stage_two_table, "gpu-compiled": gpu_compiled_table,
                                         "cpu-distill": cpu_distill_table, "cpu-memory": cpu_memory_table}
 
@@ -113,14 +137,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true")
     a = ap.parse_args()
-    old = PAGE.read_text()
-    new = render(old)
-    if a.check:
+    stale = []
+    for page in PAGES:
+        old = page.read_text()
+        new = render(old)
         if new != old:
-            print(f"{PAGE}: tables differ from benchmarks/results; run python benchmarks/render_docs.py", file=sys.stderr)
-            return 1
-        return 0
-    PAGE.write_text(new)
+            stale.append(page)
+            if not a.check:
+                page.write_text(new)
+    if a.check and stale:
+        print(f"{', '.join(map(str, stale))}: tables differ from benchmarks/results; run python benchmarks/render_docs.py",
+              file=sys.stderr)
+        return 1
     return 0
 
 

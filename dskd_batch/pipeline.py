@@ -743,6 +743,11 @@ data = "{data}"
 [student]
 {student_block}
 
+# [heal]                          # optional, for a pruned student: train it on a general corpus against the
+# data = "general.jsonl"          # teacher first (plain-text rows; a cache of its own), then every run below
+# method = "kd"                   # starts from the healed student (docs: Prune, heal, then distil)
+# lr = 1e-3
+
 [distill]                         # settings of every run below
 epochs = 3
 lr = 2e-5
