@@ -111,7 +111,7 @@ def heal_table(setting: str = "influence") -> str:
     for name, row in doc["summary"].items():
         cells = [f"{_cell(row[s]['nats_per_token'], 3)} ({_cell(row[s]['bits_per_byte'], 3)})" for s in sets]
         if "gap_closed" in row[sets[0]]:
-            cells += [_cell(row[s]["gap_closed"], 2) for s in sets]
+            cells += [_cell(row[s]["gap_closed"], 3) for s in sets]
             secs = [x for x in row["seconds"] if x == x]
             cells += [f"{row['tokens_trained'][0]:,}", f"{sum(secs) / max(len(secs), 1) / 60:.1f} min" if secs else "–"]
         else:
