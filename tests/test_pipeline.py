@@ -207,6 +207,9 @@ def test_heal_stage_trains_the_pruned_student_on_a_general_corpus_before_every_r
     assert pl.heal.student == str(tmp_path / "out" / "student") and pl.heal.cache == pl.heal_cache.out
     assert pl.runs[0].student == str(tmp_path / "out" / "heal" / "student") == pl.student
     assert pl.runs[0].batch_size == 4  # [heal] settings stay in the heal stage
+    write(p, body.replace("layers = 1", 'layers = 1\nselect = "influence"'))  # layers chosen on the healing corpus
+    assert load_pipeline(p).student_calibration == str(text)
+    write(p, body.replace("[evaluate]", "[unused]").split("[unused]")[0])
     lines = run_pipeline(p)
     assert [x.split(":")[0] for x in lines] == ["cache", "student", "heal cache", "heal", "distill kd"]
     out = tmp_path / "out"
