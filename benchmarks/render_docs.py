@@ -121,9 +121,10 @@ def heal_table(setting: str = "influence") -> str:
     return "\n".join(out)
 
 
-TABLES: dict[str, Callable[[], str]] = {"heal": heal_table,"writer": writer_table, "gpu-stage-one": gpu_stage_one_table,
+TABLES: dict[str, Callable[[], str]] = {"writer": writer_table, "gpu-stage-one": gpu_stage_one_table,
                                         "gpu-stage-two": gpu_stage_two_table, "gpu-compiled": gpu_compiled_table,
-                                        "cpu-distill": cpu_distill_table, "cpu-memory": cpu_memory_table}
+                                        "cpu-distill": cpu_distill_table, "cpu-memory": cpu_memory_table,
+                                        "heal": heal_table}
 
 
 def render(text: str) -> str:

@@ -91,8 +91,6 @@ TEACHER_DIR = "teacher"
 HEAL_DIR = "heal"
 RESERVED = {"cache", "dev-cache", "seqkd-cache", "student", TEACHER_DIR, "teacher-eval", HEAL_DIR,
             "heal-cache"}  # stage folders in OUT
-# [heal] keys that belong to its cache only (the shared ones, data ... template, describe the corpus)
-HEAL_CACHE_ONLY = {"teacher", "data", "columns", "limit", "max_len", "max_prompt_len", "template"}
 
 
 @dataclass
@@ -256,17 +254,15 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
                         f"`layers`; got {select!r}")
     if "calibration" in student and select != "influence":
         raise DskdError(f"{path} [student]: `calibration` rows are read by select = \"influence\" only")
-    heal_data = doc.get("heal", {}).get("data") if isinstance(doc.get("heal"), dict) else None
-    calibration = (str(student.get("calibration", heal_data or cache.get("data")))  # the rows the student is
-                   if select == "influence" else None)                            # trained on first
+    pruned = str(student.get("path") or out / "student")
+    heal_cache, heal = _heal_stage(doc, path, out, base_teacher, pruned)
+    first_rows = heal_cache.data if heal_cache is not None else cache.get("data")  # what the student is trained on first
+    calibration = str(student.get("calibration", first_rows)) if select == "influence" else None
     if student.get("from") == "teacher":  # prune the tuned teacher, then distil (as Minitron does)
         if tune is None:
             raise DskdError(f"{path} [student]: `from = \"teacher\"` takes the layers of the tuned teacher: add a "
                             "[teacher] stage, or name a model")
         student["from"] = str(out / TEACHER_DIR / "student")
-
-    pruned = str(student.get("path") or out / "student")
-    heal_cache, heal = _heal_stage(doc, path, out, base_teacher, pruned)
 
     common = _section(doc, "distill", str(path))
     _check_keys(common, _fields(DistillConfig) - {"student", "out", "cache"}, f"{path} [distill]")
@@ -335,7 +331,8 @@ def _heal_stage(doc: dict[str, Any], path: Path, out: Path, base_teacher: str,
     if not cache["teacher"]:
         raise DskdError(f"{where}: no teacher: give `teacher` here or in [cache]")
     cache_cfg = _build(CacheConfig, {**cache, "out": str(out / "heal-cache")}, f"{where} (its cache)")
-    train = {k: v for k, v in sec.items() if k not in HEAL_CACHE_ONLY and (k not in cache_keys or k == "device")}
+    # the keys both configs have (data, template, max_len, ...) describe the corpus: the cache's; device: both
+    train = {k: v for k, v in sec.items() if k not in cache_keys or k == "device"}
     train.setdefault("method", "kd")
     train.setdefault("prune_when_done", True)
     run = _build(DistillConfig, {**train, "student": student, "out": str(out / HEAL_DIR), "cache": cache_cfg.out},
