@@ -60,8 +60,9 @@ complete, continues an interrupted stage (a cache from its finished shards, a di
 last checkpoint), and refuses, naming the folder, a stage whose settings changed under an
 existing output. A cache made elsewhere (``[cache] out`` pointing at it) is checked by
 ``cache-teacher`` itself, which finds it complete and writes nothing. Every stage is planned, and
-every changed one refused, before any runs; ``run --jobs N`` then runs the stages that do not read
-each other side by side in N worker processes, which share the CPU threads.
+every changed one (and every cache whose corpus file is missing) refused, before any runs;
+``run --jobs N`` then runs the stages that do not read each other side by side in N worker
+processes, which share the CPU threads.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ from typing import Any, Callable
 from .cache.format import MANIFEST
 from .files import atomic_write_json, fingerprint, flatten, read_json
 from .config import AlignConfig, CacheConfig, DistillConfig, EvalConfig, to_dict
+from .data import HF_PREFIX
 from .errors import DskdError
 
 log = logging.getLogger(__name__)
@@ -355,6 +357,7 @@ class _Step:
     complete: Callable[[], bool]
     work: Callable[[bool], Any]
     deps: tuple[str, ...] = ()
+    reads: tuple[str, ...] = ()  # input files (a corpus), checked before any stage runs
     action: str = ""  # reused | ran | resumed | would run
     fp: str = ""
     seconds: float | None = None
@@ -389,11 +392,12 @@ class _Stages:
         self.refused_folders: list[str] = []
 
     def stage(self, label: str, folder: Path, settings: dict[str, Any] | None, complete: Callable[[], bool],
-              work: Callable[[bool], Any], deps: tuple[str, ...] = ()) -> str:
+              work: Callable[[bool], Any], deps: tuple[str, ...] = (), reads: tuple[str, ...] = ()) -> str:
         """Plan ``work(resume)`` unless ``folder`` holds this stage, finished, made with ``settings``
         (compared by fingerprint; the record keeps them, so a refusal names what changed). ``deps``:
-        the labels of the planned stages it reads. Returns the stage's fingerprint."""
-        step = _Step(label, folder, settings, complete, work, tuple(d for d in deps if d in self.labels))
+        the labels of the planned stages it reads; ``reads``: its input files (``hf:`` names are not
+        checked). Returns the stage's fingerprint."""
+        step = _Step(label, folder, settings, complete, work, tuple(d for d in deps if d in self.labels), reads)
         self.steps.append(step)
         if settings is None:
             step.action = "would run" if self.dry_run else "ran"
@@ -428,6 +432,10 @@ class _Stages:
         if self.dry_run:
             return
         todo = [s for s in self.steps if s.action != "reused"]
+        missing = [f"{s.label}: {f} not found" for s in todo for f in s.reads
+                   if not f.startswith(HF_PREFIX) and not Path(f).exists()]
+        if missing:  # before any stage runs: a late stage's missing corpus would otherwise fail after hours
+            raise DskdError(missing, hint="fix the path in the pipeline file")
         if jobs <= 1:
             for step in todo:
                 self._start(step)
@@ -611,7 +619,7 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
     once per seed, and the report adds each run's mean and spread over them. ``jobs`` > 1 runs stages
     that do not read each other side by side, in that many worker processes (each stage on a fixed
     1/jobs of this process's threads). ``overrides``: ``--set`` items (:func:`apply_overrides`).
-    Every stage is planned, and every changed one refused, before any runs."""
+    Every stage is planned, and every changed one (or one whose corpus is missing) refused, before any runs."""
     from .cache_teacher import run as cache_run
     from .evaluate import report as make_report
     from .evaluate import run as eval_run
@@ -639,7 +647,7 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
     cache_cfg = {k: v for k, v in to_dict(p.cache).items() if k != "student_tokenizer"}
     made_by = {"teacher": teacher_fp} if teacher_fp else {}  # caches of a tuned teacher depend on its stage
     cache_fp = st.stage("cache", cache_dir, {"cache": cache_cfg, **made_by}, lambda: (cache_dir / MANIFEST).exists(),
-                        partial(_once, cache_run, p.cache), deps=("teacher",))
+                        partial(_once, cache_run, p.cache), deps=("teacher",), reads=(p.cache.data,))
     cache_fps, cache_labels = {cache_dir: cache_fp}, {cache_dir: "cache"}
     for key, ccfg in p.extra_caches.items():
         cdir = Path(ccfg.out)
@@ -648,7 +656,7 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
         cache_labels[cdir] = key.replace("_", " ")
         cache_fps[cdir] = st.stage(cache_labels[cdir], cdir, {"cache": to_dict(ccfg), **made_by},
                                    lambda cdir=cdir: (cdir / MANIFEST).exists(), partial(_once, cache_run, ccfg),
-                                   deps=("teacher",))
+                                   deps=("teacher",), reads=(ccfg.data,))
     if p.cache.student_tokenizer:  # idempotent: an existing alignment is kept
         from .cross.align import run as align_run
 
@@ -676,7 +684,8 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
     if p.heal is not None and p.heal_cache is not None:  # the general corpus, then the pruned student healed on it
         hcache = Path(p.heal_cache.out)
         hcache_fp = st.stage("heal cache", hcache, {"cache": to_dict(p.heal_cache)},
-                             lambda: (hcache / MANIFEST).exists(), partial(_once, cache_run, p.heal_cache))
+                             lambda: (hcache / MANIFEST).exists(), partial(_once, cache_run, p.heal_cache),
+                             reads=(p.heal_cache.data,))
         hdir = Path(p.heal.out)
         student_fp = st.stage("heal", hdir, {"distill": _run_ident(p.heal), "cache": hcache_fp, "student": student_fp},
                               lambda: _finished(hdir), partial(_distill_work, p.heal), deps=("heal cache", "student"))

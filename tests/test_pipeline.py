@@ -229,6 +229,16 @@ def test_heal_stage_trains_the_pruned_student_on_a_general_corpus_before_every_r
     assert "distill.max_steps: was 3, now 4" in str(e.value)
 
 
+def test_a_missing_corpus_is_refused_before_any_stage_runs(llama_teacher, corpus, tmp_path) -> None:
+    p = tiny(tmp_path, llama_teacher, corpus, llama_teacher, RUN.format(name="kd", method="kd", extra=""))
+    body = p.read_text().replace(f'[student]\npath = "{llama_teacher}"', f'[student]\nfrom = "{llama_teacher}"\nlayers = 1')
+    write(p, body.replace("[distill]", f'[heal]\ndata = "{tmp_path / "nowhere.jsonl"}"\n\n[distill]'))
+    assert any(x.startswith("heal cache: would run") for x in run_pipeline(p, dry_run=True))
+    with pytest.raises(DskdError, match=r"heal cache: .*nowhere\.jsonl not found"):
+        run_pipeline(p)
+    assert not (tmp_path / "out").exists()  # the task cache and the student, planned first, did not run
+
+
 def test_interrupted_distill_resumes(llama_teacher, corpus, gpt2_student, tmp_path) -> None:
     p = tiny(tmp_path, llama_teacher, corpus, gpt2_student,
              RUN.format(name="kd", method="kd", extra="save_steps = 1\nprune_when_done = false"))
