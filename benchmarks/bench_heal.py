@@ -48,19 +48,10 @@ from dskd_batch.data import load_examples  # noqa: E402
 from dskd_batch.evaluate import response_nll  # noqa: E402
 from dskd_batch.models import load_causal_lm, load_tokenizer  # noqa: E402
 from dskd_batch.pipeline import load_pipeline, run_pipeline, seeded_runs  # noqa: E402
+from make_splits import read, t0_heldout, write  # noqa: E402  (benchmarks/, this script's folder)
 
 PROMPT = {"template": "chat", "max_prompt_len": 256, "max_len": 512}
 DEV_PROMPT = {"template": "chat", "max_prompt_len": 128, "max_len": 256}  # the runs' eval_ce: the cache's limits
-
-
-def read(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").split("\n") if x.strip()]
-
-
-def write(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 def make_data(shared: Path, out: Path, rows: int) -> dict[str, Path]:
@@ -69,17 +60,9 @@ def make_data(shared: Path, out: Path, rows: int) -> dict[str, Path]:
     sample = random.Random(1).sample(train, rows)
     general = [{"text": r["prompt"].rstrip() + "\n" + r["response"]} for r in sample]
     write(out / "prompts.jsonl", [{"prompt": r["prompt"], "response": r["response"]} for r in sample])
-    dev = read(shared / "t0_mix" / "dev.jsonl")  # split by task as benchmarks/make_splits.py does
-    tasks = sorted({r["task"] for r in dev})
-    random.Random(0).shuffle(tasks)
-    dev_tasks = set(tasks[: len(tasks) // 2])
-    halves = {}
-    for name, part in (("dev", [r for r in dev if r["task"] in dev_tasks]),
-                       ("t0-test", [r for r in dev if r["task"] not in dev_tasks])):
-        keep = sorted(random.Random(0).sample(range(len(part)), min(120, len(part))))
-        halves[name] = [part[i] for i in keep]
+    halves = t0_heldout(read(shared / "t0_mix" / "dev.jsonl"), 120)  # the split of the quality benchmark
     return {"general": write(out / "general.jsonl", general), "dev": write(out / "dev.jsonl", halves["dev"]),
-            "t0-test": write(out / "t0-test.jsonl", halves["t0-test"]),
+            "t0-test": write(out / "t0-test.jsonl", halves["test"]),
             "self-instruct": shared / "self_instruct_seed" / "seed_tasks.jsonl"}
 
 
@@ -113,6 +96,23 @@ def trained_tokens(run: Path, cache: Path) -> int:
 def mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "n": len(values), "values": values}
+
+
+def save(results: Path, section: str, label: str, entry: dict) -> None:
+    """Keep ``entry`` as ``results[section][label]``, with the command, hardware, date and commit."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=ROOT).stdout.strip()
+    except OSError:
+        commit = ""
+    doc = json.loads(results.read_text()) if results.exists() else {}
+    doc.setdefault(section, {})[label] = {
+        "command": "python benchmarks/bench_heal.py " + " ".join(sys.argv[1:]),
+        "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "date": date.today().isoformat(), "commit": commit, **entry}
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"results: {results}")
 
 
 def main() -> None:
@@ -161,12 +161,7 @@ def main() -> None:
             found[label] = exp.get("value")
             print(f"{label}: dev {exp.get('metric')} {exp.get('value', float('nan')):.4f} at step {exp.get('step')}")
         if a.results is not None:  # the settings' dev CE, beside the test figures
-            doc = json.loads(a.results.read_text()) if a.results.exists() else {}
-            doc.setdefault("dev", {})[a.label or a.select] = {
-                "command": "python benchmarks/bench_heal.py " + " ".join(sys.argv[1:]), "date": date.today().isoformat(),
-                "select": a.select, "overrides": a.overrides, "dev_ce": found}
-            a.results.parent.mkdir(parents=True, exist_ok=True)
-            a.results.write_text(json.dumps(doc, indent=1) + "\n")
+            save(a.results, "dev", a.label or a.select, {"select": a.select, "overrides": a.overrides, "dev_ce": found})
         return
 
     tests = {name: load_examples(files[name]).examples for name in ("t0-test", "self-instruct")}
@@ -200,24 +195,12 @@ def main() -> None:
         print(f"{name}: " + ", ".join(f"{s} {summary[name][s]['nats_per_token']['mean']:.3f} ± "
                                       f"{summary[name][s]['nats_per_token']['std']:.3f} nats/token "
                                       f"(gap closed {summary[name][s]['gap_closed']['mean']:.2f})" for s in tests))
-    if a.results is None:
-        return
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=ROOT).stdout.strip()
-    except OSError:
-        commit = ""
-    doc = json.loads(a.results.read_text()) if a.results.exists() else {}
-    doc.setdefault("settings", {})[a.label or a.select] = {
-        "command": "python benchmarks/bench_heal.py " + " ".join(sys.argv[1:]),
-        "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "date": date.today().isoformat(), "commit": commit, "select": a.select, "overrides": a.overrides,
-        "seeds": seeds, "rows": a.rows, "tests": {k: len(v) for k, v in tests.items()},
-        "cache_seconds": secs.get("cache"), "student_seconds": secs.get("student"),
-        "wall_seconds": round(time.time() - t_start), "scores": scores, "summary": summary}
-    a.results.parent.mkdir(parents=True, exist_ok=True)
-    a.results.write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"results: {a.results}")
+    if a.results is not None:
+        save(a.results, "settings", a.label or a.select, {
+            "select": a.select, "overrides": a.overrides, "seeds": seeds, "rows": a.rows,
+            "tests": {k: len(v) for k, v in tests.items()}, "cache_seconds": secs.get("cache"),
+            "student_seconds": secs.get("student"), "wall_seconds": round(time.time() - t_start), "scores": scores,
+            "summary": summary})
 
 
 if __name__ == "__main__":

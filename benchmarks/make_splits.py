@@ -18,16 +18,31 @@ import random
 from pathlib import Path
 
 
-def write(path: Path, rows: list[dict]) -> None:
+def write(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     print(f"{path}: {len(rows)} rows")
+    return path
 
 
 def read(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text(encoding="utf-8").split("\n") if x.strip()]
+
+
+def t0_heldout(dev: list[dict], rows: int) -> dict[str, list[dict]]:
+    """T0's dev rows split by task (prompt template) into "dev" and "test" halves, no task in both,
+    each sampled down to ``rows`` (seed 0)."""
+    tasks = sorted({r["task"] for r in dev})
+    random.Random(0).shuffle(tasks)
+    dev_tasks = set(tasks[: len(tasks) // 2])
+    halves = {}
+    for name, part in (("dev", [r for r in dev if r["task"] in dev_tasks]),
+                       ("test", [r for r in dev if r["task"] not in dev_tasks])):
+        keep = sorted(random.Random(0).sample(range(len(part)), min(rows, len(part))))
+        halves[name] = [part[i] for i in keep]
+    return halves
 
 
 def main() -> None:
@@ -41,14 +56,8 @@ def main() -> None:
 
     train = read(shared / "t0_mix" / "train.jsonl")
     write(out / "t0" / "train.jsonl", random.Random(0).sample(train, a.t0_train))
-    dev = read(shared / "t0_mix" / "dev.jsonl")
-    tasks = sorted({r["task"] for r in dev})
-    random.Random(0).shuffle(tasks)
-    dev_tasks = set(tasks[: len(tasks) // 2])
-    for name, rows in (("dev", [r for r in dev if r["task"] in dev_tasks]),
-                       ("test", [r for r in dev if r["task"] not in dev_tasks])):
-        keep = sorted(random.Random(0).sample(range(len(rows)), min(a.t0_heldout, len(rows))))
-        write(out / "t0" / f"{name}.jsonl", [rows[i] for i in keep])
+    for name, rows in t0_heldout(read(shared / "t0_mix" / "dev.jsonl"), a.t0_heldout).items():
+        write(out / "t0" / f"{name}.jsonl", rows)
 
     seeds = read(shared / "self_instruct_seed" / "seed_tasks.jsonl")
     order = list(range(len(seeds)))
