@@ -107,7 +107,7 @@ def save(results: Path, section: str, label: str, entry: dict) -> None:
         commit = ""
     doc = json.loads(results.read_text()) if results.exists() else {}
     doc.setdefault(section, {})[label] = {
-        "command": "python benchmarks/bench_heal.py " + " ".join(sys.argv[1:]),
+        "command": f"python benchmarks/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:]),
         "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "date": date.today().isoformat(), "commit": commit, **entry}
     results.parent.mkdir(parents=True, exist_ok=True)

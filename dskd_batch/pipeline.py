@@ -35,6 +35,8 @@ evaluate -> report.
     data = "general.jsonl"           # the base teacher cached over `data` into OUT/heal-cache (CacheConfig
     method = "kd"                    # keys), then the student trained from it into OUT/heal (DistillConfig
     epochs = 1                       # keys; method kd unless given); every run starts from OUT/heal/student
+                                     # unless it sets `healed = false` (then from the pruned student: the
+                                     # two side by side in one report)
 
     [distill]                        # DistillConfig fields shared by every run (prune_when_done is
     epochs = 2                       # true unless given: a finished run keeps no resume checkpoints)
@@ -283,8 +285,15 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
         if name in names or "/" in name or name in RESERVED or name.startswith("."):
             raise DskdError(f"{where}: run name {name!r} is repeated, not a plain folder name, or the folder of "
                             f"another stage ({', '.join(sorted(RESERVED))})")
-        _check_keys(r, _fields(DistillConfig) - {"student", "out", "cache"}, where)
-        values = {**common, **r, "student": student_spec, "out": str(out / name), "cache": cache_cfg.out}
+        _check_keys(r, (_fields(DistillConfig) - {"student", "out", "cache"}) | {"healed"}, where)
+        given = "healed" in r
+        healed = r.pop("healed", heal is not None)
+        if not isinstance(healed, bool) or (given and heal is None):
+            raise DskdError(f"{where}: `healed` (true or false) chooses, in a pipeline with a [heal] stage, whether "
+                            f"the run starts from the healed student (the default) or the pruned one; got {healed!r}"
+                            + ("" if heal is not None else " without a [heal] stage"))
+        values = {**common, **r, "student": student_spec if healed else pruned, "out": str(out / name),
+                  "cache": cache_cfg.out}
         if values.get("method") == "seqkd":
             if "seqkd_cache" not in extra_caches:
                 raise DskdError(f"{where}: method seqkd trains on the teacher's own responses: add a [seqkd_cache] "
@@ -672,7 +681,7 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
                          **({"teacher": teacher_fp} if from_tuned else {}),
                          **({"select": p.student_select, "calibration": p.student_calibration,
                              "template": calib.template} if p.student_select != "even" else {})})
-    student_fp = fingerprint(student_settings)
+    pruned_fp = student_fp = fingerprint(student_settings)
     if p.student_from is not None:
         sdir = p.out / "student"
         st.stage("student", sdir, student_settings, lambda: (sdir / "config.json").exists(),
@@ -704,9 +713,12 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
     for name, cfg in chosen:
         rdir = Path(cfg.out)
         dev = Path(cfg.eval_data) if cfg.eval_data and Path(cfg.eval_data) in cache_fps else None  # a [dev_cache]
-        reads = (cache_labels[Path(cfg.cache)], "align", student_stage) + ((cache_labels[dev],) if dev else ())
+        healed = p.heal is not None and cfg.student == p.student  # else it starts from the pruned student
+        reads = ((cache_labels[Path(cfg.cache)], "align", student_stage if healed else "student")
+                 + ((cache_labels[dev],) if dev else ()))
         fp = st.stage(f"distill {name}", rdir, {"distill": _run_ident(cfg), "cache": cache_fps[Path(cfg.cache)],
-                                                "student": student_fp, **({"dev": cache_fps[dev]} if dev else {})},
+                                                "student": student_fp if healed or p.heal is None else pruned_fp,
+                                                **({"dev": cache_fps[dev]} if dev else {})},
                       lambda rdir=rdir: _finished(rdir), partial(_distill_work, cfg), deps=reads)
         run_dirs.append((name, rdir))
         if p.evaluate is not None:

@@ -229,6 +229,27 @@ def test_heal_stage_trains_the_pruned_student_on_a_general_corpus_before_every_r
     assert "distill.max_steps: was 3, now 4" in str(e.value)
 
 
+def test_runs_with_healed_false_start_from_the_pruned_student_and_reuse_the_unhealed_stages(
+        llama_teacher, corpus, tmp_path) -> None:
+    p = tiny(tmp_path, llama_teacher, corpus, llama_teacher, RUN.format(name="kd", method="kd", extra="max_steps = 2"))
+    body = p.read_text().replace(f'[student]\npath = "{llama_teacher}"', f'[student]\nfrom = "{llama_teacher}"\nlayers = 1')
+    body = body.replace("[evaluate]", "[unused]").split("[unused]")[0]
+    write(p, body)
+    run_pipeline(p)  # the task run from the pruned student, no [heal]
+    text = write(tmp_path / "general.jsonl", json.dumps({"text": "Rain on the roof whispers to the town."}) + "\n")
+    healed_body = body.replace("[distill]", f'[heal]\ndata = "{text}"\nmax_len = 32\nmax_steps = 1\n\n[distill]')
+    healed_body = healed_body.replace('name = "kd"\n', 'name = "kd"\nhealed = false\n') + RUN.format(
+        name="healed-kd", method="kd", extra="max_steps = 2")
+    write(p, healed_body)
+    pl = load_pipeline(p)
+    assert [c.student for c in pl.runs] == [str(tmp_path / "out" / "student"), pl.student]
+    assert pl.student == str(tmp_path / "out" / "heal" / "student")
+    lines = run_pipeline(p, dry_run=True)  # the unhealed run is the same stage as before: reused, not refused
+    assert [x.split(":")[0] for x in lines] == ["cache", "student", "heal cache", "heal", "distill kd",
+                                                "distill healed-kd"]
+    assert "reused" in lines[4] and all("would run" in x for x in lines[2:4] + lines[5:])
+
+
 def test_a_missing_corpus_is_refused_before_any_stage_runs(llama_teacher, corpus, tmp_path) -> None:
     p = tiny(tmp_path, llama_teacher, corpus, llama_teacher, RUN.format(name="kd", method="kd", extra=""))
     body = p.read_text().replace(f'[student]\npath = "{llama_teacher}"', f'[student]\nfrom = "{llama_teacher}"\nlayers = 1')
@@ -276,6 +297,10 @@ def test_interrupted_distill_resumes(llama_teacher, corpus, gpt2_student, tmp_pa
      'method = "uld"\n[[runs]]\nname = "a"\n', "healed with sft, kd or dskd"),
     ('name = "x"\nout = "o"\n[cache]\nteacher = "t"\ndata = "d"\n[student]\npath = "s"\n[heal]\ndata = "g"\n'
      'lrr = 1\n[[runs]]\nname = "a"\n', r"\[heal\]: unknown setting\(s\) lrr"),
+    ('name = "x"\nout = "o"\n[cache]\nteacher = "t"\ndata = "d"\n[student]\npath = "s"\n[[runs]]\nname = "a"\n'
+     'healed = false\n', "`healed`.*without a \\[heal\\] stage"),
+    ('name = "x"\nout = "o"\n[cache]\nteacher = "t"\ndata = "d"\n[student]\npath = "s"\n[heal]\ndata = "g"\n'
+     '[[runs]]\nname = "a"\nhealed = "no"\n', "`healed` \\(true or false\\).*got 'no'"),
 ])
 def test_bad_pipeline_files_name_the_problem(tmp_path, body, match) -> None:
     with pytest.raises(DskdError, match=match):
