@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from transformers import AutoTokenizer
 
-from dskd_batch.cross.align import align_example, response_targets, token_table, vocab_map
+from dskd_batch.cache.align import align_example, response_targets, token_table, vocab_map
 from dskd_batch.data import encode, load_examples, render_prompt
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

@@ -25,13 +25,13 @@ import torch
 
 from dskd_batch.cache.info import cache_summary
 from dskd_batch.cache.reader import open_cache
-from dskd_batch.cache_teacher import build_settings, run, write_shard
+from dskd_batch.teacher.caching import build_settings, run, write_shard
 from dskd_batch.data import prepare_corpus
-from dskd_batch.codecs import PlainCodec
+from dskd_batch.cache.codecs import PlainCodec
 from dskd_batch.config import CacheConfig
 from dskd_batch.data import length_batches
 from dskd_batch.models import head_and_embeddings, load_causal_lm, load_tokenizer
-from dskd_batch.teacher import TeacherForward
+from dskd_batch.teacher.forward import TeacherForward
 
 
 def throughput(cfg: CacheConfig, repeats: int, work: Path, *, device: str = "cpu",
@@ -122,7 +122,7 @@ def modes(teacher: str, data: str, limit: int, work: Path, modes_: list[str]) ->
         # from the last shard only, which lies past them (held out), so the figure is not in-sample.
         n = limit
         if mode == "compact":
-            from dskd_batch.cache_teacher import calibration_examples
+            from dskd_batch.teacher.caching import calibration_examples
 
             big = CacheConfig(teacher=teacher, data=data, out=str(out), limit=limit * 100)
             chosen, _ = calibration_examples(prepare_corpus(big, load_tokenizer(teacher)))

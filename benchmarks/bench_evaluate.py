@@ -20,7 +20,7 @@ import time
 import torch
 
 from dskd_batch.config import EvalConfig
-from dskd_batch.evaluate import run
+from dskd_batch.eval.evaluate import run
 
 
 def main() -> None:

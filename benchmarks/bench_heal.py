@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dskd_batch.data import load_examples  # noqa: E402
-from dskd_batch.evaluate import response_nll  # noqa: E402
+from dskd_batch.eval.evaluate import response_nll  # noqa: E402
 from dskd_batch.models import load_causal_lm, load_tokenizer  # noqa: E402
 from dskd_batch.pipeline import load_pipeline, run_pipeline, seeded_runs  # noqa: E402
 from make_splits import read, t0_heldout, write  # noqa: E402  (benchmarks/, this script's folder)

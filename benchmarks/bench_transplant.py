@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dskd_batch.data import load_examples  # noqa: E402
-from dskd_batch.evaluate import response_nll  # noqa: E402
+from dskd_batch.eval.evaluate import response_nll  # noqa: E402
 from dskd_batch.models import load_causal_lm, load_tokenizer  # noqa: E402
-from dskd_batch.student import init_student  # noqa: E402
+from dskd_batch.train.student import init_student  # noqa: E402
 
 
 def main() -> None:

@@ -36,16 +36,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dskd_batch.cache.format import SHARDS  # noqa: E402
-from dskd_batch.cache_teacher import write_shard  # noqa: E402
-from dskd_batch.codecs import PlainCodec  # noqa: E402
+from dskd_batch.teacher.caching import write_shard  # noqa: E402
+from dskd_batch.cache.codecs import PlainCodec  # noqa: E402
 from dskd_batch.config import CacheConfig  # noqa: E402
 from dskd_batch.data import Encoded, Example, Prepared  # noqa: E402
-from dskd_batch.records import array_specs  # noqa: E402
-from dskd_batch.teacher import PendingRecords  # noqa: E402
+from dskd_batch.cache.records import array_specs  # noqa: E402
+from dskd_batch.teacher.forward import PendingRecords  # noqa: E402
 
 
 class InstantTeacher:
-    """Stands in for :class:`dskd_batch.teacher.TeacherForward`: records of the right shapes, at no
+    """Stands in for :class:`dskd_batch.teacher.forward.TeacherForward`: records of the right shapes, at no
     cost (slices of tensors made once)."""
 
     def __init__(self, d: int, vocab: int, top_k: int, seed: int = 0) -> None:

@@ -28,9 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dskd_batch.compare import paired_gain  # noqa: E402
+from dskd_batch.eval.compare import paired_gain  # noqa: E402
 from dskd_batch.data import load_examples  # noqa: E402
-from dskd_batch.evaluate import load_report  # noqa: E402
+from dskd_batch.eval.evaluate import load_report  # noqa: E402
 from dskd_batch.pipeline import load_pipeline, run_pipeline, seeded_runs  # noqa: E402
 from bench_heal import make_data, mean_std, save, score, stage_seconds  # noqa: E402  (this script's folder)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from dskd_batch.cross.align import content_spans, eta_pairs, response_targets, token_table
+from dskd_batch.cache.align import content_spans, eta_pairs, response_targets, token_table
 from dskd_batch.data import encode, load_examples, render_prompt
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

@@ -120,11 +120,11 @@ def cache_teacher_cmd(**kwargs: Any) -> None:
     """Stage one: run the teacher over a corpus and write a teacher cache (re-run to resume)."""
     cfg = CacheConfig(**kwargs)
     if cfg.dry_run:
-        from .cache.sizing import estimate, render
+        from .teacher.sizing import estimate, render
 
         click.echo(render(estimate(cfg)))
         return
-    from .cache_teacher import run
+    from .teacher.caching import run
 
     out = run(cfg)
     click.echo(f"cache: {out}")
@@ -193,7 +193,7 @@ def init_pipeline_cmd(teacher: str, data: str, out: Path, student: str | None, l
 @config_options(AlignConfig, exclude=("cache",))
 def align_cmd(cache: str, **kwargs: Any) -> None:
     """Align a cache for student tokenizers (for dskd-eta, dskd-cma, mined and uld); no teacher needed."""
-    from .cross.align import run
+    from .cache.align import run
 
     for path, stats in run(AlignConfig(cache=cache, **kwargs)):
         click.echo(f"alignment: {path}\n  ETA pairs cover {stats['eta_coverage']:.1%} of the student's response tokens "
@@ -205,7 +205,7 @@ def align_cmd(cache: str, **kwargs: Any) -> None:
 @config_options(DistillConfig)
 def distill_cmd(**kwargs: Any) -> None:
     """Stage two: train a student from a teacher cache (or a live teacher) with SFT, SeqKD, KD or DSKD."""
-    from .distill import run
+    from .train.distill import run
 
     out = run(DistillConfig(**kwargs))
     click.echo(f"run: {out}")
@@ -215,7 +215,7 @@ def distill_cmd(**kwargs: Any) -> None:
 @config_options(EvalConfig)
 def evaluate_cmd(**kwargs: Any) -> None:
     """Generate responses for test sets and score them (Rouge-L over seeds, exact match, math, pass@1)."""
-    from .evaluate import run
+    from .eval.evaluate import run
 
     out = run(EvalConfig(**kwargs))
     click.echo((out / "report.md").read_text())
@@ -229,12 +229,37 @@ def evaluate_cmd(**kwargs: Any) -> None:
               "by test example (bootstrap interval and p-value of the score gain and of the NLL change).")
 def report_cmd(runs: tuple[str, ...], out: str | None, baseline: str | None) -> None:
     """Put several runs' (or reports') scores side by side, like the papers' tables."""
-    from .evaluate import report
+    from .eval.evaluate import report
 
     table, png = report(list(runs), out, baseline=baseline)
     click.echo(table)
     if png is not None:
         click.echo(f"curves: {png}")
+
+
+@main.command("serve-teacher")
+@click.option("--teacher", required=True, help="The model to serve (folder, .gguf, pkg:NAME or hub id).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: a free one).")
+@click.option("--device", default="auto", show_default=True, help="Where the teacher runs (auto, cpu, cuda, cuda:N).")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+              help="The teacher's dtype.")
+def serve_teacher_cmd(teacher: str, host: str, port: int, device: str, dtype: str) -> None:
+    """Serve a teacher over HTTP, for `cache-teacher --teacher http://HOST:PORT` and `distill --teacher` on
+    other processes or machines (the teacher loads once here; one request at a time)."""
+    import time
+
+    from .teacher.http import serve
+    from .teacher.source import LocalTeacher
+
+    server = serve(LocalTeacher(teacher, dtype=dtype, device=device), host, port)
+    h, p = server.server_address[:2]
+    click.echo(f"serving {teacher} at http://{h}:{p} (Ctrl-C stops)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.shutdown()
 
 
 @main.command("distances")
@@ -267,7 +292,7 @@ def init_student_cmd(source: str, layers: int, out: str, select: str, calibratio
                      tokenizer: str | None, embeddings: str) -> None:
     """Build a same-family student from K of a model's layers (weights copied), optionally with
     another tokenizer's vocabulary."""
-    from .student import init_student
+    from .train.student import init_student
 
     click.echo(f"student: {init_student(source, layers, out, tokenizer, embeddings, select, calibration, template)}")
 
@@ -307,7 +332,7 @@ def verify_cmd(cache: Path) -> None:
 def merge_cmd(cache: Path) -> None:
     """Index the shards written by several machines (--shard-index/--num-shards) and write the manifest."""
     from .cache.format import SETTINGS
-    from .cache_teacher import finalize
+    from .teacher.caching import finalize
 
     if not (cache / SETTINGS).exists():
         raise DskdError(f"{cache} is not a dskd-batch cache (no {SETTINGS})")

@@ -58,7 +58,7 @@ class CacheConfig:
     """Settings of stage one (`dskd-batch cache-teacher`)."""
 
     teacher: str
-    "Teacher model: a local Hugging Face folder, a .gguf file, or a hub id where the network allows."
+    "Teacher model: a local Hugging Face folder, a .gguf file, pkg:NAME, a hub id where the network allows, or a served teacher, http://HOST:PORT (`dskd-batch serve-teacher`)."
     data: str
     "Corpus: a .jsonl/.json file, a .parquet file, a saved `datasets` folder, or `hf:ORG/NAME[:CONFIG][@SPLIT]` (`datasets.load_dataset`; offline, from the local Hugging Face cache)."
     out: str
@@ -237,7 +237,7 @@ class DistillConfig:
     cache: str | None = None
     "Teacher cache written by `cache-teacher` (the teacher itself is never loaded)."
     teacher: str | None = None
-    "Live teacher (instead of --cache): run the teacher during training with the same code stage one uses."
+    "Live teacher (instead of --cache): run the teacher during training with the same code stage one uses (a model, or a served teacher at http://HOST:PORT)."
     data: str | None = None
     "Corpus for training without a cache (--teacher, or --method sft): a file, a `datasets` folder or `hf:ORG/NAME[:CONFIG][@SPLIT]`."
     columns: str | None = None

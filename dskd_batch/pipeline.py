@@ -250,7 +250,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
                         "(init-student)")
     if "from" in student and not isinstance(student.get("layers"), int):
         raise DskdError(f"{path} [student]: `from` needs `layers` (an integer)")
-    from .student import SELECTIONS
+    from .train.student import SELECTIONS
 
     select = student.get("select", "even")
     if select not in SELECTIONS or ("select" in student and "from" not in student):
@@ -558,7 +558,7 @@ def _in_worker(label: str, work: Callable[[bool], Any], resume: bool) -> dict[st
 
 
 def _distill_work(cfg: DistillConfig, resume: bool) -> None:
-    from .distill import run
+    from .train.distill import run
 
     run(dataclasses.replace(cfg, resume=resume))
 
@@ -573,7 +573,7 @@ def _student_work(sdir: Path, source: str, layers: int, select: str, calibration
                   columns: str | None, _resume: bool) -> None:
     import shutil
 
-    from .student import init_student
+    from .train.student import init_student
 
     if sdir.exists():
         shutil.rmtree(sdir)
@@ -592,13 +592,13 @@ def _changes(old: Any, new: dict[str, Any]) -> list[str]:
 
 def _run_ident(cfg: DistillConfig) -> dict[str, Any]:
     """A distill stage's settings as its identity: the run's own (:func:`distill.run_settings`)."""
-    from .distill import run_settings
+    from .train.distill import run_settings
 
     return run_settings(cfg)
 
 
 def _finished(rdir: Path) -> bool:
-    from .distill import RUN_FILE
+    from .train.distill import RUN_FILE
 
     return (rdir / RUN_FILE).exists() and read_json(rdir / RUN_FILE).get("status") == "done"
 
@@ -629,9 +629,9 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
     that do not read each other side by side, in that many worker processes (each stage on a fixed
     1/jobs of this process's threads). ``overrides``: ``--set`` items (:func:`apply_overrides`).
     Every stage is planned, and every changed one (or one whose corpus is missing) refused, before any runs."""
-    from .cache_teacher import run as cache_run
-    from .evaluate import report as make_report
-    from .evaluate import run as eval_run
+    from .teacher.caching import run as cache_run
+    from .eval.evaluate import report as make_report
+    from .eval.evaluate import run as eval_run
 
     if not isinstance(jobs, int) or jobs < 1:
         raise DskdError(f"jobs must be a positive integer, got {jobs!r}")
@@ -667,7 +667,7 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
                                    lambda cdir=cdir: (cdir / MANIFEST).exists(), partial(_once, cache_run, ccfg),
                                    deps=("teacher",), reads=(ccfg.data,))
     if p.cache.student_tokenizer:  # idempotent: an existing alignment is kept
-        from .cross.align import run as align_run
+        from .cache.align import run as align_run
 
         st.stage("align", cache_dir, None, lambda: False,
                  partial(_once, align_run,

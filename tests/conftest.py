@@ -144,7 +144,7 @@ def gpt2_student(tiny_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFact
 @pytest.fixture(scope="session")
 def fp32_cache(llama_teacher: Path, corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An fp32 cache of the LLaMA teacher over the test corpus (exact hidden states)."""
-    from dskd_batch.cache_teacher import run
+    from dskd_batch.teacher.caching import run
     from dskd_batch.config import CacheConfig
 
     out = tmp_path_factory.mktemp("cache") / "fp32"

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from dskd_batch.cross.align import (align_example, content_spans, dtw_path, eta_pairs, levenshtein, mined_alignment,
+from dskd_batch.cache.align import (align_example, content_spans, dtw_path, eta_pairs, levenshtein, mined_alignment,
                               response_targets, token_table, vocab_map)
 from dskd_batch.data import encode, load_examples, render_prompt
 

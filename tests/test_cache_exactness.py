@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from dskd_batch import open_cache
-from dskd_batch.cache_teacher import run
+from dskd_batch.teacher.caching import run
 from dskd_batch.config import CacheConfig
 from dskd_batch.models import load_causal_lm
-from dskd_batch.teacher import reconstruct_logits
+from dskd_batch.cache.head import reconstruct_logits
 
 
 def _real_logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -95,7 +95,7 @@ def test_soft_capped_teacher_is_flagged(tiny_tokenizer_dir: Path, corpus: Path, 
 def test_the_head_runs_on_the_requested_positions_only(llama_teacher: Path) -> None:
     """TeacherForward hands the model's head only the positions asked for: the head sees [1, M, d]
     and every output equals the full forward's at those positions."""
-    from dskd_batch.teacher import TeacherForward
+    from dskd_batch.teacher.forward import TeacherForward
 
     model = load_causal_lm(llama_teacher)
     seen: list[tuple[int, ...]] = []
@@ -120,8 +120,8 @@ def test_bf16_ties_are_not_top1_disagreements() -> None:
     """A bf16 teacher's logits tie often; which tied token argmax picks says nothing about whether
     h @ W.T is the teacher's function. The cache's choice of the exact source must not hinge on it
     (in a real bf16 cache it flipped on one token in 211)."""
-    from dskd_batch.cache_teacher import decide_logits_source
-    from dskd_batch.teacher import kl_stats
+    from dskd_batch.teacher.caching import decide_logits_source
+    from dskd_batch.cache.head import kl_stats
 
     torch.manual_seed(0)
     exact = torch.randn(64, 500) * 3 + 10

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from conftest import assert_same_cache
 from dskd_batch import open_cache
 from dskd_batch.cache import writer as writer_mod
-from dskd_batch.cache_teacher import run
+from dskd_batch.teacher.caching import run
 from dskd_batch.cli import main
 from dskd_batch.config import CacheConfig
 from dskd_batch.errors import CacheCorruptError, DskdError
@@ -170,7 +170,7 @@ def test_storage_modes(mode, llama_teacher, corpus, tmp_path) -> None:
 
 
 def test_compact_codec_round_trip_is_deterministic() -> None:
-    from dskd_batch.codecs import CompactCodec
+    from dskd_batch.cache.codecs import CompactCodec
 
     g = torch.Generator().manual_seed(0)
     d, V = 16, 50
@@ -203,7 +203,7 @@ def test_format_1_cache_is_refused_with_what_to_run(reference_cache, tmp_path) -
 def test_all_positions_hold_the_targets_rows_and_train_the_same(llama_teacher, corpus, reference_cache,
                                                                 tmp_path) -> None:
     """``positions="all"`` (format 1's layout) stores a superset; what training reads is identical."""
-    from dskd_batch.batches import collate
+    from dskd_batch.train.batches import collate
     from dskd_batch.cache.info import cache_summary
 
     out = tmp_path / "all"
@@ -230,7 +230,7 @@ def test_one_record_spec() -> None:
     are found by position (a missing one is named)."""
     from dataclasses import fields
 
-    from dskd_batch.records import TEACHER_FIELDS, TeacherBatch, rows_at
+    from dskd_batch.cache.records import TEACHER_FIELDS, TeacherBatch, rows_at
 
     assert tuple(f.name for f in fields(TeacherBatch)) == TEACHER_FIELDS
     rec = {"id": "x", "positions": torch.tensor([2, 3, 4, 7])}

@@ -128,7 +128,7 @@ def chat_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cache(teacher: Path, data: Path, out: Path, **kw) -> Path:
-    from dskd_batch.cache_teacher import run
+    from dskd_batch.teacher.caching import run
 
     base = dict(teacher=str(teacher), data=str(data), out=str(out), hidden="fp32", top_k=8, max_len=96,
                 max_prompt_len=48, template="chat")
@@ -168,9 +168,9 @@ def test_conversations_align_turn_by_turn_across_tokenizers(tmp_path):
     student tokenizer without a chat template is refused by name."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from dskd_batch.cross.align import ALIGN_DIR, ALIGN_FILE, Alignment, token_table
+    from dskd_batch.cache.align import ALIGN_DIR, ALIGN_FILE, Alignment, token_table
     from dskd_batch import open_cache
-    from dskd_batch.distill import run
+    from dskd_batch.train.distill import run
 
     tt = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / "smollm2"))
     st = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / "qwen2"))
@@ -223,7 +223,7 @@ def test_conversations_align_turn_by_turn_across_tokenizers(tmp_path):
     assert len(m) == 2 and all(r["aligned"] > 0 and r["loss"] == r["loss"] for r in m)
     gpt2 = SHARED / "tokenizers" / "gpt2"
     if gpt2.is_dir():
-        from dskd_batch.cross.align import build_alignment
+        from dskd_batch.cache.align import build_alignment
 
         with pytest.raises(DskdError, match="a conversation needs a tokenizer with a chat template"):
             build_alignment(cache, AutoTokenizer.from_pretrained(str(gpt2)), "gpt2")
@@ -231,7 +231,7 @@ def test_conversations_align_turn_by_turn_across_tokenizers(tmp_path):
 
 @pytest.mark.parametrize("method", ["kd", "dskd"])
 def test_chat_rows_kd_from_cache_equals_live(method, chat_teacher, chat_corpus, tmp_path):
-    from dskd_batch.distill import run
+    from dskd_batch.train.distill import run
 
     cache = _cache(chat_teacher, chat_corpus, tmp_path / "c")
     common = dict(student=str(chat_teacher), method=method, batch_size=2, lr=1e-3, max_steps=2, device="cpu",
@@ -262,7 +262,7 @@ def test_chat_rows_refused_where_they_do_not_fit(chat_teacher, chat_corpus, tmp_
 
 def test_evaluate_answers_the_last_turn(chat_teacher, chat_corpus, tmp_path):
     from dskd_batch.config import EvalConfig
-    from dskd_batch.evaluate import run as evaluate
+    from dskd_batch.eval.evaluate import run as evaluate
 
     out = evaluate(EvalConfig(model=str(chat_teacher), data=str(chat_corpus), seeds="1", device="cpu",
                               template="chat", max_new_tokens=4, out=str(tmp_path / "e")))

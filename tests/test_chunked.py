@@ -7,11 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dskd_batch.batches import CacheExamples, collate
+from dskd_batch.train.batches import CacheExamples, collate
 from dskd_batch.cache.reader import open_cache
-from dskd_batch.methods import LossSettings, TeacherHead, make_method
-from dskd_batch.projectors import build_projectors
-from dskd_batch.trainer import DistillModule
+from dskd_batch.methods import LossSettings, TeacherHead
+from dskd_batch.methods import make_method
+from dskd_batch.train.projectors import build_projectors
+from dskd_batch.train.trainer import DistillModule
 
 CASES = [("sft", "fkl", False), ("seqkd", "fkl", False)] + [("kd", d, False) for d in
                                                               ("fkl", "rkl", "js", "skl", "srkl", "akl")] + \
@@ -70,7 +71,7 @@ def test_chunked_held_out_sums(fp32_cache, gpt2_student):
 def test_chunks_never_hold_the_whole_batch_of_logits(eager, fp32_cache, gpt2_student, monkeypatch):
     """The head runs on at most C rows at a time: once per chunk when the gradients are taken in the
     forward pass (EagerChunks), twice under activation checkpointing (forward + recomputation)."""
-    from dskd_batch import trainer
+    from dskd_batch.train import trainer
 
     rows = []
     orig = trainer.DistillModule._chunk_losses
@@ -99,7 +100,7 @@ def test_checkpointed_chunks_equal_one_piece(method, fp32_cache, gpt2_student):
 def test_auto_chunk_gives_every_method_the_same_working_set():
     """--loss-chunk -1 divides one budget by the logit sets a method builds: at the Qwen2 vocabulary
     441 positions for SFT, 220 for KD, 110 for DSKD and DSKD-ETA (never fewer than 64)."""
-    from dskd_batch.trainer import auto_chunk
+    from dskd_batch.train.trainer import auto_chunk
 
     ls = LossSettings("fkl", 2.0, 0.5)
     got = {name: auto_chunk(151_936, make_method(name, ls)) for name in ("sft", "seqkd", "kd", "dskd", "dskd-eta",

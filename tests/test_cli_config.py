@@ -62,8 +62,8 @@ def test_template_auto_takes_a_chat_template_when_there_is_one(llama_teacher, co
 
 
 def test_dry_run_counts_exactly_and_sizes_within_ten_percent(llama_teacher, corpus, tmp_path) -> None:
-    from dskd_batch.cache.sizing import estimate
-    from dskd_batch.cache_teacher import run
+    from dskd_batch.teacher.sizing import estimate
+    from dskd_batch.teacher.caching import run
     from dskd_batch.config import CacheConfig
 
     out = tmp_path / "cache"

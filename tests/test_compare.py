@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from dskd_batch.cli import main
-from dskd_batch.compare import paired_gain
+from dskd_batch.eval.compare import paired_gain
 from dskd_batch.errors import DskdError
 
 

@@ -21,7 +21,7 @@ TOK = SHARED / "tokenizers"
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    from dskd_batch.cache_teacher import run
+    from dskd_batch.teacher.caching import run
     from dskd_batch.config import CacheConfig
 
     root = tmp_path_factory.mktemp("xvocab")
@@ -47,7 +47,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_cache_teacher_aligned_for_the_student(setup) -> None:
-    from dskd_batch.cross.align import ALIGN_DIR, ALIGN_FILE
+    from dskd_batch.cache.align import ALIGN_DIR, ALIGN_FILE
     from dskd_batch.cache.reader import open_cache
 
     dirs = [p for p in (setup["cache"] / ALIGN_DIR).iterdir() if (p / ALIGN_FILE).exists()]
@@ -57,7 +57,7 @@ def test_cache_teacher_aligned_for_the_student(setup) -> None:
     # the alignment's student ids are what the student's tokenizer makes of the cached texts
     from transformers import AutoTokenizer
 
-    from dskd_batch.cross.align import Alignment
+    from dskd_batch.cache.align import Alignment
     from dskd_batch.data import encode
 
     al, cache, st = Alignment(dirs[0]), open_cache(setup["cache"]), AutoTokenizer.from_pretrained(str(setup["student"]))
@@ -84,7 +84,7 @@ def test_norm_stats_are_over_real_response_tokens(setup) -> None:
 def test_align_adds_a_second_student_side_by_side(setup, tmp_path) -> None:
     from click.testing import CliRunner
 
-    from dskd_batch.cross.align import ALIGN_DIR
+    from dskd_batch.cache.align import ALIGN_DIR
     from dskd_batch.cli import main
 
     r = CliRunner().invoke(main, ["align", str(setup["cache"]), "--student-tokenizer", str(TOK / "llama2")])
@@ -99,7 +99,7 @@ def test_align_adds_a_second_student_side_by_side(setup, tmp_path) -> None:
 
 def test_distill_without_alignment_prints_the_align_command(setup, tmp_path) -> None:
     from dskd_batch.config import DistillConfig
-    from dskd_batch.distill import run
+    from dskd_batch.train.distill import run
 
     with pytest.raises(DskdError) as e:
         run(DistillConfig(student=str(TOK / "llama3"), out=str(tmp_path / "r"), cache=str(setup["cache"]),
@@ -116,7 +116,7 @@ def test_distill_without_alignment_prints_the_align_command(setup, tmp_path) -> 
                                           ("dskd-cma", {}), ("mined", {}), ("uld", {})])
 def test_each_cross_vocab_method_lowers_its_loss(setup, tmp_path, method, extra) -> None:
     from dskd_batch.config import DistillConfig
-    from dskd_batch.distill import run
+    from dskd_batch.train.distill import run
 
     out = run(DistillConfig(student=str(setup["student"]), out=str(tmp_path / method), cache=str(setup["cache"]),
                             method=method, batch_size=4, epochs=6, lr=3e-3, projector_lr=3e-3, verify="lazy", **extra))
@@ -136,7 +136,7 @@ def test_cross_tokenizer_on_policy(setup, tmp_path) -> None:
     """On-policy across tokenizers: the student's GPT-2 samples are re-tokenized for the SmolLM2-
     tokenizer teacher, aligned like `align` does, scored by the live teacher; training runs."""
     from dskd_batch.config import DistillConfig
-    from dskd_batch.distill import run
+    from dskd_batch.train.distill import run
 
     out = run(DistillConfig(student=str(setup["student"]), out=str(tmp_path / "op"), cache=str(setup["cache"]),
                             teacher=str(setup["root"] / "teacher"), method="dskd-eta", on_policy=True,
@@ -150,9 +150,9 @@ def test_cross_tokenizer_on_policy(setup, tmp_path) -> None:
 def test_corrupt_alignment_is_one_clear_error(setup, tmp_path) -> None:
     import shutil
 
-    from dskd_batch.cross.align import ALIGN_DIR, ALIGN_EXAMPLES
+    from dskd_batch.cache.align import ALIGN_DIR, ALIGN_EXAMPLES
     from dskd_batch.config import DistillConfig
-    from dskd_batch.distill import run
+    from dskd_batch.train.distill import run
 
     cache = tmp_path / "cache"
     shutil.copytree(setup["cache"], cache)
@@ -170,14 +170,15 @@ def test_aligned_cache_batches_equal_the_live_teachers(setup) -> None:
     (the on-policy path): same teacher rows at the same positions, same pairs."""
     from transformers import AutoTokenizer
 
-    from dskd_batch.cross.align import align_example, open_alignment, token_table, vocab_map
-    from dskd_batch.batches import LiveTeacher, collate
-    from dskd_batch.cross.batches import AlignedExamples
+    from dskd_batch.cache.align import align_example, open_alignment, token_table, vocab_map
+    from dskd_batch.train.aligned import cross_part
+    from dskd_batch.train.batches import LiveTeacher, collate
+    from dskd_batch.train.aligned import AlignedExamples
     from dskd_batch.cache.reader import open_cache
     from dskd_batch.data import Example, encode, render_prompt
     from dskd_batch.models import load_causal_lm
-    from dskd_batch.records import training_positions
-    from dskd_batch.teacher import TeacherForward
+    from dskd_batch.cache.records import training_positions
+    from dskd_batch.teacher.forward import TeacherForward
 
     cache = open_cache(setup["cache"])
     st = AutoTokenizer.from_pretrained(str(setup["student"]))
@@ -201,7 +202,7 @@ def test_aligned_cache_batches_equal_the_live_teachers(setup) -> None:
                    **{k: torch.tensor(getattr(a, k), dtype=torch.long) for k in ("eta_s", "eta_t", "eta_label", "mined_t")})
         fresh.append(rec)
     live.tf.close()
-    a, b = collate(cached, st.pad_token_id or 0, True), collate(fresh, st.pad_token_id or 0, True)
+    a, b = (collate(recs, st.pad_token_id or 0, True, teacher_part=cross_part) for recs in (cached, fresh))
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.targets, b.targets)
     for k in a.cross.__dataclass_fields__:
         assert torch.equal(getattr(a.cross, k), getattr(b.cross, k)), k
@@ -217,18 +218,19 @@ def test_cross_vocab_chunked_equals_one_piece(method, setup) -> None:
     re-indexed per chunk, the teacher side whole) give the one-piece loss and gradients."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dskd_batch.batches import collate
     from dskd_batch.cache.reader import open_cache
-    from dskd_batch.cross.align import open_alignment
-    from dskd_batch.cross.batches import AlignedExamples
-    from dskd_batch.methods import LossSettings, TeacherHead, make_method
-    from dskd_batch.projectors import build_projectors
-    from dskd_batch.trainer import DistillModule
+    from dskd_batch.cache.align import open_alignment
+    from dskd_batch.train.aligned import AlignedExamples
+    from dskd_batch.methods import LossSettings, TeacherHead
+    from dskd_batch.methods import make_method
+    from dskd_batch.train.projectors import build_projectors
+    from dskd_batch.train.trainer import DistillModule
 
     cache = open_cache(setup["cache"])
     st = AutoTokenizer.from_pretrained(str(setup["student"]))
     al = open_alignment(cache, st, "student")
-    mb = collate(AlignedExamples(cache, al).records([0, 2, 5, 9]), st.eos_token_id, True)
+    src = AlignedExamples(cache, al)
+    mb = src.collate(src.records([0, 2, 5, 9]), st.eos_token_id, True)
     n = mb.targets.numel()
     head = TeacherHead(cache.lm_head, cache.lm_head_bias, cache.logits_source)
 
@@ -263,7 +265,7 @@ def test_sft_of_another_tokenizer_reads_the_aligned_cache(setup, tmp_path) -> No
     """SFT needs no teacher distribution: a student with another tokenizer trains from the cache
     through its alignment (its own token ids) exactly as from the corpus file."""
     from dskd_batch.config import DistillConfig
-    from dskd_batch.distill import run
+    from dskd_batch.train.distill import run
 
     common = dict(student=str(setup["student"]), method="sft", batch_size=4, lr=1e-3, max_steps=2, device="cpu",
                   lr_schedule="constant", shuffle="global", template="alpaca", max_len=128, max_prompt_len=96)

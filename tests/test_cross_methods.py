@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dskd_batch.cross.batches import cross_part as _cross_part
+from dskd_batch.train.aligned import cross_part as _cross_part
 from dskd_batch.methods import (DSKDCMA, DSKDETA, ULD, CrossBatch, LossInputs, LossSettings, MinED, TeacherBatch,
                                 TeacherHead, uld_distance)
-from dskd_batch.projectors import build_projectors
+from dskd_batch.train.projectors import build_projectors
 
 torch.manual_seed(0)
 V_S, V_T, D_S, D_T = 11, 13, 6, 8

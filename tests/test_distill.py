@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dskd_batch.config import DistillConfig
-from dskd_batch.distill import run
+from dskd_batch.train.distill import run
 from dskd_batch.errors import DskdError
 
 
@@ -69,7 +69,7 @@ def assert_close_weights(a: dict, b: dict, atol: float) -> None:
 
 def test_teacher_never_loaded(llama_teacher, corpus, gpt2_student, tmp_path):
     """Cache with a copy of the teacher, delete the copy, distil DSKD from the cache."""
-    from dskd_batch.cache_teacher import run as cache_run
+    from dskd_batch.teacher.caching import run as cache_run
     from dskd_batch.config import CacheConfig
 
     teacher = tmp_path / "teacher"
@@ -180,7 +180,7 @@ def other_tokenizer_student(tmp_path: Path) -> Path:
 
 
 def test_refusals(fp32_cache, llama_teacher, corpus, gpt2_student, tmp_path):
-    from dskd_batch.cache_teacher import run as cache_run
+    from dskd_batch.teacher.caching import run as cache_run
     from dskd_batch.config import CacheConfig
 
     with pytest.raises(DskdError, match="align") as e:
@@ -296,7 +296,7 @@ def test_seqkd_generate_then_train(llama_teacher, corpus, gpt2_student, tmp_path
     --method seqkd trains on them."""
     from conftest import assert_same_cache
     from dskd_batch import open_cache
-    from dskd_batch.cache_teacher import run as cache_run
+    from dskd_batch.teacher.caching import run as cache_run
     from dskd_batch.config import CacheConfig
     from dskd_batch.data import load_examples
     from dskd_batch.models import load_tokenizer
@@ -360,7 +360,7 @@ def test_sigkill_mid_epoch_then_resume(fp32_cache, gpt2_student, tmp_path):
 
 
 def test_default_epoch_order_is_a_shard_local_permutation() -> None:
-    from dskd_batch.batches import epoch_order
+    from dskd_batch.train.batches import epoch_order
 
     groups = [range(0, 5), range(5, 9), range(9, 12)]
     orders = {(seed, epoch): epoch_order(12, groups, seed, epoch) for seed in (1, 2) for epoch in (0, 1)}
@@ -374,7 +374,7 @@ def test_default_epoch_order_is_a_shard_local_permutation() -> None:
 
 
 def test_length_grouped_order_pads_less_and_keeps_every_example() -> None:
-    from dskd_batch.batches import global_batches, length_grouped
+    from dskd_batch.train.batches import global_batches, length_grouped
 
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(10, 200, (103,), generator=g).tolist()

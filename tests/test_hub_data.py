@@ -42,10 +42,10 @@ def test_hub_dataset_with_a_column_mapping(llama_teacher, gpt2_student, tmp_path
     import datasets
 
     from dskd_batch import open_cache
-    from dskd_batch.cache_teacher import run as cache_run
+    from dskd_batch.teacher.caching import run as cache_run
     from dskd_batch.config import CacheConfig, DistillConfig
     from dskd_batch.data import load_examples
-    from dskd_batch.distill import run as distill_run
+    from dskd_batch.train.distill import run as distill_run
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(_hub_cached(tmp_path, "acme/qa", ROWS)))
     assert datasets.config.HF_HUB_OFFLINE

@@ -111,7 +111,7 @@ def test_ablations_build_only_their_projector():
 
 
 def test_pinv_init_matches_heads():
-    from dskd_batch.projectors import build_projectors
+    from dskd_batch.train.projectors import build_projectors
 
     g = torch.Generator().manual_seed(3)
     w_s, w_t = torch.randn(50, 4, generator=g), torch.randn(50, 6, generator=g)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dskd_batch.config import DistillConfig
-from dskd_batch.distill import run
+from dskd_batch.train.distill import run
 from dskd_batch.errors import DskdError
 from test_distill import cfg as distill_cfg
 from test_distill import metrics
@@ -39,12 +39,12 @@ def test_ratio_zero_is_cache_only_training(method, fp32_cache, llama_teacher, gp
 
 def test_ratio_one_scores_the_students_samples_every_batch(fp32_cache, llama_teacher, gpt2_student, tmp_path,
                                                            monkeypatch):
-    import dskd_batch.onpolicy as op
-    from dskd_batch.teacher import TeacherForward
+    import dskd_batch.train.onpolicy as op
+    from dskd_batch.teacher.source import Teacher
 
     sampled: list[list[list[int]]] = []
     scored: list[list[list[int]]] = []
-    real_sample, real_call = op.sample_responses, TeacherForward.__call__
+    real_sample, real_call = op.sample_responses, Teacher.__call__
 
     def spy_sample(model, prompts, **kw):
         new = real_sample(model, prompts, **kw)
@@ -56,7 +56,7 @@ def test_ratio_one_scores_the_students_samples_every_batch(fp32_cache, llama_tea
         return real_call(self, sequences, **kw)
 
     monkeypatch.setattr(op, "sample_responses", spy_sample)
-    monkeypatch.setattr(TeacherForward, "__call__", spy_call)
+    monkeypatch.setattr(Teacher, "__call__", spy_call)
     out = run(cfg(gpt2_student, tmp_path / "op1", cache=str(fp32_cache), teacher=str(llama_teacher), method="dskd",
                   on_policy=True, student_gen_ratio=1.0))
     # one probe call when the teacher loads, then one call per micro-batch: 3 steps x 2 micro-batches
@@ -85,7 +85,7 @@ def test_on_policy_after_epochs(fp32_cache, llama_teacher, gpt2_student, tmp_pat
 
 
 def test_half_ratio_mixes_and_resumes_the_same_choices(fp32_cache, llama_teacher, gpt2_student, tmp_path):
-    from dskd_batch.onpolicy import OnPolicy, OnPolicySettings
+    from dskd_batch.train.onpolicy import OnPolicy, OnPolicySettings
 
     op = OnPolicy(None, None, None, OnPolicySettings(0.5, 0, 96, 64, "alpaca", seed=3))
     picks = [op.active(e, k) for e in range(4) for k in range(50)]

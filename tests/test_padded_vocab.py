@@ -12,7 +12,7 @@ import torch
 from conftest import SHARED
 
 from dskd_batch.config import CacheConfig, DistillConfig
-from dskd_batch.distill import run as distill
+from dskd_batch.train.distill import run as distill
 
 T_PAD, S_PAD = 24, 8
 
@@ -27,7 +27,7 @@ def _save(model: torch.nn.Module, tok, out: Path) -> Path:
 def padded(tiny_tokenizer_dir: Path, corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    from dskd_batch.cache_teacher import run
+    from dskd_batch.teacher.caching import run
 
     root = tmp_path_factory.mktemp("padded")
     tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
@@ -101,7 +101,7 @@ def test_padded_student_generates_only_real_tokens(padded, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dskd_batch.config import EvalConfig
-    from dskd_batch.evaluate import run as evaluate
+    from dskd_batch.eval.evaluate import run as evaluate
     from dskd_batch.generation import SamplingSettings, sample_responses
 
     out = distill(_cfg(padded, tmp_path / "run", cache=str(padded["cache-fp32"]), method="sft"))
@@ -129,7 +129,7 @@ def test_padded_student_generates_only_real_tokens(padded, tmp_path):
 def test_padded_cross_vocabulary(method, tmp_path_factory):
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    from dskd_batch.cache_teacher import run
+    from dskd_batch.teacher.caching import run
 
     root = tmp_path_factory.mktemp(f"xpad-{method}")
     tt = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / "smollm2"))

@@ -100,16 +100,16 @@ def test_pipeline_runs_then_reuses_every_stage(llama_teacher, corpus, gpt2_stude
     first = {f: f.stat().st_mtime_ns for f in out.rglob("*") if f.is_file() and ".stages" not in f.parts}
 
     # a rerun does no repeated work: nothing but the report is touched, and nothing heavy is called
-    import dskd_batch.cache_teacher
-    import dskd_batch.distill
-    import dskd_batch.evaluate
+    import dskd_batch.teacher.caching
+    import dskd_batch.train.distill
+    import dskd_batch.eval.evaluate
 
     def boom(*a, **k):
         raise AssertionError("a finished stage ran again")
 
-    monkeypatch.setattr(dskd_batch.cache_teacher, "run", boom)
-    monkeypatch.setattr(dskd_batch.distill, "run", boom)
-    monkeypatch.setattr(dskd_batch.evaluate, "run", boom)
+    monkeypatch.setattr(dskd_batch.teacher.caching, "run", boom)
+    monkeypatch.setattr(dskd_batch.train.distill, "run", boom)
+    monkeypatch.setattr(dskd_batch.eval.evaluate, "run", boom)
     again = run_pipeline(p)
     assert all("reused" in x for x in again[:-1])
     after = {f: f.stat().st_mtime_ns for f in first}
@@ -311,7 +311,7 @@ def test_pipeline_and_distill_agree_on_what_may_change_at_resume() -> None:
     import dataclasses
 
     from dskd_batch.config import DistillConfig
-    from dskd_batch.distill import RESUMABLE, plan_fingerprint
+    from dskd_batch.train.distill import RESUMABLE, plan_fingerprint
     from dskd_batch.pipeline import _run_ident
 
     base = DistillConfig(student="s", out="o", cache="c")
@@ -334,7 +334,7 @@ def test_later_settings_at_their_defaults_keep_earlier_runs_identity() -> None:
     """kd_positions came after runs were made: at its default it is not part of a run's identity (so
     those runs still resume and are reused); set, it is; a method or mode it cannot serve is refused."""
     from dskd_batch.config import DistillConfig
-    from dskd_batch.distill import plan_fingerprint
+    from dskd_batch.train.distill import plan_fingerprint
     from dskd_batch.pipeline import _run_ident
 
     base = DistillConfig(student="s", out="o", cache="c", method="kd")

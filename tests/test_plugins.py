@@ -103,7 +103,7 @@ def test_distance_args_checked_against_the_signature(gpt2_student, fp32_cache, t
 
 def test_distance_arg_reaches_the_loss(fp32_cache, gpt2_student, tmp_path):
     """skew_lambda set from the config changes SKL's value as the function computes it."""
-    from dskd_batch.distill import run
+    from dskd_batch.train.distill import run
 
     vals = {}
     for lam in (0.1, 0.6):

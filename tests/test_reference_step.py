@@ -12,11 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dskd_batch.batches import CacheExamples, collate
+from dskd_batch.train.batches import CacheExamples, collate
 from dskd_batch.cache.reader import open_cache
-from dskd_batch.methods import LossSettings, TeacherHead, make_method
-from dskd_batch.projectors import build_projectors
-from dskd_batch.trainer import DistillModule
+from dskd_batch.methods import LossSettings, TeacherHead
+from dskd_batch.methods import make_method
+from dskd_batch.train.projectors import build_projectors
+from dskd_batch.train.trainer import DistillModule
 
 IGNORE = -100
 

@@ -20,10 +20,10 @@ from click.testing import CliRunner
 
 from conftest import assert_same_cache, subprocess_env
 from dskd_batch import open_cache
-from dskd_batch.cache_teacher import run as cache_run
+from dskd_batch.teacher.caching import run as cache_run
 from dskd_batch.cli import main
 from dskd_batch.config import CacheConfig, DistillConfig
-from dskd_batch.distill import run as distill_run
+from dskd_batch.train.distill import run as distill_run
 from dskd_batch.errors import DskdError
 
 ARGS = ["--hidden", "fp32", "--top-k", "8", "--batch-tokens", "300", "--shard-size", "2", "--max-len", "64",
@@ -115,7 +115,7 @@ def test_second_distill_on_the_same_run_folder_is_refused(ref_cache, gpt2_studen
 
 
 def test_align_takes_the_cache_lock(ref_cache, tmp_path) -> None:
-    from dskd_batch.cross.align import run as align_run
+    from dskd_batch.cache.align import run as align_run
     from dskd_batch.config import AlignConfig
     from dskd_batch.locks import folder_lock
 

@@ -14,9 +14,9 @@ import torch
 
 from dskd_batch.cache.format import atomic_write_json, file_table
 from dskd_batch.config import DistillConfig
-from dskd_batch.distill import run
+from dskd_batch.train.distill import run
 from dskd_batch.errors import DskdError
-from dskd_batch.trainer import load_state_file, rng_state, set_rng_state
+from dskd_batch.train.trainer import load_state_file, rng_state, set_rng_state
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dskd_batch"
 
@@ -126,7 +126,7 @@ def _hostile_cases(host: Path, marker: Path) -> dict[str, str]:
 
 
 def test_pass_at_1_sandbox_stops_hostile_completions(host_file, tmp_path, monkeypatch) -> None:
-    from dskd_batch.scoring import pass_at_1
+    from dskd_batch.eval.scoring import pass_at_1
 
     monkeypatch.setenv("DSKD_SECRET", "hunter2")
     marker = tmp_path / "ran.txt"
@@ -142,7 +142,7 @@ def test_pass_at_1_sandbox_stops_hostile_completions(host_file, tmp_path, monkey
 def test_sandbox_leaves_nothing_running_and_cleans_up(tmp_path) -> None:
     import time
 
-    from dskd_batch.sandbox import Limits, run_untrusted
+    from dskd_batch.eval.sandbox import Limits, run_untrusted
 
     t = time.perf_counter()
     r = run_untrusted("while True:\n    pass\n", Limits(timeout=1))

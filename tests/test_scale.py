@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import assert_same_cache, subprocess_env
-from dskd_batch.cache_teacher import run
+from dskd_batch.teacher.caching import run
 from dskd_batch.cli import main
 from dskd_batch.config import CacheConfig
 from dskd_batch.errors import DskdError

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from dskd_batch.scoring import exact_match, final_number, math_correct, pass_at_1, rouge_l, truncate_code
+from dskd_batch.eval.scoring import exact_match, final_number, math_correct, pass_at_1, rouge_l, truncate_code
 
 
 def test_rouge_l_equals_rouge_score():

@@ -15,8 +15,9 @@ from conftest import read_cache_arrays
 from dskd_batch.cache.format import MANIFEST, SHARDS, TMP_MARK
 from dskd_batch.cache.writer import StoreThread
 from dskd_batch.errors import DskdError
-from dskd_batch.methods import LossSettings, make_method
-from dskd_batch.trainer import auto_chunk
+from dskd_batch.methods import LossSettings
+from dskd_batch.methods import make_method
+from dskd_batch.train.trainer import auto_chunk
 
 
 def _cache(teacher: Path, corpus: Path, out: Path, **kw):
@@ -30,7 +31,7 @@ def _cache(teacher: Path, corpus: Path, out: Path, **kw):
 
 @pytest.mark.parametrize("hidden", ["fp16", "compact"])
 def test_store_thread_writes_the_same_cache(llama_teacher, corpus, tmp_path, monkeypatch, hidden) -> None:
-    import dskd_batch.cache_teacher as ct
+    import dskd_batch.teacher.caching as ct
 
     real = ct.write_shard
     outs = {}
@@ -51,7 +52,7 @@ def test_store_thread_writes_the_same_cache(llama_teacher, corpus, tmp_path, mon
 def test_store_thread_error_stops_the_shard(llama_teacher, corpus, tmp_path, monkeypatch) -> None:
     """A NaN found on the storing thread ends the command with the usual error; nothing of the
     shard is left, in the temporary folder or the final one."""
-    import dskd_batch.cache_teacher as ct
+    import dskd_batch.teacher.caching as ct
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     m = AutoModelForCausalLM.from_pretrained(str(llama_teacher))
@@ -134,11 +135,11 @@ def _loss_and_grads(cache_dir, student_dir, method: str, *, checkpointing: bool 
     """One step's objective and every gradient, DSKD or KD from the test cache, chunks of 7 positions."""
     from transformers import AutoModelForCausalLM
 
-    from dskd_batch.batches import CacheExamples, collate
+    from dskd_batch.train.batches import CacheExamples, collate
     from dskd_batch.cache.reader import open_cache
     from dskd_batch.methods import TeacherHead
-    from dskd_batch.projectors import build_projectors
-    from dskd_batch.trainer import DistillModule
+    from dskd_batch.train.projectors import build_projectors
+    from dskd_batch.train.trainer import DistillModule
 
     cache = open_cache(cache_dir)
     mb = collate(CacheExamples(cache).records([0, 1, 2, 3]), pad_id=1, with_teacher=True)

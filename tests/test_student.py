@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dskd_batch.errors import DskdError
-from dskd_batch.student import init_student, kept_layers
+from dskd_batch.train.student import init_student, kept_layers
 
 
 def test_kept_layers():
@@ -44,8 +44,8 @@ def test_init_student_with_another_tokenizer_transplants_rows(tied, target, tmp_
     from conftest import SHARED
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from dskd_batch.cross.align import text_index, token_table
-    from dskd_batch.student import spell
+    from dskd_batch.cache.align import text_index, token_table
+    from dskd_batch.train.student import spell
 
     tt = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / "smollm2"))
     st = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / target))
@@ -119,7 +119,7 @@ def test_block_influence_equals_an_independent_computation_and_drops_a_pass_thro
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dskd_batch.data import encode_example, load_examples, render_prompt
-    from dskd_batch.student import block_influence, influence_layers
+    from dskd_batch.train.student import block_influence, influence_layers
 
     src = _four_layers_one_identity(kind, tiny_tokenizer_dir, tmp_path / "t")
     model = AutoModelForCausalLM.from_pretrained(str(src)).eval()

@@ -90,7 +90,7 @@ def test_bad_text_rows(row, match):
 
 
 def _cache(teacher: Path, data: Path, out: Path, **kw) -> Path:
-    from dskd_batch.cache_teacher import run
+    from dskd_batch.teacher.caching import run
 
     base = dict(teacher=str(teacher), data=str(data), out=str(out), hidden="fp32", top_k=8, shard_size=3,
                 batch_tokens=512, max_len=40, max_prompt_len=16)
@@ -121,7 +121,7 @@ def test_cache_of_text_rows_predicts_every_window_token(llama_teacher, text_corp
 
 @pytest.mark.parametrize("method", ["kd", "dskd"])
 def test_text_rows_kd_from_cache_equals_live(method, llama_teacher, text_corpus, gpt2_student, tmp_path):
-    from dskd_batch.distill import run
+    from dskd_batch.train.distill import run
 
     cache = _cache(llama_teacher, text_corpus, tmp_path / "c")
     common = dict(student=str(gpt2_student), method=method, batch_size=2, lr=1e-3, max_steps=3, device="cpu",
@@ -138,14 +138,14 @@ def test_text_rows_kd_from_cache_equals_live(method, llama_teacher, text_corpus,
 
 def test_text_rows_refused_where_there_is_no_prompt(llama_teacher, text_corpus, tmp_path):
     from dskd_batch.config import EvalConfig
-    from dskd_batch.evaluate import run as evaluate
+    from dskd_batch.eval.evaluate import run as evaluate
 
     with pytest.raises(DskdError, match="--generate samples a response for each prompt"):
         _cache(llama_teacher, text_corpus, tmp_path / "g", generate=True)
     assert not (tmp_path / "g").exists()
     with pytest.raises(DskdError, match="a plain-text row has no prompt to answer"):
         evaluate(EvalConfig(model=str(llama_teacher), data=str(text_corpus), seeds="1", device="cpu"))
-    from dskd_batch.distill import run
+    from dskd_batch.train.distill import run
 
     with pytest.raises(DskdError, match="holds plain-text rows"):
         run(DistillConfig(student=str(llama_teacher), out=str(tmp_path / "op"), cache=str(_cache(llama_teacher,
@@ -157,7 +157,7 @@ def test_text_rows_refused_where_there_is_no_prompt(llama_teacher, text_corpus, 
 def test_text_rows_align_across_tokenizers(tmp_path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from dskd_batch.cross.align import ALIGN_DIR, ALIGN_FILE
+    from dskd_batch.cache.align import ALIGN_DIR, ALIGN_FILE
 
     tt = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / "smollm2"))
     st = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / "gpt2"))

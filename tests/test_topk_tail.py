@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from dskd_batch.records import TeacherBatch
-from dskd_batch.teacher import TeacherHead
+from dskd_batch.cache.records import TeacherBatch
+from dskd_batch.cache.head import TeacherHead
 
 
 def _topk_record(teacher: torch.Tensor, k: int) -> TeacherBatch:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dskd_batch.config import DistillConfig
-from dskd_batch.distill import run
+from dskd_batch.train.distill import run
 from dskd_batch.errors import DskdError
 
 

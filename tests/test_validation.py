@@ -12,7 +12,7 @@ import torch
 
 from dskd_batch.config import CacheConfig, DistillConfig, EvalConfig
 from dskd_batch.data import encode, load_examples, render_prompt
-from dskd_batch.distill import run
+from dskd_batch.train.distill import run
 from dskd_batch.errors import DskdError
 
 DEV_ROWS = [
@@ -38,7 +38,7 @@ def dev_corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def dev_cache(llama_teacher, dev_corpus, tmp_path_factory) -> Path:
     """The held-out rows cached with the same teacher and settings as the fp32 training cache."""
-    from dskd_batch.cache_teacher import run as cache_run
+    from dskd_batch.teacher.caching import run as cache_run
 
     out = tmp_path_factory.mktemp("devcache") / "c"
     cache_run(CacheConfig(teacher=str(llama_teacher), data=str(dev_corpus), out=str(out), hidden="fp32", top_k=8,
@@ -217,7 +217,7 @@ def test_refusals_before_training(fp32_cache, dev_corpus, gpt2_student, gpt2_tea
 
 
 def test_evaluate_reports_teacher_forced_nll(gpt2_student, dev_corpus, tiny_tokenizer_dir, tmp_path):
-    from dskd_batch.evaluate import run as eval_run
+    from dskd_batch.eval.evaluate import run as eval_run
 
     out = eval_run(EvalConfig(model=str(gpt2_student), data=str(dev_corpus), seeds="1", max_new_tokens=3,
                               max_prompt_len=64, out=str(tmp_path / "e"), device="cpu"), progress=False)
@@ -268,8 +268,8 @@ def test_chat_template_end_to_end(llama_teacher, gpt2_student, corpus, dev_corpu
     from transformers import AutoTokenizer
 
     from dskd_batch import open_cache
-    from dskd_batch.cache_teacher import run as cache_run
-    from dskd_batch.evaluate import run as eval_run
+    from dskd_batch.teacher.caching import run as cache_run
+    from dskd_batch.eval.evaluate import run as eval_run
 
     teacher = with_chat_template(llama_teacher, tmp_path / "teacher")
     student = with_chat_template(gpt2_student, tmp_path / "student")
@@ -330,7 +330,7 @@ limit = 2
 
 def test_pipeline_teacher_stage_is_reused_and_invalidates_the_cache(llama_teacher, corpus, dev_corpus, gpt2_student,
                                                                     tmp_path, monkeypatch):
-    import dskd_batch.distill
+    import dskd_batch.train.distill
     from dskd_batch.pipeline import run_pipeline
 
     def write(lr: str) -> Path:
@@ -368,7 +368,7 @@ max_steps = 1
     def boom(*a, **k):
         raise AssertionError("a finished stage ran again")
 
-    monkeypatch.setattr(dskd_batch.distill, "run", boom)
+    monkeypatch.setattr(dskd_batch.train.distill, "run", boom)
     again = run_pipeline(write("1e-3"))
     assert again[0].startswith("teacher: reused")
     monkeypatch.undo()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..records import POSITIONS, TOKENS
+from .records import POSITIONS, TOKENS
 from .format import SHARDS, TEACHER, dir_bytes
 from .reader import TeacherCache
 
@@ -44,8 +44,8 @@ def cache_summary(cache: TeacherCache) -> dict[str, Any]:
 
 
 def _alignments(path: Path) -> list[dict[str, Any]]:
-    """The complete alignment sidecars of a cache (see :mod:`dskd_batch.cross.align`)."""
-    from ..cross.align import ALIGN_DIR, ALIGN_FILE
+    """The complete alignment sidecars of a cache (see :mod:`dskd_batch.cache.align`)."""
+    from .align import ALIGN_DIR, ALIGN_FILE
     from .format import read_json
 
     out = []

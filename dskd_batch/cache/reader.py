@@ -3,7 +3,7 @@
 A record is a dict with ``id``, ``prompt``, ``response``, ``instruction``, ``input``,
 ``input_ids`` (LongTensor[n]), ``prompt_len``, ``positions`` (LongTensor[m]) and the teacher's
 outputs at those positions: ``hidden`` (FloatTensor[m, d] or None), ``topk_values``/``topk_indices``
-([m, k] or None), ``logsumexp`` and ``argmax`` ([m]); see :mod:`dskd_batch.records`. The teacher
+([m, k] or None), ``logsumexp`` and ``argmax`` ([m]); see :mod:`dskd_batch.cache.records`. The teacher
 stage of ``distill`` yields the same records, so methods cannot tell a cache from a live teacher.
 
 Each shard is checked against its recorded sha256s the first time it is read (``verify="lazy"``,
@@ -25,10 +25,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from ..codecs import HiddenCodec, make_codec
+from .codecs import HiddenCodec, make_codec
 from ..errors import CacheCorruptError, DskdError
-from ..teacher import TeacherHead
-from ..records import POSITIONS, TEACHER_FIELDS, TOKENS, TeacherBatch, from_arrays
+from .head import TeacherHead
+from .records import POSITIONS, TEACHER_FIELDS, TOKENS, TeacherBatch, from_arrays
 from .format import (CODEC_FILE, FORMAT_VERSION, HEAD_FILE, INDEX, MANIFEST, SETTINGS, SHARD_META, SHARDS,
                      TEACHER, read_json, sha256_file)
 from .writer import LENGTH, OFFSET
@@ -306,7 +306,7 @@ class TeacherCache(Sequence):
 
     def teacher_logits(self, rec: dict[str, Any]) -> torch.Tensor:
         """Full-vocabulary teacher logits [m, V] at a record's positions, from the best source the
-        cache has (the rule of :meth:`dskd_batch.teacher.TeacherHead.logits`)."""
+        cache has (the rule of :meth:`dskd_batch.cache.head.TeacherHead.logits`)."""
         head = TeacherHead(self.lm_head, self.lm_head_bias, self.logits_source)
         try:
             return head.logits(TeacherBatch(**{k: rec.get(k) for k in TEACHER_FIELDS}))

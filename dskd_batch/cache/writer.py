@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
-from ..records import POSITIONS, TOKENS, ArraySpecs
+from .records import POSITIONS, TOKENS, ArraySpecs
 from .format import INDEX, SHARD_META, atomic_write_json, file_table, tmp_path
 
 INDEX_SCHEMA = pa.schema([

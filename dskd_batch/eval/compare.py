@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DskdError
+from ..errors import DskdError
 
 RESAMPLES = 10_000
 

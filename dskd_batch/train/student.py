@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import DskdError
-from .models import load_causal_lm, load_tokenizer, plain_model
+from ..errors import DskdError
+from ..models import load_causal_lm, load_tokenizer, plain_model
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def block_influence(model: Any, tok: Any, data: str | Path, template: str, *, li
     rendered with ``template``): 1 - cosine similarity of the layer's input and output hidden
     states, averaged over every real token. A layer that passes its input through scores 0."""
     from .batches import CorpusExamples, collate
-    from .data import encode_example, load_examples, render_prompt, resolve_template
+    from ..data import encode_example, load_examples, render_prompt, resolve_template
 
     _, _, layers = _layer_list(model)
     examples = load_examples(data, limit=limit, columns=columns).examples
@@ -146,7 +146,7 @@ def transplant_vocabulary(model: Any, teacher_tok: Any, student_tok: Any, seed: 
     """Give ``model`` (the teacher's architecture and weights) ``student_tok``'s vocabulary, in
     place; returns the counts of copied, composed and random rows. ``how="random"`` makes every row
     random (the baseline the transplant is measured against)."""
-    from .cross.align import text_index, token_table
+    from ..cache.align import text_index, token_table
 
     tt, st = token_table(teacher_tok), token_table(student_tok)
     index = text_index(tt)
@@ -241,7 +241,7 @@ def init_student(source: str, layers: int, out: str | Path, tokenizer: str | Non
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
-    from .files import atomic_write_json
+    from ..files import atomic_write_json
 
     atomic_write_json(out / STUDENT_INFO, {"source": str(source), "layers": keep, "select": select,
                                            **({"calibration": str(calibration), "template": template,

@@ -6,7 +6,7 @@
 - :func:`math_correct`: 100 if the final number of the response equals the reference's final
   number (GSM8K answers end in ``#### N``; commas and a trailing period are ignored).
 - :func:`pass_at_1`: 100 if a HumanEval-style completion passes the problem's tests when run in
-  the sandbox of :mod:`dskd_batch.sandbox` (a fresh interpreter with CPU, memory, file-size and
+  the sandbox of :mod:`dskd_batch.eval.sandbox` (a fresh interpreter with CPU, memory, file-size and
   process limits, no network, no new processes, nothing outside its folder removed or written),
   else 0. A looping, crashing or hostile completion scores 0 and never hangs the caller.
 """
@@ -77,7 +77,7 @@ def truncate_code(completion: str) -> str:
 
 def pass_at_1(problem: dict[str, Any], completion: str, timeout: float = 10.0, memory_mb: int = 1024) -> float:
     """Run ``prompt + completion + test + check(entry_point)`` in the sandbox of
-    :mod:`dskd_batch.sandbox` (a fresh interpreter with resource limits, no network, no new
+    :mod:`dskd_batch.eval.sandbox` (a fresh interpreter with resource limits, no network, no new
     processes, nothing outside its folder removed or written); 100 if it exits cleanly."""
     from .sandbox import Limits, run_untrusted
 

@@ -30,17 +30,17 @@ import torch.distributed as dist
 from torch import nn
 
 from .batches import MicroBatch, Source, epoch_order, global_batches, length_grouped, step_loader
-from .files import (TMP_MARK, atomic_write_bytes, atomic_write_json, file_table, read_json, remove_stale_tmp,
+from ..files import (TMP_MARK, atomic_write_bytes, atomic_write_json, file_table, read_json, remove_stale_tmp,
                     replace_dir, sha256_file, tmp_path)
-from .distributed import DistContext
-from .errors import DskdError
-from .losses import fkl, token_ce
-from .methods import KD_GRAD, LossInputs, Method, TeacherHead
-from .models import fp32_logits, head_inputs, post_head_settings
+from ..distributed import DistContext
+from ..errors import DskdError
+from ..losses import fkl, token_ce
+from ..methods.same_vocab import KD_GRAD, LossInputs, Method, TeacherHead
+from ..models import fp32_logits, head_inputs, post_head_settings
 from .projectors import PROJECTOR_FILE
 from .sharding import (full_optim_state, full_state, is_sharded, load_full_optim_state, load_full_state, local_value,
                        split_state)
-from .tracking import MetricsLog
+from ..tracking import MetricsLog
 from .validation import BestKeeper, Validation
 
 log = logging.getLogger(__name__)

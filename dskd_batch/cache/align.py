@@ -46,7 +46,7 @@ import torch
 
 from ..files import atomic_write_json, read_json, remove_stale_tmp, replace_dir, tmp_path
 from ..data import Example, encode_example, render_prompt, target_positions
-from ..records import target_rows
+from .records import target_rows
 from ..errors import DskdError
 from ..models import tokenizer_fingerprint
 
@@ -534,7 +534,7 @@ def open_alignment(cache: Any, student_tok: Any, student_source: str) -> Alignme
 
 def run(cfg: Any) -> list[tuple[Path, dict[str, Any]]]:
     """`dskd-batch align`: align a complete cache for each student tokenizer of ``cfg``."""
-    from ..cache.reader import open_cache
+    from .reader import open_cache
     from ..models import load_tokenizer
 
     cache = open_cache(cfg.cache, verify="lazy")

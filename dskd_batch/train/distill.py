@@ -24,13 +24,13 @@ import torch
 from torch import nn
 
 from .batches import CacheExamples, CorpusExamples, LiveSource, LiveTeacher, OnPolicySource, Source
-from .files import atomic_write_json, fingerprint, remove_stale_tmp
-from .config import DistillConfig, resolve_precision, to_dict
-from .distributed import DistContext
-from .errors import DskdError
-from .methods import LossSettings, TeacherHead, make_method, method_info
-from .models import (head_and_embeddings, load_causal_lm, load_tokenizer, model_fingerprint, plain_model,
-                     resolve_device, token_rows, tokenizer_fingerprint)
+from ..files import atomic_write_json, fingerprint, remove_stale_tmp
+from ..config import DistillConfig, resolve_precision, to_dict
+from ..distributed import DistContext
+from ..errors import DskdError
+from ..methods import LossSettings, TeacherHead, make_method, method_info
+from ..models import (load_causal_lm, load_tokenizer, model_fingerprint, plain_model, resolve_device, tokenizer_fingerprint)
+from ..teacher.source import Teacher, open_teacher
 from .projectors import build_projectors
 from .trainer import (CHECKPOINTS, DistillModule, TrainPlan, Trainer, list_checkpoints, save_projectors, save_student,
                       seed_everything)
@@ -71,7 +71,7 @@ class Sources:
 
 
 def _check_run_dir(cfg: DistillConfig, out: Path) -> None:
-    from .locks import is_lock_file
+    from ..locks import is_lock_file
 
     if out.exists() and not out.is_dir():
         raise DskdError(f"--out {out} exists and is a file")
@@ -84,7 +84,7 @@ def _check_run_dir(cfg: DistillConfig, out: Path) -> None:
 
 
 def _from_cache(cfg: DistillConfig, student_tok: Any, method: Any) -> Sources:
-    from .cache.reader import open_cache
+    from ..cache.reader import open_cache
 
     cache = open_cache(cfg.cache, verify=cfg.verify, chunk_cache=256, max_open_shards=2)
     st = cache.settings
@@ -123,8 +123,8 @@ def _from_cache(cfg: DistillConfig, student_tok: Any, method: Any) -> Sources:
            "data": st["data"]["fingerprint"]}
     al = None
     if aligned:
-        from .cross.align import open_alignment
-        from .cross.batches import AlignedExamples
+        from ..cache.align import open_alignment
+        from .aligned import AlignedExamples
 
         al = open_alignment(cache, student_tok, cfg.student)
         examples: CacheExamples = AlignedExamples(cache, al)
@@ -147,7 +147,7 @@ def _validation(cfg: DistillConfig, student_tok: Any, src: Sources, method: Any,
     encoded like the training data (eval_ce). Checked before any model loads."""
     from types import SimpleNamespace
 
-    from .cache.format import SETTINGS
+    from ..cache.format import SETTINGS
     from .validation import Validation
 
     if cfg.eval_data is None:
@@ -156,7 +156,7 @@ def _validation(cfg: DistillConfig, student_tok: Any, src: Sources, method: Any,
     if not path.exists():
         raise DskdError(f"--eval-data {path} not found")
     if (path / SETTINGS).exists():
-        from .cache.reader import open_cache
+        from ..cache.reader import open_cache
 
         dev = open_cache(path, verify=cfg.verify)
         st = dev.settings
@@ -183,7 +183,7 @@ def _validation(cfg: DistillConfig, student_tok: Any, src: Sources, method: Any,
         head = TeacherHead(dev.lm_head, dev.lm_head_bias, dev.logits_source).to(device)
         val = Validation(examples, True, cfg.batch_size, cfg.eval_steps, cfg.keep_best, str(path), head)
     else:
-        from .data import prepare_corpus
+        from ..data import prepare_corpus
 
         t = src.template
         spec = SimpleNamespace(data=str(path), template=t["template"], max_prompt_len=int(t["max_prompt_len"]),
@@ -220,12 +220,13 @@ def _limited(examples: CacheExamples, n: int) -> CacheExamples:
 
 
 def _from_corpus(cfg: DistillConfig, student_tok: Any, method: Any, device: torch.device) -> Sources:
-    from .data import prepare_corpus
-    from .data import data_fingerprint, template_fingerprint
+    from ..data import prepare_corpus
+    from ..data import data_fingerprint, template_fingerprint
 
-    tok = student_tok
+    tok, teacher = student_tok, None
     if cfg.teacher is not None:
-        tok = load_tokenizer(cfg.teacher)
+        teacher = _open_live_teacher(cfg, device)
+        tok = teacher.tokenizer
         if tokenizer_fingerprint(tok) != tokenizer_fingerprint(student_tok):
             raise DskdError(f"the student's tokenizer ({cfg.student}) differs from the teacher's ({cfg.teacher})",
                             hint="cache the teacher first (`dskd-batch cache-teacher ... --student-tokenizer "
@@ -233,41 +234,46 @@ def _from_corpus(cfg: DistillConfig, student_tok: Any, method: Any, device: torc
     prep = prepare_corpus(cfg, tok)
     fps = {"data": data_fingerprint(prep.examples), "tokenizer": tokenizer_fingerprint(tok),
            "template": template_fingerprint(cfg.template, tok)}
-    from .data import resolve_template
+    from ..data import resolve_template
 
     template = {"template": resolve_template(cfg.template, tok), "max_prompt_len": cfg.max_prompt_len,
                 "max_len": cfg.max_len, "limit": cfg.limit}
     examples = CorpusExamples(prep.encoded)
-    if cfg.teacher is None or not method.needs_teacher:
+    if teacher is None or not method.needs_teacher:
+        if teacher is not None:
+            teacher.close()
         return Sources(examples, None, None, template, fps)
-    live, weights, fps["teacher"] = _live_teacher(cfg, tok, device, prep.encoded[0].input_ids)
+    live, weights, fps["teacher"] = _live_teacher(teacher, cfg, prep.encoded[0].input_ids)
     return Sources(LiveSource(examples, live), TeacherHead(weights["lm_head.weight"], weights.get("lm_head.bias"), "hidden"),
                    int(weights["lm_head.weight"].shape[1]), template, fps)
 
 
-def _live_teacher(cfg: DistillConfig, tok: Any, device: torch.device, probe_ids: list[int],
-                  expect: str | None = None) -> tuple[LiveTeacher, dict[str, torch.Tensor], str]:
-    """Load the live teacher on ``--teacher-device`` (``map``: spread with device_map=auto) and
-    check once whether its logits are h @ W.T (if not, its real logits are passed on)."""
-    from .models import resolve_dtype
-    from .teacher import TeacherForward, reconstruction_check
+def _open_live_teacher(cfg: DistillConfig, device: torch.device) -> Teacher:
+    """``--teacher`` on ``--teacher-device`` (``auto``: the student's device; ``map``: spread with
+    device_map=auto); a local model loads when first used."""
+    tdev: str | torch.device = cfg.teacher_device if cfg.teacher_device in ("map",) else (
+        resolve_device(cfg.teacher_device) if cfg.teacher_device != "auto" else device)
+    return open_teacher(str(cfg.teacher), top_k=cfg.teacher_top_k, dtype="auto", device=tdev)
 
-    if cfg.teacher_device == "map":
-        model = load_causal_lm(cfg.teacher, dtype=resolve_dtype("auto", torch.device("cuda" if torch.cuda.is_available()
-                                                                                       else "cpu")), device="map")
-    else:
-        tdev = resolve_device(cfg.teacher_device) if cfg.teacher_device != "auto" else device
-        model = load_causal_lm(cfg.teacher, dtype=resolve_dtype("auto", tdev), device=tdev)
-    fp = model_fingerprint(model)
+
+def _live_teacher(teacher: Teacher, cfg: DistillConfig, probe_ids: list[int],
+                  expect: str | None = None) -> tuple[LiveTeacher, dict[str, torch.Tensor], str]:
+    """The live teacher, checked once: whether its logits are h @ W.T (if not, its real logits are
+    passed on) and, given ``expect``, that it is the cache's teacher."""
+    from ..cache.head import head_reproduces_logits, reconstruction_check
+    from ..models import DTYPE_BY_NAME
+
+    fp = teacher.fingerprint
     if expect is not None and fp != expect:
         raise DskdError(f"--teacher {cfg.teacher} is not the teacher cache {cfg.cache} was made with "
                         f"(fingerprint {fp} vs {expect})", hint="give the cache's teacher (see `dskd-batch cache-info`)")
-    vocab = token_rows(model, tok)
-    weights = head_and_embeddings(model, vocab)
-    tf = TeacherForward(model, cfg.teacher_top_k, tok.pad_token_id, vocab)
+    weights = teacher.head_and_embeddings()
+    tf = teacher
     probe = tf([probe_ids], keep_logits=True)[0]
-    chk = reconstruction_check(probe["logits"], probe["hidden"], None, weights["lm_head.weight"], weights.get("lm_head.bias"))
-    exact = chk["exact_rel_err"] < 1e-4
+    dtype = teacher.describe()["dtype"]
+    chk = reconstruction_check(probe["logits"], probe["hidden"], None, weights["lm_head.weight"], weights.get("lm_head.bias"),
+                               dtype=DTYPE_BY_NAME[dtype])
+    exact = head_reproduces_logits(chk["exact_t1"], dtype)
     if not exact:
         log.info("the live teacher's logits are not h @ W.T; its real logits are used")
     return LiveTeacher(tf, keep_logits=not exact), weights, fp
@@ -284,14 +290,16 @@ def _on_policy(cfg: DistillConfig, src: Sources, student: nn.Module, student_tok
         raise DskdError(f"--on-policy samples responses to the cache's prompts; {cfg.cache} holds plain-text rows "
                         "(no prompt)", hint="use --on-policy with a cache of prompt/response rows")
     t_tok = cache.tokenizer()
-    if tokenizer_fingerprint(load_tokenizer(cfg.teacher)) != st["tokenizer"]["fingerprint"]:
+    teacher = _open_live_teacher(cfg, device)
+    if tokenizer_fingerprint(teacher.tokenizer) != st["tokenizer"]["fingerprint"]:
+        teacher.close()
         raise DskdError(f"--teacher {cfg.teacher} has another tokenizer than the cache {cfg.cache}",
                         hint="give the cache's teacher (see `dskd-batch cache-info`)")
-    live, _, _ = _live_teacher(cfg, t_tok, device, cache.token_arrays(0)["input_ids"].tolist(),
+    live, _, _ = _live_teacher(teacher, cfg, cache.token_arrays(0)["input_ids"].tolist(),
                                expect=st["teacher"]["fingerprint"])
     cross = None
     if method.cross_vocab:
-        from .cross.align import token_table, vocab_map
+        from ..cache.align import token_table, vocab_map
 
         t_table, s_table = token_table(t_tok), token_table(student_tok)
         cross = CrossTokenizer(t_tok, t_table, s_table, vocab_map(t_table, s_table))
@@ -317,8 +325,8 @@ def plan_fingerprint(cfg: DistillConfig, fps: dict[str, Any], student_fp: str, w
 
 
 def run(cfg: DistillConfig, *, on_step: Callable[[int], None] | None = None) -> Path:
-    from .locks import folder_lock
-    from .tracking import check_tracker
+    from ..locks import folder_lock
+    from ..tracking import check_tracker
 
     ctx = DistContext.from_env()
     out = Path(cfg.out)
@@ -432,7 +440,7 @@ def _run(cfg: DistillConfig, ctx: DistContext, on_step: Callable[[int], None] | 
 def _finished_run(out: Path, plan_fp: str) -> bool:
     """Whether ``out`` holds a finished run of this plan; refuses one of other settings, which without
     checkpoints could only be trained again from the start over what is there."""
-    from .files import read_json
+    from ..files import read_json
 
     info = read_json(out / RUN_FILE) if (out / RUN_FILE).exists() else {}
     if info.get("status") != "done":
@@ -449,7 +457,7 @@ def prune_finished(out: Path) -> None:
     checkpoint for a later --resume to trip on."""
     import shutil
 
-    from .files import tmp_path
+    from ..files import tmp_path
     from .validation import BEST_DIR
 
     for name in (CHECKPOINTS, BEST_DIR):
@@ -479,7 +487,7 @@ def _write_final(out: Path, module: DistillModule, tok: Any, cfg: DistillConfig,
     it (a sharded student is gathered); the main process writes."""
     import shutil
 
-    from .files import replace_dir, tmp_path
+    from ..files import replace_dir, tmp_path
     from .trainer import load_student_weights
 
     exported: dict[str, Any] = {"which": "last", "step": trainer.step}
@@ -537,7 +545,7 @@ def _export_sharded_lora(out: Path, write: Callable[[Path, Path | None], None], 
 
     from peft import PeftModel
 
-    from .files import replace_dir, tmp_path
+    from ..files import replace_dir, tmp_path
 
     last = tmp_path(out / "adapter-last")
     write(last, out)  # the gathered adapter of the last step (and the projectors)
@@ -565,8 +573,5 @@ def _peak_memory(device: torch.device, on_policy: Any = None) -> dict[str, float
     if device.type == "cuda":
         mem["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     if on_policy is not None:
-        tdevs = {p.device for p in on_policy.live.tf.model.parameters()}
-        for d in sorted((d for d in tdevs if d.type == "cuda"), key=str):
-            mem[f"teacher_{d}_max_allocated_mib"] = torch.cuda.max_memory_allocated(d) / 2**20
-        mem["teacher_devices"] = ", ".join(sorted(str(d) for d in tdevs))
+        mem.update(on_policy.live.tf.memory())
     return mem

@@ -21,22 +21,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cache.format import (CODEC_FILE, FORMAT_VERSION, HEAD_FILE, MANIFEST, SETTINGS, SHARD_META, SHARDS, TEACHER,
+from ..cache.format import (CODEC_FILE, FORMAT_VERSION, HEAD_FILE, MANIFEST, SETTINGS, SHARD_META, SHARDS, TEACHER,
                            TMP_MARK, atomic_write_json, dir_bytes, file_table, read_json, sha256_file,
                            shard_name, tmp_path)
-from .files import fingerprint, flatten
-from .cache.reader import LOSSLESS_HIDDEN, load_codec, verify_shard
-from .cache.writer import ShardWriter, StoreThread
-from .codecs import CompactCodec, HiddenCodec
-from .config import AlignConfig, CacheConfig
-from .data import (Encoded, Prepared, data_fingerprint, encode, length_batches, prepare_corpus, resolve_template,
+from ..files import fingerprint, flatten
+from ..cache.reader import LOSSLESS_HIDDEN, load_codec, verify_shard
+from ..cache.writer import ShardWriter, StoreThread
+from ..cache.codecs import CompactCodec, HiddenCodec
+from ..config import AlignConfig, CacheConfig
+from ..data import (Encoded, Prepared, data_fingerprint, encode, length_batches, prepare_corpus, resolve_template,
                    template_fingerprint)
-from .distributed import DistContext
-from .errors import DskdError
-from .models import (DTYPE_BY_NAME, dtype_name, head_and_embeddings, load_causal_lm, load_tokenizer, model_fingerprint,
-                     resolve_device, resolve_dtype, token_rows, tokenizer_fingerprint)
-from .records import POSITIONS, TOKENS, ArraySpecs, array_specs, rows_at, to_arrays
-from .teacher import PendingRecords, TeacherForward, assemble_logits, reconstruct_logits, reconstruction_check
+from ..distributed import DistContext
+from ..errors import DskdError
+from ..models import DTYPE_BY_NAME, load_tokenizer, resolve_device, tokenizer_fingerprint
+from ..cache.records import POSITIONS, TOKENS, ArraySpecs, array_specs, rows_at, to_arrays
+from .forward import PendingRecords
+from .source import Teacher, open_teacher
+from ..cache.head import assemble_logits, head_reproduces_logits, reconstruct_logits, reconstruction_check
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,9 @@ def settings_fingerprint(settings: dict[str, Any]) -> str:
     return fingerprint(ident)
 
 
-def build_settings(cfg: CacheConfig, tok: Any, prep: Prepared, model: Any | None, dtype: torch.dtype) -> dict[str, Any]:
+def build_settings(cfg: CacheConfig, tok: Any, prep: Prepared, teacher: Teacher | None) -> dict[str, Any]:
+    """The cache's settings: the corpus, tokenizer, template, limits and storage, and (given the
+    ``teacher``) its description; without it, what can be compared before the teacher loads."""
     vocab = len(tok)
     s: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -77,17 +80,9 @@ def build_settings(cfg: CacheConfig, tok: Any, prep: Prepared, model: Any | None
     if cfg.generate:
         s["generation"] = {"max_new_tokens": cfg.gen_max_new_tokens, "temperature": cfg.gen_temperature,
                            "top_p": cfg.gen_top_p, "seed": cfg.gen_seed}
-    if model is not None:
-        head = model.get_output_embeddings()
-        V, d = token_rows(model, tok), head.weight.shape[1]
-        s["teacher"] = {
-            "source": str(cfg.teacher), "fingerprint": model_fingerprint(model),
-            "architecture": type(model).__name__, "hidden_size": int(d), "vocab_size": int(V),
-            "dtype": dtype_name(dtype),
-            "tied_embeddings": model.get_input_embeddings().weight.data_ptr() == head.weight.data_ptr(),
-            "has_head_bias": getattr(head, "bias", None) is not None,
-        }
-        s["storage"]["topk_index_dtype"] = "uint16" if V <= 65536 else "int32"
+    if teacher is not None:
+        s["teacher"] = {"source": str(cfg.teacher), **teacher.describe()}
+        s["storage"]["topk_index_dtype"] = "uint16" if s["teacher"]["vocab_size"] <= 65536 else "int32"
     return s
 
 
@@ -140,7 +135,8 @@ class FidelityAccumulator:
         return out
 
 
-def _write_teacher_dir(out: Path, model: Any, tok: Any, codec_state: dict[str, torch.Tensor] | None) -> None:
+def _write_teacher_dir(out: Path, teacher: Teacher, head: dict[str, torch.Tensor],
+                       codec_state: dict[str, torch.Tensor] | None) -> None:
     from safetensors.torch import save_file
 
     final = out / TEACHER
@@ -149,11 +145,11 @@ def _write_teacher_dir(out: Path, model: Any, tok: Any, codec_state: dict[str, t
     tmp = tmp_path(final)
     tmp.mkdir(parents=True)
     try:
-        save_file(head_and_embeddings(model, token_rows(model, tok)), str(tmp / HEAD_FILE))
+        save_file(head, str(tmp / HEAD_FILE))
         if codec_state is not None:
             save_file({k: v.contiguous() for k, v in codec_state.items()}, str(tmp / CODEC_FILE))
-        tok.save_pretrained(str(tmp / "tokenizer"))
-        (tmp / "config.json").write_text(model.config.to_json_string())
+        teacher.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        (tmp / "config.json").write_text(teacher.config_json())
         if final.exists():
             shutil.rmtree(tmp)
         else:
@@ -177,7 +173,7 @@ def calibration_examples(prep: Prepared) -> tuple[list[int], bool]:
     return chosen, targets < CALIBRATION_TOKENS
 
 
-def calibrate_compact(tf: TeacherForward, prep: Prepared, weight: torch.Tensor, batch_tokens: int) -> CompactCodec:
+def calibrate_compact(tf: Teacher, prep: Prepared, weight: torch.Tensor, batch_tokens: int) -> CompactCodec:
     """Fit the compact codec on the hidden states it will encode: the target positions of the
     corpus's first examples, topped up with their other positions where those are too few for a
     d x d covariance (deterministic, so resumes agree)."""
@@ -254,7 +250,7 @@ class NormStats:
         return out
 
 
-def write_shard(out: Path, s: int, cfg: CacheConfig, settings: dict[str, Any], prep: Prepared, tf: TeacherForward,
+def write_shard(out: Path, s: int, cfg: CacheConfig, settings: dict[str, Any], prep: Prepared, tf: Teacher,
                 codec: HiddenCodec | None, weight: torch.Tensor, bias: torch.Tensor | None, pbar: Any,
                 tok: Any = None, embed: torch.Tensor | None = None, *, overlap: bool | None = None) -> None:
     """Run the teacher over shard ``s``'s examples and write the shard. With ``overlap`` (default:
@@ -265,7 +261,7 @@ def write_shard(out: Path, s: int, cfg: CacheConfig, settings: dict[str, Any], p
     members = list(range(lo, hi))
     responses = {i: prep.examples[i].response for i in members}
     if cfg.generate:
-        responses = generate_shard(tf.model, tok, cfg, prep, members, seed=cfg.gen_seed * 1_000_003 + s)
+        responses = generate_shard(tf, tok, cfg, prep, members, seed=cfg.gen_seed * 1_000_003 + s)
         prep = Prepared(prep.examples, prep.prompts, list(prep.encoded), prep.skipped)
         for i in members:
             prep.encoded[i] = encode(tok, prep.prompts[i], responses[i], max_prompt_len=cfg.max_prompt_len,
@@ -299,7 +295,7 @@ def write_shard(out: Path, s: int, cfg: CacheConfig, settings: dict[str, Any], p
                 stored = codec.decode({k: arrays[k] for k in codec.array_specs()}) if codec is not None else None
                 res = reconstruction_check(rec["logits"], rec["hidden"], stored, weight, bias, dtype=teacher_dtype)
                 if stored is not None and cfg.top_k and codec is not None and codec.name not in LOSSLESS_HIDDEN:
-                    from .teacher import kl_stats
+                    from ..cache.head import kl_stats
 
                     asm = assemble_logits(reconstruct_logits(stored, weight, bias), rec["topk_values"],
                                           rec["topk_indices"], rec["logsumexp"])
@@ -329,12 +325,11 @@ def write_shard(out: Path, s: int, cfg: CacheConfig, settings: dict[str, Any], p
         w.extra_meta["norm_sums"] = norm.sums
 
 
-def generate_shard(model: Any, tok: Any, cfg: CacheConfig, prep: Prepared, members: list[int], *,
+def generate_shard(teacher: Teacher, tok: Any, cfg: CacheConfig, prep: Prepared, members: list[int], *,
                    seed: int) -> dict[int, str]:
     """The teacher's sampled response text for each example of a shard (SeqKD)."""
-    from .generation import SamplingSettings, sample_responses
+    from ..generation import SamplingSettings
 
-    pad_id = tok.pad_token_id
     settings = SamplingSettings(cfg.gen_max_new_tokens, cfg.gen_temperature, cfg.gen_top_p)
     torch.manual_seed(seed)
     out: dict[int, str] = {}
@@ -343,8 +338,7 @@ def generate_shard(model: Any, tok: Any, cfg: CacheConfig, prep: Prepared, membe
         rows = order[b:b + cfg.gen_batch_size]
         prompts = [prep.encoded[i].input_ids[:prep.encoded[i].prompt_len] for i in rows]
         caps = [min(cfg.gen_max_new_tokens, cfg.max_len - 1 - len(p)) for p in prompts]
-        new = sample_responses(model, prompts, pad_id=pad_id, eos_id=tok.eos_token_id, settings=settings, max_new=caps,
-                               vocab=len(tok))
+        new = teacher.generate(prompts, settings=settings, max_new=caps)
         for i, ids in zip(rows, new):
             out[i] = tok.decode(ids, skip_special_tokens=True).strip()
     return out
@@ -352,12 +346,7 @@ def generate_shard(model: Any, tok: Any, cfg: CacheConfig, prep: Prepared, membe
 
 def decide_logits_source(settings: dict[str, Any], fidelity: dict[str, Any]) -> tuple[str, bool]:
     """(source of full teacher logits, whether h @ W.T reproduces the teacher's logits)."""
-    exact = fidelity.get("exact_t1", {})
-    tol = 1e-4 if settings["teacher"]["dtype"] == "fp32" else 1e-3
-    # top-1 up to the teacher's own rounding (bf16 ties are not disagreements); caches written
-    # before that was measured have only the plain agreement
-    top1 = exact.get("top1_within_rounding", exact.get("top1_agreement", 0.0))
-    reconstructable = bool(exact) and exact.get("kl_mean", 1.0) <= tol and top1 >= 0.99
+    reconstructable = head_reproduces_logits(fidelity.get("exact_t1", {}), settings["teacher"]["dtype"])
     mode, k = settings["storage"]["hidden"], settings["storage"]["top_k"]
     if reconstructable and mode in LOSSLESS_HIDDEN:
         return "hidden", True
@@ -426,7 +415,7 @@ def run(cfg: CacheConfig, *, progress: bool = True) -> Path:
     try:
         out = _run(cfg, ctx, progress)
         if cfg.student_tokenizer and ctx.is_main and (out / MANIFEST).exists():
-            from .cross.align import run as align
+            from ..cache.align import run as align
 
             align(AlignConfig(cache=str(out), student_tokenizer=cfg.student_tokenizer))
         return out
@@ -435,7 +424,7 @@ def run(cfg: CacheConfig, *, progress: bool = True) -> Path:
 
 
 def _run(cfg: CacheConfig, ctx: DistContext, progress: bool) -> Path:
-    from .locks import folder_lock, is_lock_file
+    from ..locks import folder_lock, is_lock_file
 
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
@@ -519,25 +508,24 @@ def _manifest_readable(out: Path) -> bool:
 
 
 def _run_locked(cfg: CacheConfig, ctx: DistContext, progress: bool, out: Path) -> Path:
-    tok = load_tokenizer(cfg.teacher)
-    students = [load_tokenizer(st) for st in cfg.student_tokenizer]  # a bad one fails now, not after the teacher ran
-    cfg = resolved_template_config(cfg, tok, students)
-    prep = prepare_corpus(cfg, tok)
     device = resolve_device(cfg.device)
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
-    dtype = resolve_dtype(cfg.dtype, device)
+    teacher = open_teacher(cfg.teacher, top_k=cfg.top_k, dtype=cfg.dtype, device=device)  # its model loads when first used
+    tok = teacher.tokenizer
+    students = [load_tokenizer(st) for st in cfg.student_tokenizer]  # a bad one fails now, not after the teacher ran
+    cfg = resolved_template_config(cfg, tok, students)
+    prep = prepare_corpus(cfg, tok)
     existing = read_json(out / SETTINGS) if (out / SETTINGS).exists() else None
     if existing is not None:
-        diff = settings_diff(existing, build_settings(cfg, tok, prep, None, dtype),
+        diff = settings_diff(existing, build_settings(cfg, tok, prep, None),
                              only={"tokenizer", "data", "template", "limits", "storage", "generation", "num_examples",
                                    "num_shards"})
         diff = [d for d in diff if not d.startswith("storage.topk_index_dtype")]
         if diff:
             raise DskdError([f"{out} was built with different settings:"] + diff,
                             hint="write to a new --out folder, or run with the settings the cache was built with")
-    model = load_causal_lm(cfg.teacher, dtype=dtype, device=device)
-    settings = build_settings(cfg, tok, prep, model, dtype)
+    settings = build_settings(cfg, tok, prep, teacher)
     if existing is not None:
         diff = settings_diff(existing, settings)
         if diff:
@@ -551,9 +539,8 @@ def _run_locked(cfg: CacheConfig, ctx: DistContext, progress: bool, out: Path) -
                 log.warning("%s is unreadable: rebuilding it from the finished shards (re-hashing them)", out / MANIFEST)
                 finalize(out, full_verify=True)
                 return out
-    vocab = token_rows(model, tok)
-    tf = TeacherForward(model, cfg.top_k, tok.pad_token_id, vocab)
-    head = head_and_embeddings(model, vocab)
+    tf = teacher
+    head = teacher.head_and_embeddings()
     weight, bias = head["lm_head.weight"], head.get("lm_head.bias")
     if ctx.is_main or cfg.num_shards > 1:
         out.mkdir(parents=True, exist_ok=True)
@@ -564,7 +551,7 @@ def _run_locked(cfg: CacheConfig, ctx: DistContext, progress: bool, out: Path) -
             if cfg.hidden == "compact":
                 log.info("calibrating the compact hidden-state codec on %d positions", CALIBRATION_TOKENS)
                 codec_state = calibrate_compact(tf, prep, weight, cfg.batch_tokens).state_dict()
-            _write_teacher_dir(out, model, tok, codec_state)
+            _write_teacher_dir(out, teacher, head, codec_state)
     ctx.barrier()
     codec = load_codec(out, settings)
     (out / SHARDS).mkdir(parents=True, exist_ok=True)

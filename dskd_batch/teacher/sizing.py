@@ -53,7 +53,7 @@ def _compressed(arr: np.ndarray, level: int) -> int:
 def estimate(cfg: Any) -> dict[str, Any]:
     """The dry run of ``cfg`` (a :class:`~dskd_batch.config.CacheConfig`): counts, bytes per array
     and per hidden mode, shards and disk."""
-    from ..cache_teacher import resolved_template_config, stored_positions
+    from .caching import resolved_template_config, stored_positions
     from ..data import prepare_corpus
     from ..models import load_tokenizer, resolve_device, resolve_dtype, teacher_config
 

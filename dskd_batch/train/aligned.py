@@ -1,6 +1,6 @@
 """Batches for a student with another tokenizer: the cache's records seen through its alignment
 sidecar (:class:`AlignedExamples`), and the alignment of a micro-batch as flat indices
-(:func:`cross_part`, called by :func:`dskd_batch.batches.collate`)."""
+(:func:`cross_part`, called by :func:`dskd_batch.train.batches.collate`)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from ..batches import CacheExamples, Record, rule_target_counts, teacher_rows
+from .batches import CacheExamples, MicroBatch, Record, collate, rule_target_counts, teacher_rows
 from ..cache.reader import TeacherCache
-from ..records import TEACHER_FIELDS, TeacherBatch, training_positions
-from .methods import CrossBatch
+from ..cache.records import TEACHER_FIELDS, TeacherBatch, training_positions
+from ..methods.cross_vocab import CrossBatch
 
 
 class AlignedExamples(CacheExamples):
@@ -43,6 +43,9 @@ class AlignedExamples(CacheExamples):
             rec.update({k: torch.from_numpy(v.astype("int64")) for k, v in row.items()})
             out.append(rec)
         return out
+
+    def collate(self, recs: list[Record], pad_id: int, with_teacher: bool) -> MicroBatch:
+        return collate(recs, pad_id, with_teacher, teacher_part=cross_part)
 
 
 def cross_part(recs: list[Record]) -> tuple[TeacherBatch, CrossBatch]:

@@ -9,8 +9,8 @@ position ``positions[j]``, i.e. what the teacher emitted after reading ``input_i
 :data:`COLUMNS` is the spec of those fields (name, axis, dtype on disk, per-row shape, dtype in
 memory). The cache writer derives its Zarr arrays from it, the reader decodes with it, the
 live teacher's output, collate and :class:`TeacherBatch` use its names. A new
-cached field is one entry here (plus the line that computes it in :mod:`dskd_batch.teacher`).
-The hidden state is the one field stored through a codec (:mod:`dskd_batch.codecs`), so its disk
+cached field is one entry here (plus the line that computes it in :mod:`dskd_batch.teacher.forward`).
+The hidden state is the one field stored through a codec (:mod:`dskd_batch.cache.codecs`), so its disk
 arrays come from the cache's codec.
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import target_positions
+from ..data import target_positions
 
 TOKENS, POSITIONS = "tokens", "positions"  # the two axes of a shard's arrays
 

@@ -27,9 +27,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .batches import collate
-from .files import atomic_write_json, read_json, replace_dir, tmp_path
-from .errors import DskdError
+from ..files import atomic_write_json, read_json, replace_dir, tmp_path
+from ..errors import DskdError
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +74,7 @@ class Validation:
         try:
             for b in range(batches):
                 idxs = order[b * self.batch_size:(b + 1) * self.batch_size]
-                mb = collate(self.examples.records(idxs or [0]), pad_id, self.with_teacher).to(device)
+                mb = self.examples.collate(self.examples.records(idxs or [0]), pad_id, self.with_teacher).to(device)
                 out = model(mb, self.head, evaluate=True)
                 if idxs:
                     sums += torch.stack([out["ce"], out.get("kl", out["ce"] * 0), out.get("top1", out["ce"] * 0),

@@ -21,12 +21,12 @@ from typing import Any
 
 import torch
 
-from .files import atomic_write_json
-from .config import EvalConfig
-from .data import Example, data_fingerprint, encode_prompt, load_examples, render_prompt, resolve_template
-from .errors import DskdError
-from .generation import SamplingSettings, sample_responses
-from .models import (dtype_name, fp32_logits, head_inputs, load_causal_lm, load_tokenizer, model_fingerprint, post_head_settings,
+from ..files import atomic_write_json
+from ..config import EvalConfig
+from ..data import Example, data_fingerprint, encode_prompt, load_examples, render_prompt, resolve_template
+from ..errors import DskdError
+from ..generation import SamplingSettings, sample_responses
+from ..models import (dtype_name, fp32_logits, head_inputs, load_causal_lm, load_tokenizer, model_fingerprint, post_head_settings,
                      resolve_device, resolve_dtype)
 from .scoring import METRICS, pass_at_1, truncate_code
 
@@ -206,9 +206,9 @@ def response_nll(model: Any, tok: Any, examples: list[Example], prompt: dict[str
     response positions). The head and the log-softmax run in fp32 even for bf16 weights."""
     import math
 
-    from .batches import CorpusExamples, collate
-    from .data import encode_example
-    from .losses import token_ce
+    from ..train.batches import CorpusExamples, collate
+    from ..data import encode_example
+    from ..losses import token_ce
 
     max_len = int(prompt.get("max_len") or 512)
     src = CorpusExamples([encode_example(tok, ex, render_prompt(ex, prompt["template"], tok),

@@ -4,10 +4,10 @@ global batch becomes micro-batches of tensors.
 Sources of examples (all yield the same record dicts as the cache reader):
 
 - :class:`CacheExamples`: a teacher cache (records carry the teacher's outputs);
-  :class:`~dskd_batch.cross.batches.AlignedExamples` the same for a student of another tokenizer.
+  :class:`~dskd_batch.train.aligned.AlignedExamples` the same for a student of another tokenizer.
 - :class:`CorpusExamples`: a corpus encoded with the student's tokenizer (no teacher outputs).
 - :class:`LiveTeacher` fills the teacher fields of records by running the teacher with
-  :class:`~dskd_batch.teacher.TeacherForward`, the function stage one uses.
+  :class:`~dskd_batch.teacher.source.Teacher` stage one uses (a local model or a served one).
 
 Order: one permutation per epoch from ``(seed, epoch)``; with a cache the shards are shuffled and
 then the examples inside each shard, so each shard's chunks are decompressed once per epoch. The
@@ -23,19 +23,19 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .cache.reader import TeacherCache
-from .data import Encoded, target_positions
-from .records import TEACHER_FIELDS, TeacherBatch, rows_at, training_positions
-from .teacher import TeacherForward
+from ..cache.reader import TeacherCache
+from ..data import Encoded, target_positions
+from ..cache.records import TEACHER_FIELDS, TeacherBatch, rows_at, training_positions
+from ..teacher.source import Teacher
 
 if TYPE_CHECKING:
-    from .cross.methods import CrossBatch
+    from ..methods.cross_vocab import CrossBatch
 
 Record = dict[str, Any]
 
@@ -50,7 +50,8 @@ class Source:
     communication), its shard ``groups`` (or None), whether its records carry the teacher
     (``has_teacher``) and whether it may be read ahead in a background thread (``runs_ahead``:
     not when a model runs inside it). ``records(idxs)`` gives the record dicts of
-    :mod:`dskd_batch.records`; ``micro_batch`` turns them into tensors; ``prepare_step`` may adjust
+    :mod:`dskd_batch.cache.records`; ``collate`` turns records into tensors (a source of records aligned
+    to another tokenizer adds the alignment) and ``micro_batch`` reads and collates; ``prepare_step`` may adjust
     a step's micro-batches once all of them are known (every process calls it); ``metrics``
     adds the source's own figures to each logged record; ``close`` releases what it holds."""
 
@@ -69,7 +70,10 @@ class Source:
 
     def micro_batch(self, idxs: list[int], *, pad_id: int, with_teacher: bool, epoch: int, step: int, rank: int,
                     index: int) -> "MicroBatch":
-        return collate(self.records(idxs), pad_id, with_teacher)
+        return self.collate(self.records(idxs), pad_id, with_teacher)
+
+    def collate(self, recs: list[Record], pad_id: int, with_teacher: bool) -> "MicroBatch":
+        return collate(recs, pad_id, with_teacher)
 
     def prepare_step(self, micro: list["MicroBatch"], n_targets: int, ctx: Any) -> None:
         """Called once per optimizer step with this process's micro-batches."""
@@ -98,6 +102,9 @@ class SourceOver(Source):
 
     def records(self, idxs: list[int]) -> list[Record]:
         return self.inner.records(idxs)
+
+    def collate(self, recs: list[Record], pad_id: int, with_teacher: bool) -> "MicroBatch":
+        return self.inner.collate(recs, pad_id, with_teacher)
 
     def metrics(self, steps_since: int) -> dict[str, float]:
         return self.inner.metrics(steps_since)
@@ -143,7 +150,7 @@ class CorpusExamples(Source):
 class LiveTeacher:
     """Runs the teacher on the records' token ids and adds its outputs to each record."""
 
-    def __init__(self, tf: TeacherForward, keep_logits: bool) -> None:
+    def __init__(self, tf: Teacher, keep_logits: bool) -> None:
         self.tf = tf
         self.keep_logits = keep_logits
         self.calls = 0
@@ -189,7 +196,7 @@ class LiveSource(SourceOver):
 
 
 class OnPolicySource(SourceOver):
-    """Another source, and on the steps :meth:`~dskd_batch.onpolicy.OnPolicy.active` picks, each
+    """Another source, and on the steps :meth:`~dskd_batch.train.onpolicy.OnPolicy.active` picks, each
     micro-batch also carries the student's own samples for its prompts, scored by the live teacher
     (``MicroBatch.on_policy``); the KD of such a step is normalised by its sampled tokens."""
 
@@ -203,9 +210,9 @@ class OnPolicySource(SourceOver):
     def micro_batch(self, idxs: list[int], *, pad_id: int, with_teacher: bool, epoch: int, step: int, rank: int,
                     index: int) -> "MicroBatch":
         recs = self.inner.records(idxs)
-        mb = collate(recs, pad_id, with_teacher)
+        mb = self.collate(recs, pad_id, with_teacher)
         if self.op.active(epoch, step):
-            mb.on_policy = collate(self.op.records(recs, epoch, step, rank, index), pad_id, True)
+            mb.on_policy = self.collate(self.op.records(recs, epoch, step, rank, index), pad_id, True)
         return mb
 
     def prepare_step(self, micro: list["MicroBatch"], n_targets: int, ctx: Any) -> None:
@@ -298,8 +305,11 @@ class MicroBatch:
                           self.on_policy.to(device) if self.on_policy is not None else None, self.kd_scale)
 
 
-def collate(recs: list[Record], pad_id: int, with_teacher: bool) -> MicroBatch:
-    cross = with_teacher and "teacher_input_ids" in recs[0]  # records aligned to another tokenizer
+def collate(recs: list[Record], pad_id: int, with_teacher: bool,
+            teacher_part: Callable[[list[Record]], tuple[TeacherBatch, Any]] | None = None) -> MicroBatch:
+    """Records as one padded micro-batch. The teacher's rows are taken at the same positions as the
+    student's, or, for records aligned to another tokenizer, by ``teacher_part`` (the teacher batch
+    at the teacher's own positions and the alignment between the two)."""
     width = max(len(r["input_ids"]) for r in recs)
     ids = torch.full((len(recs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(recs), width), dtype=torch.long)
@@ -312,13 +322,11 @@ def collate(recs: list[Record], pad_id: int, with_teacher: bool) -> MicroBatch:
         mask[b, :n] = 1
         select[b, pos] = True
         targets.append(x[pos + 1])
-        if with_teacher and not cross:
+        if with_teacher and teacher_part is None:
             teacher_rows(r, pos, parts)
     tb, cb = None, None
-    if cross:
-        from .cross.batches import cross_part
-
-        tb, cb = cross_part(recs)
+    if with_teacher and teacher_part is not None:
+        tb, cb = teacher_part(recs)
     elif with_teacher:
         tb = TeacherBatch(**{k: (torch.cat(v) if v else None) for k, v in parts.items()})
     return MicroBatch(ids, mask, select, torch.cat(targets), tb, int(mask.sum()), cb)

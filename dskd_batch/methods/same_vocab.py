@@ -24,7 +24,7 @@ position the teacher gets wrong is trained on the label alone, at full weight.
 
 Cross-vocabulary methods (the student has another tokenizer; the teacher batch holds the M
 teacher response positions of the same examples and a :class:`CrossBatch` says how they align,
-from the cache's alignment sidecar, see :mod:`dskd_batch.cross.align`). CE is always on the student's
+from the cache's alignment sidecar, see :mod:`dskd_batch.cache.align`). CE is always on the student's
 own ground truth at every student position; sums are normalised by the student's response tokens.
 
 - ``dskd-eta``: DSKD on ETA pairs (same text at the same offset) whose teacher top-1 token is a
@@ -48,14 +48,17 @@ own ground truth at every student position; sums are normalised by the student's
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from .losses import distance, fkl, masked_sum, token_ce, with_plugins
-from .records import TeacherBatch  # noqa: F401 - part of this module's interface (methods read the record)
-from .teacher import TeacherHead  # noqa: F401 - part of this module's interface (methods read the head)
+from ..losses import distance, fkl, masked_sum, token_ce
+from ..cache.records import TeacherBatch  # noqa: F401 - part of this module's interface (methods read the record)
+from ..cache.head import TeacherHead  # noqa: F401 - part of this module's interface (methods read the head)
+
+if TYPE_CHECKING:
+    from .cross_vocab import CrossBatch
 
 Tensor = torch.Tensor
 KD_GRAD = "_kd"  # the KD sum with its graph (on-policy steps combine it with CE from another batch); not logged
@@ -226,23 +229,3 @@ def _sliced(head: TeacherHead, vocab: int) -> TeacherHead:
     if head.weight.shape[0] == vocab:
         return head
     return TeacherHead(head.weight[:vocab], head.bias[:vocab] if head.bias is not None else None, head.logits_source)
-
-
-from .cross.methods import DSKDCMA, DSKDETA, ULD, CrossBatch, CrossVocabMethod, MinED, uld_distance  # noqa: E402,F401
-
-METHOD_CLASSES: dict[str, type[Method]] = {"sft": Method, "seqkd": SeqKD, "kd": VanillaKD, "dskd": DSKD,
-                                           "dskd-eta": DSKDETA, "dskd-cma": DSKDCMA, "mined": MinED, "uld": ULD}
-
-
-def method_classes() -> dict[str, type[Method]]:
-    """The method registry, installed plug-ins (entry points ``dskd_batch.methods``: name -> Method
-    subclass) included."""
-    return with_plugins("dskd_batch.methods", METHOD_CLASSES)
-
-
-def make_method(name: str, ls: LossSettings) -> Method:
-    return method_classes()[name](ls)
-
-
-def method_info(m: Method) -> dict[str, Any]:
-    return {"name": m.name, **m.ls.__dict__}

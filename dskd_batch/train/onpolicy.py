@@ -1,6 +1,6 @@
 """On-policy batches: the student samples responses to a batch's prompts and the live teacher
-scores them, with the same forward function stage one uses (:class:`~dskd_batch.teacher.TeacherForward`
-through :class:`~dskd_batch.batches.LiveTeacher`), so the records it returns are the cache
+scores them, with the same forward function stage one uses (:class:`~dskd_batch.teacher.forward.TeacherForward`
+through :class:`~dskd_batch.train.batches.LiveTeacher`), so the records it returns are the cache
 reader's records and the methods cannot tell them apart.
 
 Whether a step is on-policy is a pure function of (seed, epoch, step in epoch): every process
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from .batches import LiveTeacher, Record
-from .data import Encoded, encode
-from .generation import SamplingSettings, sample_responses
+from ..data import Encoded, encode
+from ..generation import SamplingSettings, sample_responses
 
 
 @dataclass
@@ -116,7 +116,7 @@ class OnPolicy:
         return out
 
     def _cross_records(self, recs: list[Record], prompts: list[list[int]], new: list[list[int]]) -> list[Record]:
-        from .cross.align import align_example
+        from ..cache.align import align_example
 
         c = self.cross
         texts = [self.tok.decode(n, skip_special_tokens=True) or " " for n in new]

@@ -2,8 +2,8 @@
 the same-vocabulary ones and the formulas): DSKD with exact token alignment (``dskd-eta``), DSKD
 with cross-model attention (``dskd-cma``), MinED and ULD. Their inputs are the teacher's record at
 the teacher's target positions and a :class:`CrossBatch` that says how the two sides' positions
-pair up, made from the cache's alignment sidecar (:mod:`dskd_batch.cross.align`) by
-:mod:`dskd_batch.cross.batches`."""
+pair up, made from the cache's alignment sidecar (:mod:`dskd_batch.cache.align`) by
+:mod:`dskd_batch.train.aligned`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..losses import fkl, masked_sum, token_ce
-from ..methods import LossInputs, LossSettings, Method, dskd_terms
+from .same_vocab import LossInputs, LossSettings, Method, dskd_terms
 
 
 @dataclass
