@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -141,13 +142,24 @@ def gpt2_student(tiny_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFact
     return _save_model(GPT2LMHeadModel(cfg), tiny_tokenizer_dir, tmp_path_factory.mktemp("student"))
 
 
+def cache_config(teacher: Path | str, data: Path | str, out: Path | str, **kw: Any) -> Any:
+    """The tests' one cache-config factory: a tiny exact cache (fp32 hidden states, top-8, 5 examples
+    per shard, rows of at most 96 tokens); ``kw`` overrides any setting."""
+    from dskd_batch.config import CacheConfig
+
+    base = dict(teacher=str(teacher), data=str(data), out=str(out), hidden="fp32", top_k=8, shard_size=5,
+                batch_tokens=512, max_len=96, max_prompt_len=64)
+    return CacheConfig(**{**base, **kw})
+
+
+def make_cache(teacher: Path | str, data: Path | str, out: Path | str, **kw: Any) -> Path:
+    """Run stage one with :func:`cache_config`'s settings; returns the cache folder."""
+    from dskd_batch.teacher.caching import run
+
+    return run(cache_config(teacher, data, out, **kw), progress=False)
+
+
 @pytest.fixture(scope="session")
 def fp32_cache(llama_teacher: Path, corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An fp32 cache of the LLaMA teacher over the test corpus (exact hidden states)."""
-    from dskd_batch.teacher.caching import run
-    from dskd_batch.config import CacheConfig
-
-    out = tmp_path_factory.mktemp("cache") / "fp32"
-    run(CacheConfig(teacher=str(llama_teacher), data=str(corpus), out=str(out), hidden="fp32", top_k=8,
-                    shard_size=5, batch_tokens=512, max_len=96, max_prompt_len=64), progress=False)
-    return out
+    return make_cache(llama_teacher, corpus, tmp_path_factory.mktemp("cache") / "fp32")

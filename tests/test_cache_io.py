@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import assert_same_cache
+from conftest import assert_same_cache, cache_config
 from dskd_batch import open_cache
 from dskd_batch.cache import writer as writer_mod
 from dskd_batch.teacher.caching import run
@@ -20,10 +20,8 @@ from dskd_batch.errors import CacheCorruptError, DskdError
 
 
 def cfg(teacher: Path, corpus: Path, out: Path, **kw) -> CacheConfig:
-    base = dict(teacher=str(teacher), data=str(corpus), out=str(out), hidden="fp16", top_k=8, batch_tokens=300,
-                shard_size=4, max_len=64, max_prompt_len=40)
-    base.update(kw)
-    return CacheConfig(**base)
+    return cache_config(teacher, corpus, out, **{**dict(hidden="fp16", batch_tokens=300, shard_size=4, max_len=64,
+                                                        max_prompt_len=40), **kw})
 
 
 @pytest.fixture(scope="module")

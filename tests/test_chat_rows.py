@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED
+from conftest import SHARED, make_cache
 
-from dskd_batch.config import CacheConfig, DistillConfig
+from dskd_batch.config import DistillConfig
 from dskd_batch.data import encode_conversation, load_examples, render_prompt
 from dskd_batch.errors import DskdError
 
@@ -128,11 +128,8 @@ def chat_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cache(teacher: Path, data: Path, out: Path, **kw) -> Path:
-    from dskd_batch.teacher.caching import run
-
-    base = dict(teacher=str(teacher), data=str(data), out=str(out), hidden="fp32", top_k=8, max_len=96,
-                max_prompt_len=48, template="chat")
-    return run(CacheConfig(**{**base, **kw}), progress=False)
+    return make_cache(teacher, data, out, **{**dict(shard_size=256, batch_tokens=4096, max_prompt_len=48,
+                                                     template="chat"), **kw})
 
 
 def test_cache_stores_the_teacher_at_the_assistant_turns(chat_teacher, chat_corpus, tmp_path):

@@ -18,7 +18,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import assert_same_cache, subprocess_env
+from conftest import assert_same_cache, cache_config, subprocess_env
 from dskd_batch import open_cache
 from dskd_batch.teacher.caching import run as cache_run
 from dskd_batch.cli import main
@@ -35,10 +35,8 @@ def _env() -> dict[str, str]:
 
 
 def cache_cfg(teacher: Path, corpus: Path, out: Path, **kw) -> CacheConfig:
-    base = dict(teacher=str(teacher), data=str(corpus), out=str(out), hidden="fp32", top_k=8, batch_tokens=300,
-                shard_size=2, max_len=64, max_prompt_len=40)
-    base.update(kw)
-    return CacheConfig(**base)
+    return cache_config(teacher, corpus, out, **{**dict(batch_tokens=300, shard_size=2, max_len=64, max_prompt_len=40),
+                                                  **kw})
 
 
 @pytest.fixture(scope="module")

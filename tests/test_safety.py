@@ -16,7 +16,7 @@ from dskd_batch.cache.format import atomic_write_json, file_table
 from dskd_batch.config import DistillConfig
 from dskd_batch.train.distill import run
 from dskd_batch.errors import DskdError
-from dskd_batch.train.trainer import load_state_file, rng_state, set_rng_state
+from dskd_batch.train.checkpoint import load_state_file, rng_state, set_rng_state
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dskd_batch"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import read_cache_arrays
+from conftest import cache_config, read_cache_arrays
 from dskd_batch.cache.format import MANIFEST, SHARDS, TMP_MARK
 from dskd_batch.cache.writer import StoreThread
 from dskd_batch.errors import DskdError
@@ -21,12 +21,8 @@ from dskd_batch.train.trainer import auto_chunk
 
 
 def _cache(teacher: Path, corpus: Path, out: Path, **kw):
-    from dskd_batch.config import CacheConfig
-
-    base = dict(teacher=str(teacher), data=str(corpus), out=str(out), hidden="fp16", top_k=8, batch_tokens=200,
-                shard_size=6, max_len=64, max_prompt_len=40)
-    base.update(kw)
-    return CacheConfig(**base)
+    return cache_config(teacher, corpus, out, **{**dict(hidden="fp16", batch_tokens=200, shard_size=6, max_len=64,
+                                                        max_prompt_len=40), **kw})
 
 
 @pytest.mark.parametrize("hidden", ["fp16", "compact"])

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED
+from conftest import SHARED, make_cache
 
 
-from dskd_batch.config import CacheConfig, DistillConfig
+from dskd_batch.config import DistillConfig
 from dskd_batch.data import encode, load_examples, render_prompt, split_long_texts
 from dskd_batch.errors import DskdError
 
@@ -90,13 +90,7 @@ def test_bad_text_rows(row, match):
 
 
 def _cache(teacher: Path, data: Path, out: Path, **kw) -> Path:
-    from dskd_batch.teacher.caching import run
-
-    base = dict(teacher=str(teacher), data=str(data), out=str(out), hidden="fp32", top_k=8, shard_size=3,
-                batch_tokens=512, max_len=40, max_prompt_len=16)
-    base.update(kw)
-    run(CacheConfig(**base), progress=False)
-    return out
+    return make_cache(teacher, data, out, **{**dict(shard_size=3, max_len=40, max_prompt_len=16), **kw})
 
 
 def test_cache_of_text_rows_predicts_every_window_token(llama_teacher, text_corpus, tmp_path):

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import make_cache
 import torch
 
 from dskd_batch.config import CacheConfig, DistillConfig, EvalConfig
@@ -38,11 +39,8 @@ def dev_corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def dev_cache(llama_teacher, dev_corpus, tmp_path_factory) -> Path:
     """The held-out rows cached with the same teacher and settings as the fp32 training cache."""
-    from dskd_batch.teacher.caching import run as cache_run
-
     out = tmp_path_factory.mktemp("devcache") / "c"
-    cache_run(CacheConfig(teacher=str(llama_teacher), data=str(dev_corpus), out=str(out), hidden="fp32", top_k=8,
-                          shard_size=5, batch_tokens=512, max_len=96, max_prompt_len=64), progress=False)
+    make_cache(llama_teacher, dev_corpus, out)
     return out
 
 

@@ -16,7 +16,7 @@ arrays come from the cache's codec.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any
 
 import numpy as np
@@ -55,25 +55,23 @@ _NUMPY = {torch.long: np.int64, torch.float32: np.float32}
 ArraySpecs = dict[str, tuple[str, str, tuple[int, ...]]]  # name -> (axis, numpy dtype, per-row shape)
 
 
-@dataclass
-class TeacherBatch:
-    """The teacher's record at N positions of a micro-batch, one attribute per name of
-    :data:`TEACHER_FIELDS` (any may be None if not available)."""
+def _to(self: Any, device: torch.device) -> Any:
+    return type(self)(**{k: (v.to(device, non_blocking=True) if v is not None else None) for k, v in self.__dict__.items()})
 
-    hidden: Tensor | None = None  # [N, d_T]
-    logsumexp: Tensor | None = None  # [N]
-    argmax: Tensor | None = None  # [N]
-    topk_values: Tensor | None = None  # [N, k]
-    topk_indices: Tensor | None = None  # [N, k]
-    logits: Tensor | None = None  # [N, V_T] when the source gave real logits
 
-    def to(self, device: torch.device) -> "TeacherBatch":
-        return TeacherBatch(**{k: (v.to(device, non_blocking=True) if v is not None else None)
-                               for k, v in self.__dict__.items()})
+def _rows(self: Any, idx: Tensor) -> Any:
+    """The record at the positions ``idx``."""
+    return type(self)(**{k: (v[idx] if v is not None else None) for k, v in self.__dict__.items()})
 
-    def rows(self, idx: Tensor) -> "TeacherBatch":
-        """The record at the positions ``idx``."""
-        return TeacherBatch(**{k: (v[idx] if v is not None else None) for k, v in self.__dict__.items()})
+
+# The teacher's record at N positions of a micro-batch: one attribute per name of TEACHER_FIELDS, made
+# from the spec (a new teacher column is its COLUMNS entry): hidden [N, d_T], logsumexp [N], argmax [N],
+# topk_values / topk_indices [N, k], logits [N, V_T] when the source gave real logits; any may be None.
+TeacherBatch = make_dataclass(
+    "TeacherBatch", [(name, "Tensor | None", field(default=None)) for name in TEACHER_FIELDS],
+    namespace={"to": _to, "rows": _rows, "__doc__": "The teacher's record at N positions of a micro-batch, one "
+               "attribute per name of :data:`TEACHER_FIELDS` (any may be None if not available)."})
+TeacherBatch.__module__ = __name__  # picklable by name, documented where it is made
 
 
 def array_specs(top_k: int, index_dtype: str, codec: Any | None) -> ArraySpecs:

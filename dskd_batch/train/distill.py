@@ -32,8 +32,8 @@ from ..methods import LossSettings, TeacherHead, make_method, method_info
 from ..models import (load_causal_lm, load_tokenizer, model_fingerprint, plain_model, resolve_device, tokenizer_fingerprint)
 from ..teacher.source import Teacher, open_teacher
 from .projectors import build_projectors
-from .trainer import (CHECKPOINTS, DistillModule, TrainPlan, Trainer, list_checkpoints, save_projectors, save_student,
-                      seed_everything)
+from .checkpoint import CHECKPOINTS, export_student, list_checkpoints, prune_finished
+from .trainer import DistillModule, TrainPlan, Trainer, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,8 @@ def _validation(cfg: DistillConfig, student_tok: Any, src: Sources, method: Any,
                                            "held-out corpus file (eval_ce only)")
         examples: Any = CacheExamples(dev)
         head = TeacherHead(dev.lm_head, dev.lm_head_bias, dev.logits_source).to(device)
-        val = Validation(examples, True, cfg.batch_size, cfg.eval_steps, cfg.keep_best, str(path), head)
+        val = Validation(examples=examples, with_teacher=True, batch_size=cfg.batch_size, every=cfg.eval_steps,
+                         keep_best=cfg.keep_best, source=str(path), head=head)
     else:
         from ..data import prepare_corpus
 
@@ -189,7 +190,8 @@ def _validation(cfg: DistillConfig, student_tok: Any, src: Sources, method: Any,
         spec = SimpleNamespace(data=str(path), template=t["template"], max_prompt_len=int(t["max_prompt_len"]),
                                max_len=int(t["max_len"]), limit=None, split=None)
         examples = CorpusExamples(prepare_corpus(spec, student_tok).encoded)
-        val = Validation(examples, False, cfg.batch_size, cfg.eval_steps, cfg.keep_best, str(path))
+        val = Validation(examples=examples, with_teacher=False, batch_size=cfg.batch_size, every=cfg.eval_steps,
+                         keep_best=cfg.keep_best, source=str(path))
     if cfg.keep_best is not None and cfg.keep_best not in val.metrics:
         raise DskdError(f"--keep-best {cfg.keep_best} needs the teacher's record: --eval-data {path} is a corpus "
                         "(it gives eval_ce)", hint="use --keep-best eval_ce, or give a teacher cache of the held-out data")
@@ -384,11 +386,9 @@ def _run(cfg: DistillConfig, ctx: DistContext, on_step: Callable[[int], None] | 
     module = DistillModule(student, projectors, method, vocab, cfg.loss_chunk, device=device,
                            compile_loss=cfg.compile_loss).to(device)
 
-    plan = TrainPlan(cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps, cfg.seed, cfg.lr, cfg.projector_lr,
-                     cfg.weight_decay, cfg.warmup_ratio, cfg.lr_schedule, cfg.grad_clip, cfg.save_steps,
-                     cfg.keep_checkpoints, cfg.log_steps, cfg.precision,
-                     plan_fingerprint(cfg, src.fingerprints, student_fp, ctx.world_size), cfg.skip_nonfinite,
-                     length_group=cfg.length_group)
+    plan = TrainPlan(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainPlan)
+                        if f.name not in ("fingerprint", "extra_state")},
+                     fingerprint=plan_fingerprint(cfg, src.fingerprints, student_fp, ctx.world_size))
     on_policy = _on_policy(cfg, src, sampler, student_tok, method, device) if cfg.on_policy else None
     source = OnPolicySource(src.examples, on_policy) if on_policy is not None else src.examples
     trainer = Trainer(module, plan, source, run_dir=out, ctx=ctx, device=device, pad_id=student_tok.pad_token_id,
@@ -425,7 +425,10 @@ def _run(cfg: DistillConfig, ctx: DistContext, on_step: Callable[[int], None] | 
              trainer.global_batch, device, ctx.world_size)
     final = trainer.train(out / METRICS, cfg.log_to, to_dict(cfg)) if trainer.step < trainer.total_steps else {}
     source.close()
-    exported = _write_final(out, module, student_tok, cfg, trainer, ctx.is_main)  # every process (FSDP gathers)
+    exported = export_student(  # every process (a sharded student is gathered), the main one writes
+        out, student=module.student, projectors=module.projectors, tok=student_tok, step=trainer.step,
+        best=trainer.best, lora=bool(cfg.lora_rank), base_student=cfg.student, sharded=trainer.sharded,
+        write=trainer.weight_writer() if trainer.sharded else None, is_main=ctx.is_main)
     if ctx.is_main:
         run_info["exported"] = exported
         run_info.update(status="done", final_metrics=final, peak_memory=_peak_memory(device, on_policy),
@@ -451,23 +454,6 @@ def _finished_run(out: Path, plan_fp: str) -> bool:
     return True
 
 
-def prune_finished(out: Path) -> None:
-    """Delete a finished run's resume checkpoints and its best checkpoint's folder (RUN/student holds
-    whichever was exported). Each folder is renamed away first, so a kill leaves no half-deleted
-    checkpoint for a later --resume to trip on."""
-    import shutil
-
-    from ..files import tmp_path
-    from .validation import BEST_DIR
-
-    for name in (CHECKPOINTS, BEST_DIR):
-        folder = out / name
-        if folder.exists():
-            gone = tmp_path(folder)
-            folder.rename(gone)
-            shutil.rmtree(gone, ignore_errors=True)
-
-
 def _wrapper(cfg: DistillConfig, ctx: DistContext, device: torch.device) -> Callable[[nn.Module], nn.Module] | None:
     if not ctx.enabled:
         return None
@@ -478,92 +464,6 @@ def _wrapper(cfg: DistillConfig, ctx: DistContext, device: torch.device) -> Call
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return lambda m: DDP(m, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def _write_final(out: Path, module: DistillModule, tok: Any, cfg: DistillConfig, trainer: Trainer,
-                 is_main: bool = True) -> dict[str, Any]:
-    """Write RUN/student (and RUN/adapter for LoRA): the last weights, or with --keep-best the best
-    ones (the last then go to RUN/student-last); returns which was exported. Every process calls
-    it (a sharded student is gathered); the main process writes."""
-    import shutil
-
-    from ..files import replace_dir, tmp_path
-    from .trainer import load_student_weights
-
-    exported: dict[str, Any] = {"which": "last", "step": trainer.step}
-    best = trainer.best
-    use_best = best is not None and best.info is not None
-    if use_best:
-        info = dict(best.info)  # type: ignore[union-attr]
-        exported = {"which": "best", "step": info["step"], "metric": info["metric"], "value": info["value"],
-                    "last": str(out / "student-last")}
-    if trainer.sharded:  # full weights gathered by every process, written by the first
-        write = trainer.weight_writer()
-        if is_main and cfg.lora_rank:
-            _export_sharded_lora(out, write, cfg, tok, best.dir / "student" if use_best else None)  # type: ignore[union-attr]
-        elif is_main:
-            last = out / ("student-last" if use_best else "student")
-            tmp = tmp_path(last)
-            write(tmp, out)
-            tok.save_pretrained(str(tmp))
-            replace_dir(tmp, last)
-            if use_best:
-                tmp = tmp_path(out / "student")
-                shutil.copytree(best.dir / "student", tmp)  # type: ignore[union-attr]
-                tok.save_pretrained(str(tmp))
-                replace_dir(tmp, out / "student")
-        return exported
-    if not is_main:
-        return exported
-    if use_best:
-        tmp = tmp_path(out / "student-last")
-        save_student(module.student, tmp, tok)
-        replace_dir(tmp, out / "student-last")
-        load_student_weights(module.student, best.dir / "student")  # type: ignore[union-attr]
-        log.info("exported the best student (%s %.4f at step %d); the last one is in %s", info["metric"],
-                 info["value"], info["step"], out / "student-last")
-    student = module.student
-    if cfg.lora_rank:
-        tmp = tmp_path(out / "adapter")
-        save_student(student, tmp, tok)
-        replace_dir(tmp, out / "adapter")
-        student = student.merge_and_unload()
-    tmp = tmp_path(out / "student")
-    save_student(student, tmp, tok)
-    replace_dir(tmp, out / "student")
-    if len(module.projectors):
-        save_projectors(module.projectors, out)
-    return exported
-
-
-def _export_sharded_lora(out: Path, write: Callable[[Path, Path | None], None], cfg: DistillConfig, tok: Any,
-                         best_adapter: Path | None) -> None:
-    """The outputs of a LoRA run under FSDP, laid out as a one-process run's: RUN/adapter (the
-    exported adapter), RUN/student (it merged into the base student, loaded afresh on this
-    process: the base weights never train), RUN/student-last (the last adapter, with --keep-best)."""
-    import shutil
-
-    from peft import PeftModel
-
-    from ..files import replace_dir, tmp_path
-
-    last = tmp_path(out / "adapter-last")
-    write(last, out)  # the gathered adapter of the last step (and the projectors)
-    tok.save_pretrained(str(last))
-    exported = best_adapter if best_adapter is not None else last
-    tmp = tmp_path(out / "adapter")
-    shutil.copytree(exported, tmp)
-    tok.save_pretrained(str(tmp))
-    replace_dir(tmp, out / "adapter")
-    base = plain_model(load_causal_lm(cfg.student, dtype=torch.float32, device="cpu"))
-    merged = PeftModel.from_pretrained(base, str(out / "adapter")).merge_and_unload()
-    tmp = tmp_path(out / "student")
-    save_student(merged, tmp, tok)
-    replace_dir(tmp, out / "student")
-    if best_adapter is not None:
-        replace_dir(last, out / "student-last")
-    else:
-        shutil.rmtree(last, ignore_errors=True)
 
 
 def _peak_memory(device: torch.device, on_policy: Any = None) -> dict[str, float]:

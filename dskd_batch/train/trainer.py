@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -30,8 +29,9 @@ import torch.distributed as dist
 from torch import nn
 
 from .batches import MicroBatch, Source, epoch_order, global_batches, length_grouped, step_loader
-from ..files import (TMP_MARK, atomic_write_bytes, atomic_write_json, file_table, read_json, remove_stale_tmp,
-                    replace_dir, sha256_file, tmp_path)
+from ..files import atomic_write_bytes
+from .checkpoint import (CHECKPOINTS, load_state_file, load_student_weights, read_weights, rng_state, save_checkpoint,
+                         save_projectors, save_student, set_rng_state, verify_checkpoint)
 from ..distributed import DistContext
 from ..errors import DskdError
 from ..losses import fkl, token_ce
@@ -45,8 +45,6 @@ from .validation import BestKeeper, Validation
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
-STATE = "state.json"
 
 
 AUTO_CHUNK_ELEMENTS = 2**26  # CPU, --loss-chunk -1: positions x vocabulary of one fp32 chunk tensor (256 MiB) per
@@ -278,7 +276,7 @@ class DistillModule(nn.Module):
                                              self.vocab, cross=mb.cross, student_embed=e_s))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainPlan:
     batch_size: int
     grad_accum: int
@@ -307,45 +305,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict[str, Any]:
-    """Every random generator's state as tensors and plain values only, so a checkpoint's rng.pt
-    loads with ``torch.load(weights_only=True)`` (no pickled objects)."""
-    version, words, gauss = random.getstate()
-    kind, key, pos, has_gauss, cached = np.random.get_state()
-    st: dict[str, Any] = {"python": [version, torch.tensor(words, dtype=torch.int64), gauss],
-                          "numpy": [kind, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-                          "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def set_rng_state(st: dict[str, Any]) -> None:
-    version, words, gauss = st["python"]
-    random.setstate((version, tuple(int(w) for w in words.tolist()), gauss))
-    kind, key, pos, has_gauss, cached = st["numpy"]
-    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def load_state_file(path: Path, map_location: Any = None) -> Any:
-    """A checkpoint's optimizer or RNG state: tensors and plain values only
-    (``torch.load(weights_only=True)``). A file that holds anything else, which unpickling could
-    turn into running code, is refused before any of it is built."""
-    import pickle
-
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = next((line for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
-        raise DskdError(f"{path} holds Python objects besides tensors and plain values, and is not loaded: "
-                        f"unpickling them could run code{(' (' + first.strip() + ')') if first else ''}",
-                        hint="a checkpoint from an older dskd-batch, or not from dskd-batch: resume is refused; start "
-                             "the run again in a new --out (its student/ folder holds plain safetensors weights)") from None
-
-
 def make_optimizer(module: DistillModule, plan: TrainPlan) -> torch.optim.Optimizer:
     student = [p for p in module.student.parameters() if p.requires_grad]
     proj = [p for p in module.projectors.parameters() if p.requires_grad]
@@ -368,45 +327,6 @@ def make_scheduler(opt: torch.optim.Optimizer, plan: TrainPlan, total: int) -> A
 
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[plan.lr_schedule]
     return get_scheduler(name, opt, num_warmup_steps=int(plan.warmup_ratio * total), num_training_steps=total)
-
-
-# -- checkpoints ------------------------------------------------------------------------------------
-
-def save_student(student: nn.Module, out: Path, tokenizer: Any | None = None) -> None:
-    student.save_pretrained(str(out), safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
-
-
-def save_projectors(projectors: nn.ModuleDict, out: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().cpu().contiguous() for k, v in projectors.state_dict().items()}, str(out / PROJECTOR_FILE))
-
-
-def list_checkpoints(run: Path) -> list[Path]:
-    d = run / CHECKPOINTS
-    if not d.exists():
-        return []
-    return sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith("step-") and TMP_MARK not in p.name
-                  and (p / STATE).exists())
-
-
-def verify_checkpoint(ck: Path) -> dict[str, Any]:
-    try:
-        state = read_json(ck / STATE)
-    except (OSError, json.JSONDecodeError) as e:
-        raise DskdError(f"checkpoint {ck}: {STATE} is unreadable ({e})") from e
-    problems = []
-    for rel, (size, digest) in state["files"].items():
-        p = ck / rel
-        if not p.exists():
-            problems.append(f"checkpoint {ck.name}: {rel} is missing")
-        elif p.stat().st_size != size or sha256_file(p) != digest:
-            problems.append(f"checkpoint {ck.name}: {rel} does not match its sha256 (corrupt)")
-    if problems:
-        raise DskdError(problems, hint=f"delete {ck} to resume from the checkpoint before it, or start a new --out")
-    return state
 
 
 class Trainer:
@@ -446,6 +366,8 @@ class Trainer:
 
     # -- state ------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
+        """A resume checkpoint of this step (:func:`~dskd_batch.train.checkpoint.save_checkpoint`); every
+        process calls it (RNG states are gathered, a sharded student too), the main process writes."""
         final = self.run_dir / CHECKPOINTS / f"step-{self.step:07d}"
         rank_rng = [None] * self.ctx.world_size
         if self.ctx.enabled:
@@ -455,19 +377,11 @@ class Trainer:
         write = self.weight_writer()
         optim = self.opt.state_dict() if not self.sharded else full_optim_state(self.module, self.opt)
         if self.ctx.is_main:
-            remove_stale_tmp(self.run_dir / CHECKPOINTS)
-            tmp = tmp_path(final)
-            tmp.mkdir(parents=True)
-            write(tmp / "student", tmp)
-            torch.save({"optimizer": optim, "scheduler": self.sched.state_dict()}, tmp / "optim.pt")
-            torch.save(rank_rng, tmp / "rng.pt")
-            state = {"step": self.step, "epoch": self.step // self.steps_per_epoch,
-                     "fingerprint": self.plan.fingerprint, "world_size": self.ctx.world_size,
-                     "files": file_table(tmp), **self.plan.extra_state}
-            atomic_write_json(tmp / STATE, state)
-            replace_dir(tmp, final)
-            for old in list_checkpoints(self.run_dir)[:-self.plan.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            save_checkpoint(self.run_dir, self.step, write_weights=write, rng=rank_rng,
+                            optim={"optimizer": optim, "scheduler": self.sched.state_dict()},
+                            state={"step": self.step, "epoch": self.step // self.steps_per_epoch,
+                                   "fingerprint": self.plan.fingerprint, "world_size": self.ctx.world_size,
+                                   **self.plan.extra_state}, keep=self.plan.keep_checkpoints)
         self.ctx.barrier()
         return final
 
@@ -700,34 +614,3 @@ def trim_metrics(path: Path, step: int) -> None:
         except json.JSONDecodeError:  # a line cut by a kill
             continue
     atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
-
-
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a Hugging Face folder's safetensors files."""
-    from safetensors.torch import load_file
-
-    state: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(str(f)))
-    return state
-
-
-def load_student_weights(student: nn.Module, folder: Path) -> None:
-    """Load weights saved by :func:`save_student` into ``student`` (a full model or a LoRA model)."""
-    from safetensors.torch import load_file
-
-    if (folder / "adapter_model.safetensors").exists():
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(student, load_file(str(folder / "adapter_model.safetensors")))
-        return
-    state = read_weights(folder)
-    missing, unexpected = student.load_state_dict(state, strict=False)
-    tied = {k for k in missing if "lm_head" in k or "embed" in k}
-    if unexpected or set(missing) - tied:
-        raise DskdError(f"{folder}: weights do not fit the student (missing {sorted(set(missing) - tied)[:5]}, "
-                        f"unexpected {sorted(unexpected)[:5]})")
-    if hasattr(student, "tie_weights"):
-        student.tie_weights()
-
-

@@ -38,7 +38,7 @@ BEST_DIR = "best"
 BEST_INFO = "best.json"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Validation:
     """The DEV examples (any example source with ``records``), whether they carry the teacher's
     record, and how often to evaluate."""
