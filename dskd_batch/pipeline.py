@@ -348,7 +348,7 @@ def _heal_stage(doc: dict[str, Any], path: Path, out: Path, base_teacher: str,
     train.setdefault("prune_when_done", True)
     run = _build(DistillConfig, {**train, "student": student, "out": str(out / HEAL_DIR), "cache": cache_cfg.out},
                  f"{where} (its training run)")
-    if run.method in ("seqkd", "dskd-eta", "dskd-cma", "mined", "uld") or run.on_policy:
+    if run.method not in ("sft", "kd", "dskd") or run.on_policy:
         raise DskdError(f"{where}: the student is healed with sft, kd or dskd from the cache, got method "
                         f"{run.method!r}{' with on_policy' if run.on_policy else ''}")
     return cache_cfg, run

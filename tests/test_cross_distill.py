@@ -113,7 +113,8 @@ def test_distill_without_alignment_prints_the_align_command(setup, tmp_path) -> 
 
 
 @pytest.mark.parametrize("method,extra", [("dskd-eta", {"projector_init": "pinv", "agreement_mask": False}),
-                                          ("dskd-cma", {}), ("mined", {}), ("uld", {})])
+                                          ("dskd-cma", {}), ("mined", {}), ("uld", {}),
+                                          ("gold", {})])
 def test_each_cross_vocab_method_lowers_its_loss(setup, tmp_path, method, extra) -> None:
     from dskd_batch.config import DistillConfig
     from dskd_batch.train.distill import run
@@ -212,7 +213,7 @@ def test_aligned_cache_batches_equal_the_live_teachers(setup) -> None:
     assert a.cross.eta_s.numel() > 10
 
 
-@pytest.mark.parametrize("method", ["dskd-eta", "mined", "uld"])
+@pytest.mark.parametrize("method", ["dskd-eta", "mined", "uld", "gold"])
 def test_cross_vocab_chunked_equals_one_piece(method, setup) -> None:
     """--loss-chunk across vocabularies: ETA, MinED and ULD cut by student positions (their pairs
     re-indexed per chunk, the teacher side whole) give the one-piece loss and gradients."""

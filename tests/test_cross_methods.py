@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dskd_batch.train.aligned import cross_part as _cross_part
-from dskd_batch.methods import (DSKDCMA, DSKDETA, ULD, CrossBatch, LossInputs, LossSettings, MinED, TeacherBatch,
+from dskd_batch.losses import fkl
+from dskd_batch.methods import (DSKDCMA, DSKDETA, GOLD, ULD, CrossBatch, LossInputs, LossSettings, MinED, TeacherBatch,
                                 TeacherHead, uld_distance)
 from dskd_batch.train.projectors import build_projectors
 
@@ -105,6 +106,47 @@ def test_uld_matches_a_naive_loop() -> None:
     # zero for identical distributions over vocabularies of different sizes, padded
     x = torch.tensor([[2.0, 1.0, 0.0]])
     assert float(uld_distance(torch.cat([x, torch.tensor([[-1e4]])], -1), x, 1.0)) < 1e-6
+
+
+def test_gold_matches_a_naive_loop() -> None:
+    """At each ETA pair: w * KL over the one-to-one tokens + (1 - w) * sorted L1 over the others, w the
+    share of the teacher vocabulary that maps; a teacher id reached twice maps from its first student id."""
+    recs, tb, cross, targets, s, h_s, head = parts()
+    s2t = torch.tensor([3, -1, 0, 7, 3, 12, -1, 5, 9, 1, -1])  # student 4 reaches teacher 3 again: not one-to-one
+    m = GOLD(LossSettings(temperature=2.0))
+    m.s2t_vocab = s2t
+    out = m.kd_terms(LossInputs(s, h_s, targets, tb, head, nn.ModuleDict(), None, V_S, cross))
+    t_logits = tb.hidden.double() @ head.weight.double().T
+    pairs = {}
+    for v in range(V_S):
+        if s2t[v] >= 0 and int(s2t[v]) not in pairs.values():
+            pairs[v] = int(s2t[v])
+    w = len(pairs) / V_T
+    want = 0.0
+    for js, it in zip(cross.eta_s.tolist(), cross.eta_t.tolist()):
+        q = torch.softmax(s[js].detach().double() / 2.0, -1).tolist()
+        p = torch.softmax(t_logits[it] / 2.0, -1).tolist()
+        kl = sum(p[t] * math.log(p[t] / q[v]) for v, t in pairs.items())
+        rest_q = sorted((q[v] for v in range(V_S) if v not in pairs), reverse=True)
+        rest_p = sorted((p[t] for t in range(V_T) if t not in pairs.values()), reverse=True)
+        width = max(len(rest_q), len(rest_p))
+        rest_q, rest_p = rest_q + [0.0] * (width - len(rest_q)), rest_p + [0.0] * (width - len(rest_p))
+        want += w * kl + (1 - w) * sum(abs(a - b) for a, b in zip(rest_q, rest_p))
+    assert abs(float(out["kd"].detach()) - want) < 1e-5 * max(1.0, abs(want))
+    assert float(out["aligned"]) == len(cross.eta_s) > 0
+
+
+def test_gold_with_one_vocabulary_is_kd_at_the_pairs() -> None:
+    """The same vocabulary on both sides: every token maps, the sorted part is empty, GOLD is forward KL."""
+    recs, tb, cross, targets, s, h_s, _ = parts()
+    head = TeacherHead(torch.randn(V_S, D_T), None, "hidden")
+    m = GOLD(LossSettings(temperature=1.5))
+    m.s2t_vocab = torch.arange(V_S)
+    got = m.kd_terms(LossInputs(s, h_s, targets, tb, head, nn.ModuleDict(), None, V_S, cross))
+    t_logits = head.logits(tb.rows(cross.eta_t))
+    want = fkl(s[cross.eta_s], t_logits, temperature=1.5).sum()
+    torch.testing.assert_close(got["kd"].double(), want.double(), atol=1e-5, rtol=1e-5)
+    assert float(got["unmatched_l1"]) < 1e-6
 
 
 def test_eta_matches_a_naive_loop_and_skips_unmapped_tops() -> None:

@@ -196,3 +196,63 @@ class ULD(CrossVocabMethod):
         t_logits = x.head.logits(x.teacher.rows(cross.uld_t))
         kd = uld_distance(x.s[cross.uld_s], t_logits, self.ls.temperature).sum()
         return {"kd": kd, "aligned": torch.tensor(float(len(cross.uld_s)), device=x.s.device)}
+
+
+def one_to_one(s2t_vocab: Tensor, v_s: int, v_t: int) -> tuple[Tensor, Tensor]:
+    """The student and teacher ids of the tokens that map one-to-one between the vocabularies (the same
+    bytes on both sides; a teacher id reached from two student ids keeps the first)."""
+    ms = torch.nonzero((s2t_vocab[:v_s] >= 0) & (s2t_vocab[:v_s] < v_t)).flatten()
+    mt = s2t_vocab[ms]
+    first = torch.ones_like(mt, dtype=torch.bool)
+    if len(mt):
+        order = torch.argsort(mt * (len(ms) + 1) + torch.arange(len(ms)), stable=True)
+        dup = torch.zeros_like(first)
+        dup[order[1:]] = mt[order[1:]] == mt[order[:-1]]
+        first = ~dup
+    return ms[first], mt[first]
+
+
+def gold_distance(s: Tensor, t: Tensor, ms: Tensor, mt: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Per row: (forward KL over the one-to-one tokens ``ms``/``mt``, taken on the two full
+    distributions' probabilities of those tokens, and ULD's L1 between the sorted probabilities of
+    every other token of each vocabulary, zero-padded to one length)."""
+    logq = torch.log_softmax(s.float() / temperature, -1)
+    logp = torch.log_softmax(t.float() / temperature, -1)
+    lq, lp = logq[:, ms], logp[:, mt]
+    pm = lp.exp()
+    kl = torch.where(pm > 0, pm * (lp - lq), torch.zeros_like(pm)).sum(-1)
+    keep_s = torch.ones(s.shape[-1], dtype=torch.bool, device=s.device)
+    keep_t = torch.ones(t.shape[-1], dtype=torch.bool, device=t.device)
+    keep_s[ms], keep_t[mt] = False, False
+    q = logq[:, keep_s].exp().sort(-1, descending=True).values
+    p = logp[:, keep_t].exp().sort(-1, descending=True).values
+    width = max(q.shape[-1], p.shape[-1])
+    q = torch.nn.functional.pad(q, (0, width - q.shape[-1]))
+    p = torch.nn.functional.pad(p, (0, width - p.shape[-1]))
+    return kl, (q - p).abs().sum(-1)
+
+
+class GOLD(CrossVocabMethod):
+    """GOLD (TRL's hybrid of ULD): at the positions where student and teacher predict the next token
+    from the same text (the ETA pairs), a forward KL over the tokens that map one-to-one between the
+    vocabularies plus ULD's sorted-probability L1 over the tokens that do not; the two weighted by the
+    share of the teacher's vocabulary that maps (TRL's default weighting). Other student positions
+    get the label term alone."""
+
+    name = "gold"
+
+    def __init__(self, ls: LossSettings) -> None:
+        super().__init__(ls)
+        self._matched: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}  # (V_S, V_T) -> one-to-one ids
+
+    def kd_terms(self, x: LossInputs) -> dict[str, Tensor]:
+        cross = x.cross
+        t_logits = x.head.logits(x.teacher.rows(cross.eta_t))
+        key = (x.s.shape[-1], t_logits.shape[-1])
+        if key not in self._matched:
+            self._matched[key] = one_to_one(self.s2t_vocab, *key)
+        ms, mt = (m.to(x.s.device) for m in self._matched[key])
+        w = len(mt) / key[1]
+        kl, l1 = gold_distance(x.s[cross.eta_s], t_logits, ms, mt, self.ls.temperature)
+        return {"kd": (w * kl + (1 - w) * l1).sum(), "matched_kl": kl.sum().detach(),
+                "unmatched_l1": l1.sum().detach(), "aligned": torch.tensor(float(len(cross.eta_s)), device=x.s.device)}

@@ -43,6 +43,9 @@ own ground truth at every student position; sums are normalised by the student's
   one-hot ground truth, as in the reference. Forward KL, whatever ``--distance`` says.
 - ``uld``: Universal Logit Distillation: the k-th response position of the student with the k-th
   of the teacher, both distributions sorted, zero-padded to one length, L1 distance.
+- ``gold``: TRL's GOLD at the ETA pairs: forward KL over the tokens both vocabularies share
+  (one-to-one by bytes) plus ULD's sorted L1 over the rest, weighted by the shared share of the
+  teacher's vocabulary.
 """
 
 from __future__ import annotations
