@@ -192,7 +192,7 @@ def init_pipeline_cmd(teacher: str, data: str, out: Path, student: str | None, l
 @click.argument("cache")
 @config_options(AlignConfig, exclude=("cache",))
 def align_cmd(cache: str, **kwargs: Any) -> None:
-    """Align a cache for student tokenizers (for dskd-eta, dskd-cma, mined, uld and gold); no teacher needed."""
+    """Align a cache for student tokenizers (for dskd-eta, dskd-cma, mined, uld, gold and alm); no teacher needed."""
     from .cache.align import run
 
     for path, stats in run(AlignConfig(cache=cache, **kwargs)):

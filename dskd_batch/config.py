@@ -243,7 +243,7 @@ class DistillConfig:
     columns: str | None = None
     "With --data: map its columns onto row fields, FIELD=COLUMN,... (as cache-teacher --columns)."
     method: str = "kd"
-    "sft, seqkd (SFT on teacher-generated responses: a cache made with --generate), kd (vanilla KD), dskd; for a student with another tokenizer (from an aligned cache): dskd-eta (exact token alignment), dskd-cma (cross-model attention), mined, uld or gold (ULD with a direct KL over the tokens both vocabularies share)."
+    "sft, seqkd (SFT on teacher-generated responses: a cache made with --generate), kd (vanilla KD), dskd; for a student with another tokenizer (from an aligned cache): dskd-eta (exact token alignment), dskd-cma (cross-model attention), mined, uld, gold (ULD with a direct KL over the tokens both vocabularies share) or alm (approximate likelihood matching of aligned chunks)."
     distance: str = "fkl"
     "Distance of the KD term: fkl, rkl, js, skl, srkl, akl, or an installed plug-in's (`dskd-batch distances` lists them)."
     epochs: int = 1

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from dskd_batch.cache.align import (align_example, content_spans, dtw_path, eta_pairs, levenshtein, mined_alignment,
-                              response_targets, token_table, vocab_map)
+from dskd_batch.cache.align import (align_example, chunk_ids, content_spans, dtw_path, eta_pairs, levenshtein,
+                                   mined_alignment, response_targets, token_table, vocab_map)
 from dskd_batch.data import encode, load_examples, render_prompt
 
 from conftest import SHARED
@@ -124,6 +124,23 @@ def check_pairs_decode_alike(t: str, s: str, ex, max_len: int = 512) -> None:
         # the same text before, and the same text through the token: same token text, same offset
         assert texts[0] == texts[1], (t, s, i, j)
         assert texts[2] == texts[3], (t, s, i, j)
+    check_chunks_decode_alike(t_tg, s_tg, a.chunk_t, a.chunk_s, tt, ss, ex)
+
+
+def check_chunks_decode_alike(t_tg, s_tg, chunk_t, chunk_s, tt, ss, ex) -> None:
+    """ALM's chunks: each chunk's tokens are consecutive on both sides and decode, by each tokenizer's
+    own decoder, to the same text through the chunk's end."""
+    assert len(chunk_t) == len(t_tg) and len(chunk_s) == len(s_tg)
+    ids = sorted({c for c in chunk_s if c >= 0})
+    assert ids == sorted({c for c in chunk_t if c >= 0})  # a chunk has tokens on both sides
+    for c in ids:
+        ti = [k for k, x in enumerate(chunk_t) if x == c]
+        si = [k for k, x in enumerate(chunk_s) if x == c]
+        assert ti and si and ti == list(range(ti[0], ti[-1] + 1)) and si == list(range(si[0], si[-1] + 1))
+        a, b = tt.decode(t_tg[:ti[-1] + 1]), ss.decode(s_tg[:si[-1] + 1])
+        if t_tg[ti[-1]] == tt.eos_token_id or "\ufffd" in a + b and "\ufffd" not in ex.response:
+            continue
+        assert a == b, (c, a[-30:], b[-30:])
 
 
 MARKS = ["\n", "\n\n", "  ", "\t", "é", "日本語", "😀", " <0x0A> ", "Ġ", "▁", "ß", "\u00a0", "'s", "12345"]
@@ -171,6 +188,18 @@ def test_every_pair_aligns_the_real_data() -> None:
     """Both directions of each pair, on a sample: every pair decodes alike (no hypothesis)."""
     for (t, s), ex in itertools.product(ALL_PAIRS, examples()[::60]):
         check_pairs_decode_alike(t, s, ex)
+
+
+def test_chunks_end_where_both_tokenizations_cut_the_same_bytes() -> None:
+    """Chunks between the offsets where a token ends on both sides; a chunk not tiled on one side (a
+    token outside the text) or the tail after the last common offset gets -1; the final EOS tokens
+    are a chunk of their own when both responses end together."""
+    t = [(0, 3), (3, 5), (5, 9), None]
+    s = [(0, 2), (2, 5), (5, 7), (7, 9), None]
+    assert chunk_ids(t, s, True, True) == ([0, 0, 1, 2], [0, 0, 1, 1, 2])
+    assert chunk_ids(t, s[:-2] + [(7, 8), None], True, True) == ([0, 0, -1, -1], [0, 0, -1, -1, -1])
+    assert chunk_ids([(0, 3), (3, 5)], [(0, 2), (2, 5)], False, False) == ([0, 0], [0, 0])
+    assert chunk_ids([(1, 3)], [(0, 3)], False, False) == ([-1], [-1])  # different starts: nothing aligns
 
 
 def test_eos_pairs_only_when_both_responses_end_together() -> None:

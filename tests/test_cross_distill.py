@@ -112,9 +112,11 @@ def test_distill_without_alignment_prints_the_align_command(setup, tmp_path) -> 
                           method="dskd", verify="none"))
 
 
+# alm at kd_rate 1: its chunk likelihoods pull against the labels when the (random) teacher finds the text
+# unlikely, so at 0.5 its term rises while CE falls; alone it falls (the objective itself is minimised)
 @pytest.mark.parametrize("method,extra", [("dskd-eta", {"projector_init": "pinv", "agreement_mask": False}),
                                           ("dskd-cma", {}), ("mined", {}), ("uld", {}),
-                                          ("gold", {})])
+                                          ("gold", {}), ("alm", {"kd_rate": 1.0})])
 def test_each_cross_vocab_method_lowers_its_loss(setup, tmp_path, method, extra) -> None:
     from dskd_batch.config import DistillConfig
     from dskd_batch.train.distill import run
@@ -165,6 +167,24 @@ def test_corrupt_alignment_is_one_clear_error(setup, tmp_path) -> None:
     assert "--force" in e.value.render() and not (tmp_path / "r").exists()
 
 
+def test_an_alignment_of_an_older_version_is_refused_with_the_command_that_rebuilds_it(setup, tmp_path) -> None:
+    import shutil
+
+    from dskd_batch.cache.align import ALIGN_DIR, ALIGN_FILE
+    from dskd_batch.config import DistillConfig
+    from dskd_batch.train.distill import run
+
+    cache = tmp_path / "cache"
+    shutil.copytree(setup["cache"], cache)
+    for d in (cache / ALIGN_DIR).iterdir():
+        info = json.loads((d / ALIGN_FILE).read_text())
+        (d / ALIGN_FILE).write_text(json.dumps({**info, "version": 2}))
+    with pytest.raises(DskdError, match="is of version 2; this dskd-batch reads version 3") as e:
+        run(DistillConfig(student=str(setup["student"]), out=str(tmp_path / "r"), cache=str(cache), method="alm",
+                          verify="none"))
+    assert f"dskd-batch align {cache}" in e.value.render() and "--force" in e.value.render()
+
+
 def test_aligned_cache_batches_equal_the_live_teachers(setup) -> None:
     """Format 2 across vocabularies: the micro-batch that the aligned cache gives for a student of
     another tokenizer equals the one built from a live teacher forward and an on-the-fly alignment
@@ -200,7 +220,8 @@ def test_aligned_cache_batches_equal_the_live_teachers(setup) -> None:
         rec = dict(tr)
         rec.update(input_ids=torch.tensor(s_enc.input_ids), prompt_len=s_enc.prompt_len,
                    teacher_input_ids=torch.tensor(t_ids), teacher_prompt_len=c["prompt_len"],
-                   **{k: torch.tensor(getattr(a, k), dtype=torch.long) for k in ("eta_s", "eta_t", "eta_label", "mined_t")})
+                   **{k: torch.tensor(getattr(a, k), dtype=torch.long) for k in ("eta_s", "eta_t", "eta_label", "mined_t",
+                                                                                   "chunk_s", "chunk_t")})
         fresh.append(rec)
     live.tf.close()
     a, b = (collate(recs, st.pad_token_id or 0, True, teacher_part=cross_part) for recs in (cached, fresh))
@@ -213,7 +234,7 @@ def test_aligned_cache_batches_equal_the_live_teachers(setup) -> None:
     assert a.cross.eta_s.numel() > 10
 
 
-@pytest.mark.parametrize("method", ["dskd-eta", "mined", "uld", "gold"])
+@pytest.mark.parametrize("method", ["dskd-eta", "mined", "uld", "gold", "alm"])
 def test_cross_vocab_chunked_equals_one_piece(method, setup) -> None:
     """--loss-chunk across vocabularies: ETA, MinED and ULD cut by student positions (their pairs
     re-indexed per chunk, the teacher side whole) give the one-piece loss and gradients."""

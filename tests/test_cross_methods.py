@@ -10,7 +10,7 @@ from torch import nn
 
 from dskd_batch.train.aligned import cross_part as _cross_part
 from dskd_batch.losses import fkl
-from dskd_batch.methods import (DSKDCMA, DSKDETA, GOLD, ULD, CrossBatch, LossInputs, LossSettings, MinED, TeacherBatch,
+from dskd_batch.methods import (ALM, DSKDCMA, DSKDETA, GOLD, ULD, CrossBatch, LossInputs, LossSettings, MinED, TeacherBatch,
                                 TeacherHead, uld_distance)
 from dskd_batch.train.projectors import build_projectors
 
@@ -147,6 +147,40 @@ def test_gold_with_one_vocabulary_is_kd_at_the_pairs() -> None:
     want = fkl(s[cross.eta_s], t_logits, temperature=1.5).sum()
     torch.testing.assert_close(got["kd"].double(), want.double(), atol=1e-5, rtol=1e-5)
     assert float(got["unmatched_l1"]) < 1e-6
+
+
+def test_alm_matches_a_naive_loop() -> None:
+    """Per chunk: the binary KL between Bernoulli(teacher's chunk likelihood) and Bernoulli(student's),
+    each the product of the model's probabilities of its own targets in the chunk; chunks with -1 or
+    on one side only do not count; chunk ids are per example."""
+    recs = batch()
+    recs[0].update(chunk_s=torch.tensor([0, 0, 1, -1, 2]), chunk_t=torch.tensor([0, 1, 1, 3]))  # 2 and 3: one side
+    recs[1].update(chunk_s=torch.tensor([0, 1, 1]), chunk_t=torch.tensor([0, 0, -1, 1, 1, -1]))
+    tb, cross = _cross_part(recs)
+    targets = torch.cat([r["input_ids"][2:] for r in recs])
+    s = torch.randn(len(targets), V_S, dtype=torch.float64, requires_grad=True)
+    head = TeacherHead(torch.randn(V_T, D_T), None, "hidden")
+    out = ALM(LossSettings()).kd_terms(LossInputs(s, torch.zeros(len(targets), D_S), targets, tb, head, nn.ModuleDict(),
+                                                  None, V_S, cross))
+    t_logits = tb.hidden.double() @ head.weight.double().T
+    t_targets = cross.t_targets
+    want, n = 0.0, 0
+    off_s = off_t = 0
+    for r in recs:
+        ns, nt = len(r["chunk_s"]), len(r["chunk_t"])
+        for c in set(r["chunk_s"].tolist()) & set(r["chunk_t"].tolist()) - {-1}:
+            lq = sum(math.log(float(torch.softmax(s[off_s + j].detach(), -1)[targets[off_s + j]]))
+                     for j in range(ns) if r["chunk_s"][j] == c)
+            lp = sum(math.log(float(torch.softmax(t_logits[off_t + i], -1)[t_targets[off_t + i]]))
+                     for i in range(nt) if r["chunk_t"][i] == c)
+            p, q = math.exp(lp / 100 - 1e-6), math.exp(lq / 100 - 1e-6)  # the binarisation temperature
+            want += p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+            n += 1
+        off_s, off_t = off_s + ns, off_t + nt
+    assert n == 4 and float(out["chunks"]) == n
+    assert abs(float(out["kd"].detach()) - want) < 1e-5 * max(1.0, abs(want))
+    out["kd"].backward()
+    assert s.grad is not None and float(s.grad[3].abs().sum()) == 0.0  # position 3 is in no chunk
 
 
 def test_eta_matches_a_naive_loop_and_skips_unmapped_tops() -> None:

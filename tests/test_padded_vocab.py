@@ -125,7 +125,7 @@ def test_padded_student_generates_only_real_tokens(padded, tmp_path):
 
 
 @pytest.mark.skipif(not (SHARED / "tokenizers").is_dir(), reason="needs ../shared/tokenizers")
-@pytest.mark.parametrize("method", ["dskd-eta", "mined", "uld", "gold"])
+@pytest.mark.parametrize("method", ["dskd-eta", "mined", "uld", "gold", "alm"])
 def test_padded_cross_vocabulary(method, tmp_path_factory):
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 

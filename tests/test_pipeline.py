@@ -34,7 +34,7 @@ def test_every_pipeline_file_parses(path: Path, tmp_path: Path) -> None:
             assert cfg.eval_data == p.extra_caches["dev_cache"].out
     if "lora" in path.stem:
         assert all(c.lora_rank == 256 and c.lora_alpha == 8.0 for c in p.runs)
-    if any(c.method in ("dskd-eta", "dskd-cma", "mined", "uld", "gold") for c in p.runs):
+    if any(c.method in ("dskd-eta", "dskd-cma", "mined", "uld", "gold", "alm") for c in p.runs):
         assert p.cache.student_tokenizer  # cross-vocabulary runs need the cache aligned for the student
     # planned in a folder of its own: what a finished `just demo` left in demo-out is not this test's input
     lines = run_pipeline(path, dry_run=True, overrides=[f"out={json.dumps(str(tmp_path / 'out'))}"])

@@ -17,7 +17,12 @@ token k, the last one being EOS):
 - ``eta_label``: the student id of the teacher's top-1 token at ``eta_t`` (the token of the same
   bytes; EOS maps to EOS), or -1 where no single student token has that text;
 - ``mined_t``: per student position, the teacher position MinED pairs it with (edit-distance DTW
-  over the token texts, one-to-one and identical text, as FuseLLM's "hard" mode), or -1.
+  over the token texts, one-to-one and identical text, as FuseLLM's "hard" mode), or -1;
+- ``chunk_s``, ``chunk_t``: per student and per teacher position, the aligned chunk its target
+  belongs to, or -1 (ALM's chunks: the shortest spans of the response that both tokenizations cut
+  at the same bytes, i.e. between two consecutive offsets where a token ends on both sides; a chunk
+  holding a token without bytes in the text, and the tail after the last common offset, get -1; the
+  two final EOS tokens are a chunk of their own when both responses end at the same offset).
 
 Once per student tokenizer: ``t2s``/``s2t`` vocabulary maps (token of the same bytes in the other
 vocabulary, or -1), which give ETA's label, MinED's teacher-to-student logit map and the
@@ -56,8 +61,8 @@ ALIGN_DIR = "alignments"
 ALIGN_FILE = "alignment.json"
 ALIGN_EXAMPLES = "examples.parquet"
 VOCAB_MAP = "vocab_map.safetensors"
-ALIGN_VERSION = 2  # 2: student_targets (conversations)
-_LIST_COLUMNS = ("student_ids", "eta_s", "eta_t", "eta_label", "mined_t", "student_targets")
+ALIGN_VERSION = 3  # 2: student_targets (conversations); 3: chunk_s, chunk_t (ALM)
+_LIST_COLUMNS = ("student_ids", "eta_s", "eta_t", "eta_label", "mined_t", "student_targets", "chunk_s", "chunk_t")
 
 
 # -- the bytes of every token ------------------------------------------------------------------------
@@ -224,6 +229,42 @@ def eta_pairs(t_spans: list[Span | None], s_spans: list[Span | None], t_ends_eos
     return ps, pt
 
 
+def chunk_ids(t_spans: list[Span | None], s_spans: list[Span | None], t_ends_eos: bool,
+              s_ends_eos: bool) -> tuple[list[int], list[int]]:
+    """(teacher chunk per target, student chunk per target): see the module docstring."""
+    def ends(spans: list[Span | None]) -> set[int]:
+        return {sp[1] for sp in spans if sp is not None}
+
+    def first(spans: list[Span | None]) -> int | None:
+        return next((sp[0] for sp in spans if sp is not None), None)
+
+    common = sorted(ends(t_spans) & ends(s_spans))
+    start = first(t_spans)
+    if start is None or start != first(s_spans):
+        common = []
+    bounds = [start] + common if common else []
+
+    def assign(spans: list[Span | None]) -> list[int]:
+        out, cover = [], [0] * len(common)
+        for sp in spans:
+            c = bisect.bisect_left(common, sp[1]) if sp is not None else len(common)
+            out.append(c if c < len(common) else -1)
+            if c < len(common):
+                cover[c] += sp[1] - sp[0]
+        whole = {c for c in range(len(common)) if cover[c] == bounds[c + 1] - bounds[c]}
+        return [c if c in whole else -1 for c in out]
+
+    ct, cs = assign(t_spans), assign(s_spans)
+    both = set(ct) & set(cs)
+    ct, cs = [c if c in both else -1 for c in ct], [c if c in both else -1 for c in cs]
+    if t_ends_eos and s_ends_eos and t_spans and s_spans and t_spans[-1] is None and s_spans[-1] is None:
+        t_end = max((sp[1] for sp in t_spans if sp is not None), default=0)
+        s_end = max((sp[1] for sp in s_spans if sp is not None), default=0)
+        if t_end == s_end:
+            ct[-1] = cs[-1] = len(common)
+    return ct, cs
+
+
 def levenshtein(a: bytes, b: bytes) -> int:
     """Edit distance between two byte strings (rapidfuzz; latin-1 maps each byte to one character)."""
     from rapidfuzz.distance import Levenshtein
@@ -302,11 +343,14 @@ class ExampleAlignment:
     eta_label: list[int]
     mined_t: list[int]
     student_targets: list[int] = field(default_factory=list)  # a conversation's; empty: the prompt/response rule
+    chunk_s: list[int] = field(default_factory=list)  # per student target: its ALM chunk (-1: none)
+    chunk_t: list[int] = field(default_factory=list)  # per teacher target
 
 
 def _align_segment(text: bytes, t_tg: list[int], s_tg: list[int], t_table: TokenTable, s_table: TokenTable,
-                   ends: tuple[bool, bool] | None) -> tuple[list[int], list[int], list[int]]:
-    """ETA pairs and MinED matches of one span of targets that covers ``text`` on both sides.
+                   ends: tuple[bool, bool] | None) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
+    """ETA pairs, MinED matches and ALM chunks (teacher, student) of one span of targets that covers
+    ``text`` on both sides.
     ``ends``: whether each side ends with its end token (None: a conversation turn, whose last
     target is its end-of-turn marker when it lies outside the text)."""
     t_sp = content_spans(t_tg, t_table, text)
@@ -315,7 +359,8 @@ def _align_segment(text: bytes, t_tg: list[int], s_tg: list[int], t_table: Token
         ends = (bool(t_sp) and t_sp[-1] is None, bool(s_sp) and s_sp[-1] is None)
     ps, pt = eta_pairs(t_sp, s_sp, *ends)
     mined = mined_alignment(_texts_in_context(t_tg, t_sp, t_table, text), _texts_in_context(s_tg, s_sp, s_table, text))
-    return ps, pt, mined
+    ct, cs = chunk_ids(t_sp, s_sp, *ends)
+    return ps, pt, mined, ct, cs
 
 
 def align_example(response: str, t_ids: list[int], t_prompt_len: int, t_argmax: np.ndarray, s_enc: Any,
@@ -324,10 +369,10 @@ def align_example(response: str, t_ids: list[int], t_prompt_len: int, t_argmax: 
     target positions (row k: the k-th target position of ``t_ids``)."""
     t_tg = response_targets(t_ids, t_prompt_len)
     s_tg = response_targets(s_enc.input_ids, s_enc.prompt_len)
-    ps, pt, mined = _align_segment(response.encode("utf-8"), t_tg, s_tg, t_table, s_table,
-                                   (bool(t_tg) and t_tg[-1] == t_table.eos, bool(s_tg) and s_tg[-1] == s_table.eos))
+    ps, pt, mined, ct, cs = _align_segment(response.encode("utf-8"), t_tg, s_tg, t_table, s_table,
+                                           (bool(t_tg) and t_tg[-1] == t_table.eos, bool(s_tg) and s_tg[-1] == s_table.eos))
     labels = [int(t2s[int(t_argmax[k])]) for k in pt]
-    return ExampleAlignment(list(s_enc.input_ids), s_enc.prompt_len, ps, pt, labels, mined)
+    return ExampleAlignment(list(s_enc.input_ids), s_enc.prompt_len, ps, pt, labels, mined, chunk_s=cs, chunk_t=ct)
 
 
 def runs(positions: list[int]) -> list[list[int]]:
@@ -349,19 +394,23 @@ def align_conversation(turns: list[str], t_ids: list[int], t_targets: list[int],
     s_targets = s_enc.targets()
     t_runs, s_runs = runs(t_targets), runs(s_targets)
     ps_all, pt_all, mined_all = [], [], [-1] * len(s_targets)
-    t_off = s_off = 0
+    cs_all, ct_all = [-1] * len(s_targets), [-1] * len(t_targets)
+    t_off = s_off = c_off = 0
     for k in range(min(len(t_runs), len(s_runs), len(turns))):
         t_tg = [t_ids[p + 1] for p in t_runs[k]]
         s_tg = [s_enc.input_ids[p + 1] for p in s_runs[k]]
-        ps, pt, mined = _align_segment(turns[k].encode("utf-8"), t_tg, s_tg, t_table, s_table, None)
+        ps, pt, mined, ct, cs = _align_segment(turns[k].encode("utf-8"), t_tg, s_tg, t_table, s_table, None)
         ps_all += [j + s_off for j in ps]
         pt_all += [j + t_off for j in pt]
         mined_all[s_off:s_off + len(mined)] = [m + t_off if m >= 0 else -1 for m in mined]
+        cs_all[s_off:s_off + len(cs)] = [c + c_off if c >= 0 else -1 for c in cs]
+        ct_all[t_off:t_off + len(ct)] = [c + c_off if c >= 0 else -1 for c in ct]
+        c_off += max(ct + cs + [-1]) + 1
         t_off += len(t_runs[k])
         s_off += len(s_runs[k])
     labels = [int(t2s[int(t_argmax[k])]) for k in pt_all]
     return ExampleAlignment(list(s_enc.input_ids), s_enc.prompt_len, ps_all, pt_all, labels, mined_all,
-                            list(s_targets))
+                            list(s_targets), chunk_s=cs_all, chunk_t=ct_all)
 
 
 # -- building and reading the sidecar --------------------------------------------------------------
@@ -398,7 +447,7 @@ def build_alignment(cache: Any, student_tok: Any, student_source: str, *, force:
     t2s, s2t = vocab_map(t_table, s_table), vocab_map(s_table, t_table)
     cols: dict[str, list] = {k: [] for k in (*_LIST_COLUMNS, "student_prompt_len")}
     totals = {"examples": 0, "student_positions": 0, "teacher_positions": 0, "eta_pairs": 0, "eta_labelled": 0,
-              "mined_pairs": 0}
+              "mined_pairs": 0, "chunked_positions": 0, "chunks": 0}
     pbar = None
     if progress:
         from tqdm import tqdm
@@ -429,6 +478,8 @@ def build_alignment(cache: Any, student_tok: Any, student_source: str, *, force:
         totals["eta_pairs"] += len(a.eta_s)
         totals["eta_labelled"] += sum(1 for x in a.eta_label if x >= 0)
         totals["mined_pairs"] += sum(1 for x in a.mined_t if x >= 0)
+        totals["chunked_positions"] += sum(1 for x in a.chunk_s if x >= 0)
+        totals["chunks"] += len({x for x in a.chunk_s if x >= 0})
         if pbar is not None:
             pbar.update(1)
     if pbar is not None:
@@ -436,7 +487,7 @@ def build_alignment(cache: Any, student_tok: Any, student_source: str, *, force:
     n_pos = max(totals["student_positions"], 1)
     stats = {**totals, "eta_coverage": totals["eta_pairs"] / n_pos,
              "eta_label_coverage": totals["eta_labelled"] / n_pos,
-             "mined_coverage": totals["mined_pairs"] / n_pos,
+             "mined_coverage": totals["mined_pairs"] / n_pos, "chunk_coverage": totals["chunked_positions"] / n_pos,
              "shared_vocab": int((s2t >= 0).sum()), "student_vocab": len(s_table), "teacher_vocab": len(t_table),
              "seconds": round(time.perf_counter() - t0, 2)}
     tmp = tmp_path(final)
@@ -461,9 +512,9 @@ def build_alignment(cache: Any, student_tok: Any, student_source: str, *, force:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("aligned %d examples for %s: ETA covers %.1f%% of student response tokens (%.1f%% with a mapped "
-             "teacher top-1), MinED %.1f%%, %d shared tokens, %.1fs", totals["examples"], student_source,
-             100 * stats["eta_coverage"], 100 * stats["eta_label_coverage"], 100 * stats["mined_coverage"],
-             stats["shared_vocab"], stats["seconds"])
+             "teacher top-1), MinED %.1f%%, ALM chunks %.1f%%, %d shared tokens, %.1fs", totals["examples"],
+             student_source, 100 * stats["eta_coverage"], 100 * stats["eta_label_coverage"],
+             100 * stats["mined_coverage"], 100 * stats["chunk_coverage"], stats["shared_vocab"], stats["seconds"])
     return final
 
 
@@ -518,8 +569,12 @@ def open_alignment(cache: Any, student_tok: Any, student_source: str) -> Alignme
                         f"(fingerprint {fp}; the cache has alignments for: {', '.join(have) or 'none'})",
                         hint=f"run `{align_command(cache.path, student_source)}`")
     info = read_json(path / ALIGN_FILE)
-    if info.get("cache_fingerprint") != cache.fingerprint or info.get("version") != ALIGN_VERSION:
-        raise DskdError(f"the alignment in {path} was made for another cache or version",
+    if info.get("version") != ALIGN_VERSION:
+        raise DskdError(f"the alignment in {path} is of version {info.get('version')}; this dskd-batch reads version "
+                        f"{ALIGN_VERSION} (it adds what newer methods read: ALM's chunks)",
+                        hint=f"rebuild it: `{align_command(cache.path, student_source)} --force`")
+    if info.get("cache_fingerprint") != cache.fingerprint:
+        raise DskdError(f"the alignment in {path} was made for another cache",
                         hint=f"run `{align_command(cache.path, student_source)} --force`")
     try:
         al = Alignment(path)

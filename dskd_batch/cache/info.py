@@ -86,7 +86,9 @@ def render_summary(info: dict[str, Any]) -> str:
     for a in info["alignments"]:
         lines.append(f"alignment    {a['source']} (tokenizer {a['fingerprint']}): ETA {100 * a['eta_coverage']:.1f}% of "
                      f"student response tokens ({100 * a['eta_label_coverage']:.1f}% with a mapped teacher top-1), "
-                     f"MinED {100 * a['mined_coverage']:.1f}%, {a['shared_vocab']} shared tokens")
+                     f"MinED {100 * a['mined_coverage']:.1f}%"
+                     + (f", ALM chunks {100 * a['chunk_coverage']:.1f}%" if "chunk_coverage" in a else "")
+                     + f", {a['shared_vocab']} shared tokens")
     chk = info.get("check")
     if chk is not None:
         what = ("checksums of every file re-hashed" if chk["kind"] == "sha256" else

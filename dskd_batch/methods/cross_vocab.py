@@ -33,6 +33,8 @@ class CrossBatch:
     s_inputs: Tensor  # [N] student input token at each student position
     t_inputs: Tensor  # [M] teacher input token at each teacher position
     t_targets: Tensor  # [M] teacher target token at each teacher position
+    chunk_s: Tensor  # [N] ALM chunk of each student position (unique in the micro-batch; -1: none)
+    chunk_t: Tensor  # [M] ALM chunk of each teacher position
 
     def to(self, device: torch.device) -> "CrossBatch":
         return CrossBatch(**{k: v.to(device, non_blocking=True) for k, v in self.__dict__.items()})
@@ -45,7 +47,7 @@ class CrossBatch:
         u = (self.uld_s >= lo) & (self.uld_s < hi)
         return CrossBatch(self.eta_s[e] - lo, self.eta_t[e], self.eta_label[e], self.mined_t[part], self.uld_s[u] - lo,
                           self.uld_t[u], self.seg_s[part], self.seg_t, self.s_inputs[part], self.t_inputs,
-                          self.t_targets)
+                          self.t_targets, self.chunk_s[part], self.chunk_t)
 
 
 class CrossVocabMethod(Method):
@@ -256,3 +258,52 @@ class GOLD(CrossVocabMethod):
         kl, l1 = gold_distance(x.s[cross.eta_s], t_logits, ms, mt, self.ls.temperature)
         return {"kd": (w * kl + (1 - w) * l1).sum(), "matched_kl": kl.sum().detach(),
                 "unmatched_l1": l1.sum().detach(), "aligned": torch.tensor(float(len(cross.eta_s)), device=x.s.device)}
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0, stably (and finite at x = 0: the chunk is then certain)."""
+    x = x.clamp(max=-1e-7)
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def binary_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL between the Bernoulli distributions of probability exp(log_p) and exp(log_q)."""
+    p = log_p.exp()
+    return p * (log_p - log_q) + (1 - p) * (log1mexp(log_p) - log1mexp(log_q))
+
+
+class ALM(CrossVocabMethod):
+    """ALM, approximate likelihood matching (Minixhofer et al., 2025): for each aligned chunk (a span of
+    the response both tokenizations cut at the same bytes, from the alignment sidecar), the teacher's
+    and the student's likelihood of the chunk (the product of each model's probabilities of its own
+    tokens there) are matched with the binarised KL of the reference implementation (tokenkit):
+    KL(Bernoulli(p_T^(1/tau)) || Bernoulli(p_S^(1/tau))) with the binarisation temperature tau = 100
+    (``binarisation_temp``; without it a chunk of a few unlikely tokens has a likelihood near 0 on both
+    sides and the loss no gradient). It needs only each model's log-probability of its own next
+    tokens, which the cache holds exactly; ``--temperature`` does not apply. A chunk spans several
+    student positions, so the loss runs in one piece."""
+
+    name = "alm"
+    per_position = False
+    binarisation_temp = 100.0
+
+    def kd_terms(self, x: LossInputs) -> dict[str, Tensor]:
+        cross = x.cross
+        lq = torch.log_softmax(x.s.float(), -1).gather(-1, x.targets[:, None]).squeeze(-1)  # [N]
+        t_logits = x.head.logits(x.teacher)
+        lp = torch.log_softmax(t_logits.float(), -1).gather(-1, cross.t_targets[:, None]).squeeze(-1)  # [M]
+        n = int(max(int(cross.chunk_s.max()) if len(cross.chunk_s) else -1,
+                    int(cross.chunk_t.max()) if len(cross.chunk_t) else -1)) + 1
+        zero = x.s.new_zeros((), dtype=torch.float32)
+        if n == 0:
+            return {"kd": zero + 0 * lq.sum(), "chunks": zero.detach(), "aligned": zero.detach()}
+        ks, kt = cross.chunk_s >= 0, cross.chunk_t >= 0
+        chunk_q = lq.new_zeros(n).index_add(0, cross.chunk_s[ks], lq[ks])
+        chunk_p = lp.new_zeros(n).index_add(0, cross.chunk_t[kt], lp[kt])
+        present = torch.zeros(n, dtype=torch.bool, device=lq.device)
+        present[cross.chunk_s[ks]] = True
+        both = present & torch.zeros(n, dtype=torch.bool, device=lq.device).index_fill(0, cross.chunk_t[kt], True)
+        tau, eps = self.binarisation_temp, 1e-6
+        kd = binary_kl(chunk_p[both].detach() / tau - eps, chunk_q[both] / tau - eps).sum()
+        return {"kd": kd, "chunks": both.sum().float(), "aligned": (ks & both[cross.chunk_s.clamp(min=0)]).sum().float(),
+                "chunk_nll_gap": (chunk_p[both] - chunk_q[both]).sum().detach()}

@@ -46,6 +46,8 @@ own ground truth at every student position; sums are normalised by the student's
 - ``gold``: TRL's GOLD at the ETA pairs: forward KL over the tokens both vocabularies share
   (one-to-one by bytes) plus ULD's sorted L1 over the rest, weighted by the shared share of the
   teacher's vocabulary.
+- ``alm``: approximate likelihood matching: per aligned chunk, the binarised KL between the
+  teacher's and the student's likelihoods of the chunk.
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ def cross_part(recs: list[Record]) -> tuple[TeacherBatch, CrossBatch]:
     as flat indices into the micro-batch's student (N) and teacher (M) positions."""
     parts: dict[str, list] = {k: [] for k in TEACHER_FIELDS}
     c: dict[str, list] = {k: [] for k in CrossBatch.__dataclass_fields__}
-    off_s = off_t = 0
+    off_s = off_t = off_c = 0
     for b, r in enumerate(recs):
         x, t = r["input_ids"], r["teacher_input_ids"]
         pos_s = training_positions(r)
@@ -73,6 +73,11 @@ def cross_part(recs: list[Record]) -> tuple[TeacherBatch, CrossBatch]:
         c["s_inputs"].append(x[pos_s])
         c["t_inputs"].append(t[pos_t])
         c["t_targets"].append(t[pos_t + 1])
+        chunks = {side: r.get(side, torch.full((n,), -1, dtype=torch.long)) for side, n in (("chunk_s", n_s),
+                                                                                          ("chunk_t", n_t))}
+        for side, ids in chunks.items():  # chunk ids made unique in the micro-batch
+            c[side].append(torch.where(ids >= 0, ids + off_c, ids))
+        off_c += max([int(ids.max()) for ids in chunks.values() if len(ids)] + [-1]) + 1
         off_s += n_s
         off_t += n_t
     tb = TeacherBatch(**{k: (torch.cat(v) if v else None) for k, v in parts.items()})

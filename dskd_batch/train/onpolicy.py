@@ -133,6 +133,7 @@ class OnPolicy:
                        teacher_input_ids=torch.tensor(te.input_ids, dtype=torch.long), teacher_prompt_len=te.prompt_len,
                        eta_s=torch.tensor(a.eta_s, dtype=torch.long), eta_t=torch.tensor(a.eta_t, dtype=torch.long),
                        eta_label=torch.tensor(a.eta_label, dtype=torch.long),
-                       mined_t=torch.tensor(a.mined_t, dtype=torch.long))
+                       mined_t=torch.tensor(a.mined_t, dtype=torch.long),
+                       chunk_s=torch.tensor(a.chunk_s, dtype=torch.long), chunk_t=torch.tensor(a.chunk_t, dtype=torch.long))
             out.append(rec)
         return out

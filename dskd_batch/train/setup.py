@@ -27,7 +27,7 @@ from .projectors import build_projectors
 log = logging.getLogger(__name__)
 
 CROSS_VOCAB_HINT = ("kd and dskd need the teacher's tokenizer; for a student with another tokenizer use a "
-                    "cross-vocabulary method (dskd-eta, dskd-cma, mined, uld, gold), or sft/seqkd, after "
+                    "cross-vocabulary method (dskd-eta, dskd-cma, mined, uld, gold, alm), or sft/seqkd, after "
                     "`dskd-batch align CACHE --student-tokenizer STUDENT`")
 
 
