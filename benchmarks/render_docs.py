@@ -121,10 +121,39 @@ def heal_table(setting: str = "influence") -> str:
     return "\n".join(out)
 
 
+def demo_heal_table() -> str:
+    """The demo's methods from the pruned and from the healed student (demo_heal.py): the task test
+    set, the general held-out sets, and the healed run's paired gain over the unhealed one."""
+    doc = _load("demo_heal_cpu.json")["demo"]["heal"]
+    gen_sets = list(doc["tests"])
+    metric = {"rougeL": "Rouge-L"}.get(doc["task"]["teacher"]["metric"], doc["task"]["teacher"]["metric"])
+    head = ["student", f"demo test {metric}", "demo test nats/token"] + \
+        [f"{s} nats/token" for s in gen_sets]
+    out = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    names = {"teacher": "teacher (tuned, 30 layers)"}
+    for name in ["teacher", "sft", "kd", "dskd", "healed-sft", "healed-kd", "healed-dskd"]:
+        t = doc["task"][name]
+        gen = doc["general"]["teacher (tuned)" if name == "teacher" else name]
+        label = names.get(name, name.replace("healed-", "healed, then ") if name.startswith("healed") else
+                          f"pruned, then {name}")
+        out.append(f"| {label} | {_cell(t['score'], 2)} | {_cell(t['nll'], 3)} | "
+                   + " | ".join(f"{gen[s]['nats_per_token']:.3f}" for s in gen_sets) + " |")
+    for name, label in (("pruned", "pruned (8 layers), before the task"), ("healed", "healed, before the task")):
+        gen = doc["general"][name]
+        out.append(f"| {label} | – | – | " + " | ".join(f"{gen[s]['nats_per_token']:.3f}" for s in gen_sets) + " |")
+    out += ["", "| method | healed − unhealed: " + metric + " [95% CI] | P(no gain) | "
+            "nats/token [95% CI] | P(no gain) |", "|---|---|---|---|---|"]
+    for m, g in doc["paired"].items():
+        sc, nl = g["score"], g["nll"]
+        out.append(f"| {m} | {sc['delta']:+.2f} [{sc['ci'][0]:+.2f}, {sc['ci'][1]:+.2f}] | {sc['p']:.3f} | "
+                   f"{nl['delta']:+.4f} [{nl['ci'][0]:+.4f}, {nl['ci'][1]:+.4f}] | {nl['p']:.3f} |")
+    return "\n".join(out)
+
+
 TABLES: dict[str, Callable[[], str]] = {"writer": writer_table, "gpu-stage-one": gpu_stage_one_table,
                                         "gpu-stage-two": gpu_stage_two_table, "gpu-compiled": gpu_compiled_table,
                                         "cpu-distill": cpu_distill_table, "cpu-memory": cpu_memory_table,
-                                        "heal": heal_table}
+                                        "heal": heal_table, "demo-heal": demo_heal_table}
 
 
 def render(text: str) -> str:
