@@ -5,7 +5,6 @@ through the command line, and serves the live stage of distill too."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -42,6 +41,16 @@ def test_a_cache_made_through_a_served_teacher_equals_the_local_one(llama_teache
     for f in ("teacher/head.safetensors", "teacher/config.json"):
         assert (fp32_cache / f).read_bytes() == (out / f).read_bytes(), f
     assert json.loads((out / "teacher" / "tokenizer" / "tokenizer_config.json").read_text())
+
+
+def test_a_dry_run_through_a_served_teacher_equals_the_local_one(llama_teacher, corpus, served, tmp_path) -> None:
+    from dskd_batch.teacher.sizing import estimate
+    from conftest import cache_config
+
+    local = estimate(cache_config(llama_teacher, corpus, tmp_path / "a", dry_run=True))
+    remote = estimate(cache_config(served, corpus, tmp_path / "b", dry_run=True))
+    assert local.pop("teacher") == str(llama_teacher) and remote.pop("teacher") == served
+    assert json.dumps(local, sort_keys=True, default=str) == json.dumps(remote, sort_keys=True, default=str)
 
 
 def test_the_served_teacher_answers_like_the_local_one(llama_teacher, served) -> None:

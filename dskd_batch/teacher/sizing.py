@@ -55,12 +55,14 @@ def estimate(cfg: Any) -> dict[str, Any]:
     and per hidden mode, shards and disk."""
     from .caching import resolved_template_config, stored_positions
     from ..data import prepare_corpus
-    from ..models import load_tokenizer, resolve_device, resolve_dtype, teacher_config
+    from ..models import load_tokenizer, resolve_device, resolve_dtype
+    from .source import open_teacher
 
-    tok = load_tokenizer(cfg.teacher)
+    teacher = open_teacher(cfg.teacher)  # a local model's tokenizer and config only: no weights load
+    tok = teacher.tokenizer
     cfg = resolved_template_config(cfg, tok, [load_tokenizer(s) for s in cfg.student_tokenizer])
     prep = prepare_corpus(cfg, tok)
-    conf = teacher_config(cfg.teacher)
+    conf = teacher.config()
     d = int(conf.hidden_size)
     vocab = len(tok)
     tied = bool(getattr(conf, "tie_word_embeddings", False))

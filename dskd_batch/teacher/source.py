@@ -23,6 +23,7 @@ file: a subclass of :class:`Teacher` and its scheme in :data:`TEACHER_KINDS` (or
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable
 
 import torch
@@ -60,6 +61,12 @@ class Teacher:
     def head_and_embeddings(self) -> dict[str, torch.Tensor]:
         """``lm_head.weight`` [V, d] (``lm_head.bias``) and ``embed_tokens.weight``, fp32 on the CPU."""
         raise NotImplementedError
+
+    def config(self) -> Any:
+        """The model's configuration (hidden size, vocabulary, tying), without loading its weights."""
+        from transformers import PretrainedConfig
+
+        return PretrainedConfig.from_dict(json.loads(self.config_json()))
 
     def config_json(self) -> str:
         raise NotImplementedError
@@ -158,6 +165,11 @@ class LocalTeacher(Teacher):
 
     def config_json(self) -> str:
         return self.model.config.to_json_string()
+
+    def config(self) -> Any:
+        from ..models import teacher_config
+
+        return self._model.config if self._model is not None else teacher_config(self.spec)
 
     def launch(self, sequences: list[list[int]], *, positions: list[list[int]] | None = None,
                keep_logits: bool | list[bool] = False) -> PendingRecords:
