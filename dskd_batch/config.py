@@ -287,8 +287,10 @@ class DistillConfig:
     agreement_mask: bool = False
     "DSKD: apply the student-space KD only where the projected teacher's argmax equals the teacher's own argmax."
     kd_positions: str = "all"
-    ("kd, dskd: `all`, or `teacher-correct`: KD only where the teacher's top-1 token is the target; elsewhere the "
-     "position is trained on the label alone (CE at full weight).")
+    ("kd, dskd, dskd-eta, gold: `all`, or `teacher-correct`: KD only where the teacher's top-1 token is the target; "
+     "elsewhere the position is trained on the label alone (CE at full weight). Across vocabularies: KD only at the "
+     "aligned pairs whose teacher top-1 is the student's target; every other student position (no pair, or the "
+     "teacher wrong) trains on the label at full weight.")
     only_student_space: bool = False
     "DSKD ablation: keep only the student-space terms (t2s CE + KD)."
     only_teacher_space: bool = False

@@ -183,6 +183,33 @@ def test_alm_matches_a_naive_loop() -> None:
     assert s.grad is not None and float(s.grad[3].abs().sum()) == 0.0  # position 3 is in no chunk
 
 
+def test_teacher_correct_across_vocabularies_trains_untrusted_positions_on_the_label() -> None:
+    """kd_positions = teacher-correct (gold, dskd-eta): KD at the pairs whose teacher top-1 (mapped) is the
+    student's target; every other student position adds its CE to the KD sum (the label at full weight)."""
+    recs, tb, cross, targets, s, h_s, head = parts()
+    cross.eta_label[::2] = targets[cross.eta_s[::2]]  # half of the pairs: the teacher's top-1 is the target
+    s2t = torch.tensor([3, -1, 0, 7, 5, 12, -1, 4, 9, 1, 2])
+    plain, tc = GOLD(LossSettings(temperature=2.0)), GOLD(LossSettings(temperature=2.0, kd_positions="teacher-correct"))
+    plain.s2t_vocab = tc.s2t_vocab = s2t
+    x = LossInputs(s, h_s, targets, tb, head, nn.ModuleDict(), None, V_S, cross)
+    got = tc.kd_terms(x)
+    trusted = {int(j) for j, lab in zip(cross.eta_s, cross.eta_label) if lab == targets[j]}
+    assert 0 < len(trusted) < len(cross.eta_s)
+    per_pair = {}
+    for k, j in enumerate(cross.eta_s.tolist()):  # each pair's GOLD term alone, from the plain method
+        one = CrossBatch(**{**cross.__dict__, "eta_s": cross.eta_s[k:k + 1], "eta_t": cross.eta_t[k:k + 1],
+                            "eta_label": cross.eta_label[k:k + 1]})
+        per_pair[j] = float(plain.kd_terms(LossInputs(s, h_s, targets, tb, head, nn.ModuleDict(), None, V_S,
+                                                      one))["kd"].detach())
+    ce = F.cross_entropy(s.detach().double(), targets, reduction="none")
+    want = sum(per_pair[j] for j in trusted) + sum(float(ce[j]) for j in range(len(targets)) if j not in trusted)
+    assert abs(float(got["kd"].detach()) - want) < 1e-4 * max(1.0, want)
+    assert float(got["kd_kept"]) == len(trusted)
+    eta = DSKDETA(LossSettings(kd_positions="teacher-correct"))
+    eta.s2t_vocab = s2t
+    assert float(eta.kd_terms(x)["kd_kept"]) == len(trusted)
+
+
 def test_eta_matches_a_naive_loop_and_skips_unmapped_tops() -> None:
     recs, tb, cross, targets, s, h_s, head = parts()
     ls = LossSettings(temperature=2.0, agreement_mask=True)

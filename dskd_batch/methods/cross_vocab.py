@@ -74,10 +74,23 @@ class CrossVocabMethod(Method):
         raise NotImplementedError
 
 
+def trusted_pairs(x: LossInputs, keep_pairs: Tensor) -> tuple[Tensor, Tensor]:
+    """``kd_positions = "teacher-correct"`` across vocabularies: the pairs whose teacher top-1 (in the
+    student's vocabulary) is the student's target, and the sum of the CE at every other student
+    position (unpaired, or the teacher wrong), which then trains on the label at full weight."""
+    cross = x.cross
+    ps = cross.eta_s[keep_pairs]
+    ok = cross.eta_label[keep_pairs] == x.targets[ps]
+    trusted = torch.zeros(len(x.targets), dtype=torch.bool, device=x.s.device)
+    trusted[ps[ok]] = True
+    return ok, masked_sum(token_ce(x.s, x.targets), ~trusted)
+
+
 class DSKDETA(CrossVocabMethod):
     name = "dskd-eta"
     needs_hidden = True
     dual_space = True
+    teacher_correct = True
     logit_sets = 4  # the student's, the teacher's, and both projections to full vocabularies
 
     def projector_spec(self) -> dict[str, bool]:
@@ -88,8 +101,12 @@ class DSKDETA(CrossVocabMethod):
         keep = cross.eta_label >= 0
         ps, pt, label = cross.eta_s[keep], cross.eta_t[keep], cross.eta_label[keep]
         tp = x.teacher.rows(pt)
+        ok, label_ce = trusted_pairs(x, keep) if self.ls.kd_positions == "teacher-correct" else (None, None)
         terms = dskd_terms(x.s[ps], x.h_s[ps], label, x.head.logits(tp), tp.hidden, label, x.projector("t2s"),
-                           x.projector("s2t"), x.student_head, x.head, self.ls)
+                           x.projector("s2t"), x.student_head, x.head, self.ls, ok)
+        if label_ce is not None:  # the label at full weight where the teacher gives no trusted pair
+            terms["kd"] = terms["kd"] + label_ce
+            terms["kd_kept"] = ok.sum().float()
         terms["aligned"] = torch.tensor(float(len(ps)), device=x.s.device)
         return terms
 
@@ -242,6 +259,7 @@ class GOLD(CrossVocabMethod):
     get the label term alone."""
 
     name = "gold"
+    teacher_correct = True
 
     def __init__(self, ls: LossSettings) -> None:
         super().__init__(ls)
@@ -256,7 +274,13 @@ class GOLD(CrossVocabMethod):
         ms, mt = (m.to(x.s.device) for m in self._matched[key])
         w = len(mt) / key[1]
         kl, l1 = gold_distance(x.s[cross.eta_s], t_logits, ms, mt, self.ls.temperature)
-        return {"kd": (w * kl + (1 - w) * l1).sum(), "matched_kl": kl.sum().detach(),
+        per_pair = w * kl + (1 - w) * l1
+        if self.ls.kd_positions == "teacher-correct":  # the label at full weight where no trusted pair
+            ok, label_ce = trusted_pairs(x, torch.ones_like(cross.eta_s, dtype=torch.bool))
+            return {"kd": masked_sum(per_pair, ok) + label_ce, "kd_kept": ok.sum().float(),
+                    "matched_kl": kl.sum().detach(), "unmatched_l1": l1.sum().detach(),
+                    "aligned": torch.tensor(float(len(cross.eta_s)), device=x.s.device)}
+        return {"kd": per_pair.sum(), "matched_kl": kl.sum().detach(),
                 "unmatched_l1": l1.sum().detach(), "aligned": torch.tensor(float(len(cross.eta_s)), device=x.s.device)}
 
 
