@@ -150,10 +150,37 @@ def demo_heal_table() -> str:
     return "\n".join(out)
 
 
+def cross_table(label: str) -> str:
+    """Runs across tokenizers over training seeds, each against the baseline paired (seed_table.py --results)."""
+    import statistics
+
+    doc = _load("demo_cross_cpu.json")[label]
+
+    def cell(v: list[float], digits: int) -> str:
+        return f"{statistics.mean(v):.{digits}f}" + (f" ± {statistics.stdev(v):.{digits}f}" if len(v) > 1 else "")
+
+    base = doc["baseline"]
+    out = ["| run | training seeds | test Rouge-L | test bits/byte | test NLL/token | dev CE | "
+           f"− {base}: Rouge-L [95% CI], P(no gain) | − {base}: NLL/token [95% CI], P(no gain) |",
+           "|---|---|---|---|---|---|---|---|"]
+    for name, row in doc["rows"].items():
+        gains = ["–", "–"]
+        if "paired" in row:
+            sc, nl = row["paired"]["score"], row["paired"]["nll"]
+            gains = [f"{sc['delta']:+.2f} [{sc['ci'][0]:+.2f}, {sc['ci'][1]:+.2f}], {sc['p']:.3f}",
+                     f"{nl['delta']:+.4f} [{nl['ci'][0]:+.4f}, {nl['ci'][1]:+.4f}], {nl['p']:.3f}"]
+        out.append(f"| {name} | {len(row['rouge'])} | {cell(row['rouge'], 2)} | {cell(row['bpb'], 3)} | "
+                   f"{cell(row['nll'], 4)} | {cell(row['dev_ce'], 4)} | {gains[0]} | {gains[1]} |")
+    if "teacher" in doc:
+        out.append(f"| teacher | – | {doc['teacher']['rouge']:.2f} | {doc['teacher']['bpb']:.3f} | – | – | – | – |")
+    return "\n".join(out)
+
+
 TABLES: dict[str, Callable[[], str]] = {"writer": writer_table, "gpu-stage-one": gpu_stage_one_table,
                                         "gpu-stage-two": gpu_stage_two_table, "gpu-compiled": gpu_compiled_table,
                                         "cpu-distill": cpu_distill_table, "cpu-memory": cpu_memory_table,
-                                        "heal": heal_table, "demo-heal": demo_heal_table}
+                                        "heal": heal_table, "demo-heal": demo_heal_table,
+                                        "cross-gpt2": lambda: cross_table("gpt2")}
 
 
 def render(text: str) -> str:
