@@ -180,7 +180,8 @@ TABLES: dict[str, Callable[[], str]] = {"writer": writer_table, "gpu-stage-one":
                                         "gpu-stage-two": gpu_stage_two_table, "gpu-compiled": gpu_compiled_table,
                                         "cpu-distill": cpu_distill_table, "cpu-memory": cpu_memory_table,
                                         "heal": heal_table, "demo-heal": demo_heal_table,
-                                        "cross-gpt2": lambda: cross_table("gpt2")}
+                                        "cross-gpt2": lambda: cross_table("gpt2"),
+                                        "cross-llama2": lambda: cross_table("llama2")}
 
 
 def render(text: str) -> str:
