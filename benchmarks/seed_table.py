@@ -62,11 +62,22 @@ def main() -> None:
         save(a, rows)
 
 
-def save(a: argparse.Namespace, rows: dict[str, dict]) -> None:
+def provenance() -> dict[str, str]:
+    """The command line of this script's run, the hardware, the date and the commit, for a results file."""
+    import os
     import platform
     import subprocess
     import sys
     from datetime import date
+
+    return {"command": "python benchmarks/" + Path(sys.argv[0]).name + " " + " ".join(sys.argv[1:]),
+            "hardware": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores", "date": date.today().isoformat(),
+            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                     cwd=Path(__file__).resolve().parents[1]).stdout.strip()}
+
+
+def save(a: argparse.Namespace, rows: dict[str, dict]) -> None:
+    import sys
 
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root))
@@ -80,12 +91,7 @@ def save(a: argparse.Namespace, rows: dict[str, dict]) -> None:
             if name != a.baseline:
                 row["paired"] = paired_gain(reps[a.baseline], reps[name], test, labels=(a.baseline, name))
     teacher = Path(a.out) / "teacher-eval" / "report.json"
-    entry = {"command": "python benchmarks/seed_table.py " + " ".join(sys.argv[1:]),
-             "hardware": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores",
-             "date": date.today().isoformat(),
-             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                      cwd=root).stdout.strip(),
-             "baseline": a.baseline, "rows": rows}
+    entry = {**provenance(), "baseline": a.baseline, "rows": rows}
     if teacher.exists():
         (t,) = json.loads(teacher.read_text())["sets"].values()
         entry["teacher"] = {"rouge": t["metrics"]["rougeL"]["mean"], "bpb": t["nll"]["bits_per_byte"]}

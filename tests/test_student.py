@@ -158,3 +158,68 @@ def test_influence_selection_needs_calibration_rows(llama_teacher, tmp_path):
     with pytest.raises(DskdError, match="calibration data not found"):
         init_student(str(llama_teacher), 1, tmp_path / "s", select="influence", calibration=str(tmp_path / "none.jsonl"))
     assert not (tmp_path / "s").exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_calibration_gives_composed_tokens_their_share_of_the_mass_and_moves_only_their_head_rows(
+        tied, corpus, tmp_path):
+    """With --calibration, the composed tokens' mean probability on the calibration rows (recomputed
+    here from the saved student, one row at a time) equals their share of those rows' tokens; each
+    composed head row moved from the mean of its pieces by beta * (pieces - 1) along one direction;
+    copied rows, and the input rows of an untied model, are the transplant's."""
+    import json
+
+    from conftest import SHARED
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from dskd_batch.cache.align import text_index, token_table
+    from dskd_batch.data import encode_example, load_examples, render_prompt
+    from dskd_batch.train.student import spell
+
+    tt = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / "smollm2"))
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=len(tt), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                           num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied,
+                                           eos_token_id=tt.eos_token_id))
+    common = 0.5 * torch.randn(16)
+    with torch.no_grad():  # the head inputs share a direction, and mean rows outscore the rest, as in a real LM
+        teacher.get_input_embeddings().weight.add_(common)
+        if not tied:
+            teacher.lm_head.weight.add_(common)
+    teacher.save_pretrained(tmp_path / "teacher")
+    tt.save_pretrained(tmp_path / "teacher")
+    gpt2 = str(SHARED / "tokenizers" / "gpt2")
+    plain = init_student(str(tmp_path / "teacher"), 2, tmp_path / "plain", tokenizer=gpt2)
+    out = init_student(str(tmp_path / "teacher"), 2, tmp_path / "cal", tokenizer=gpt2, calibration=str(corpus),
+                       template="alpaca")
+    cal = json.loads((out / "transplant.json").read_text())["calibration"]
+    assert cal["composed_mass_before"] > cal["composed_share"] + 0.05 and cal["beta"] > 0
+    assert cal["composed_mass_after"] == pytest.approx(cal["composed_share"], abs=1e-4)
+
+    st = AutoTokenizer.from_pretrained(out)
+    ti, si = token_table(tt), token_table(st)
+    index = text_index(ti)
+    longest = max(len(b) for b in index)
+    pieces = torch.tensor([len(spell(b, index, longest) or []) if b and b not in index else 0 for b in si.texts])
+    composed = pieces > 1
+    a, b = (AutoModelForCausalLM.from_pretrained(str(p)).eval() for p in (plain, out))
+    moved = b.lm_head.weight.detach() - a.lm_head.weight.detach()
+    assert torch.equal(moved[~composed[:len(moved)]], torch.zeros_like(moved[~composed[:len(moved)]]))
+    assert tied or torch.equal(a.get_input_embeddings().weight, b.get_input_embeddings().weight)
+    u = -moved[composed][0] / moved[composed][0].norm()  # one direction for every composed row
+    expect = -cal["beta"] * (pieces[composed] - 1).float()[:, None] * u
+    assert torch.allclose(moved[composed], expect, atol=1e-5)
+    assert torch.allclose(moved[composed].norm(dim=-1), cal["beta"] * (pieces[composed] - 1).float(), rtol=1e-3)
+
+    mass, n_comp, n_tok = 0.0, 0, 0
+    for ex in load_examples(corpus, limit=64).examples:
+        ids = encode_example(st, ex, render_prompt(ex, "alpaca", st), max_prompt_len=256, max_len=512,
+                             template="alpaca").input_ids
+        with torch.no_grad():
+            p = b(torch.tensor([ids])).logits[0].float().softmax(-1)
+        mass += float(p[:, composed].sum())
+        n_comp += int(composed[ids].sum())
+        n_tok += len(ids)
+    assert n_tok == cal["tokens"] and n_comp / n_tok == pytest.approx(cal["composed_share"])
+    if n_tok <= cal["positions"]:  # every position was used: the mass is the one solved for
+        assert mass / n_tok == pytest.approx(cal["composed_share"], abs=2e-3)
