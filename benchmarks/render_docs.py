@@ -176,7 +176,32 @@ def cross_table(label: str) -> str:
     return "\n".join(out)
 
 
-TABLES: dict[str, Callable[[], str]] = {"writer": writer_table, "gpu-stage-one": gpu_stage_one_table,
+def transplant_table() -> str:
+    """bench_transplant.py --results: bits per byte of each model on each held-out set, and × its teacher."""
+    doc = _load("transplant_cpu.json")
+    names = {"transplant": "transplanted (mean rows)", "calibrated": "transplanted, composed rows calibrated",
+             "random": "random rows"}
+    labels = list(doc)
+    out = ["| model | " + " | ".join(f"{lab}: bits/byte (× teacher)" for lab in labels) + " | rows copied / composed / random |",
+           "|---|" + "---|" * len(labels) + "---|"]
+    first = doc[labels[0]]["models"]
+    vocabs = sorted({k.partition(" (")[0] for k in first if k != "teacher"})
+    spelled = {"gpt2": "GPT-2", "llama2": "LLaMA-2"}
+    for key in ["teacher"] + [f"{v} ({how})" for v in vocabs for how in names if f"{v} ({how})" in first]:
+        r = first[key]
+        vocab, _, how = key.partition(" (")
+        name = ("teacher (its own vocabulary)" if key == "teacher"
+                else f"{spelled.get(vocab, vocab)} vocabulary, {names[how.rstrip(')')]}")
+        cells = []
+        for lab in labels:
+            m, base = doc[lab]["models"], doc[lab]["models"]["teacher"]["bits_per_byte"]
+            cells.append(f"{m[key]['bits_per_byte']:.3f} ({m[key]['bits_per_byte'] / base:.2f})" if key in m else "–")
+        rc = f"{r['copied']:,} / {r['composed']:,} / {r['random']:,}" if "copied" in r else "–"
+        out.append(f"| {name} | " + " | ".join(cells) + f" | {rc} |")
+    return "\n".join(out)
+
+
+TABLES: dict[str, Callable[[], str]] = {"transplant": transplant_table, "writer": writer_table, "gpu-stage-one": gpu_stage_one_table,
                                         "gpu-stage-two": gpu_stage_two_table, "gpu-compiled": gpu_compiled_table,
                                         "cpu-distill": cpu_distill_table, "cpu-memory": cpu_memory_table,
                                         "heal": heal_table, "demo-heal": demo_heal_table,

@@ -18,9 +18,9 @@ the teacher tokens that spell its bytes, longest match first (*composed*); a tok
 no text (special tokens other than EOS/BOS/PAD, which map to the teacher's) gets a random row with
 the teacher's per-dimension mean and std (*random*). ``transplant.json`` records the counts.
 
-A mean of rows makes a poor output row: on the demo's dev responses the GPT-2 transplant's 13,275
-composed tokens take 75% of the probability mass at the average position, where they are 20% of
-the tokens of real text. With ``--calibration`` rows, :func:`calibrate_composed` lowers each
+A mean of rows makes a poor output row: at full depth on the demo's training rows the GPT-2
+transplant's 13,275 composed tokens take 48% of the probability mass at the average position,
+where they are 20% of the tokens. With ``--calibration`` rows, :func:`calibrate_composed` lowers each
 composed token's output logit by ``beta * (pieces - 1) * (h . u)`` (``u``: the direction of the
 mean head input; a longer spelling costs more), with the one scalar ``beta`` solved on the
 calibration rows so that the composed tokens' mass there equals their share of the text. Tied
@@ -285,7 +285,9 @@ def init_student(source: str, layers: int, out: str | Path, tokenizer: str | Non
                  embeddings: str = "transplant", select: str = "even", calibration: str | None = None,
                  template: str = "auto", columns: str | None = None) -> Path:
     """A student of ``layers`` of ``source``'s layers in ``out``; ``select`` = "influence" chooses them
-    by Block Influence on ``calibration`` rows (rendered with ``template``)."""
+    by Block Influence on ``calibration`` rows (rendered with ``template``). With ``tokenizer`` the
+    vocabulary is transplanted, and with ``calibration`` too its composed rows are calibrated
+    (:func:`calibrate_composed`) on those rows in the student's tokenization."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise DskdError(f"--out {out} exists and is not empty", hint="choose another folder")
