@@ -1,6 +1,7 @@
 """Time of each KD distance (forward + backward) on one loss chunk, side by side in one run.
 
     python benchmarks/bench_distances.py [--cache demo-out/cache] [--positions 341] [--temperature 2]
+        [--results FILE]
 
 Teacher logits: a real cache's (``--cache``, read back exactly from its hidden states or top-k,
 positions drawn over the whole cache) or, without one, synthetic logits over V = 49,152 whose
@@ -61,6 +62,7 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--results", default=None, help="keep the figures as JSON (for benchmarks/render_docs.py)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     t = teacher_logits(a.cache, a.positions, a.seed)
@@ -86,6 +88,20 @@ def main() -> None:
     for name, sec in times.items():
         print(f"| {name} | {sec * 1000:.0f} | {sec / times['fkl']:.2f} |")
     print(f"AKL (top-k head) against AKL (full sort): {times['akl (full sort)'] / times['akl']:.2f}x faster")
+    if a.results is not None:
+        import json
+        import sys
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from seed_table import provenance
+
+        doc = {**provenance(), "teacher": a.cache or "synthetic", "positions": t.shape[0], "vocab": t.shape[1],
+               "temperature": a.temperature, "top1_at_t1": float(top1), "akl_head_mean": float(head.mean()),
+               "akl_head_max": float(head.max()), "threads": 1, "repeats": a.repeats,
+               "ms": {name: sec * 1000 for name, sec in times.items()}}
+        Path(a.results).write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"results: {a.results}")
 
 
 if __name__ == "__main__":

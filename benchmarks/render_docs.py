@@ -201,7 +201,16 @@ def transplant_table() -> str:
     return "\n".join(out)
 
 
-TABLES: dict[str, Callable[[], str]] = {"transplant": transplant_table, "writer": writer_table, "gpu-stage-one": gpu_stage_one_table,
+def distances_table() -> str:
+    """bench_distances.py --results: forward + backward ms of each distance on one chunk, and × FKL."""
+    ms = _load("bench_distances_cpu.json")["ms"]
+    names = [n.replace(" (full sort)", ", full sort") for n in ms]
+    return ("| distance | " + " | ".join(names) + " |\n|---|" + "---|" * len(ms) + "\n"
+            "| ms | " + " | ".join(f"{v:,.0f}" for v in ms.values()) + " |\n"
+            "| × FKL | " + " | ".join(f"{v / ms['fkl']:.2f}" for v in ms.values()) + " |")
+
+
+TABLES: dict[str, Callable[[], str]] = {"transplant": transplant_table, "distances": distances_table, "writer": writer_table, "gpu-stage-one": gpu_stage_one_table,
                                         "gpu-stage-two": gpu_stage_two_table, "gpu-compiled": gpu_compiled_table,
                                         "cpu-distill": cpu_distill_table, "cpu-memory": cpu_memory_table,
                                         "heal": heal_table, "demo-heal": demo_heal_table,
