@@ -90,11 +90,9 @@ def main() -> None:
     print(f"AKL (top-k head) against AKL (full sort): {times['akl (full sort)'] / times['akl']:.2f}x faster")
     if a.results is not None:
         import json
-        import sys
         from pathlib import Path
 
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from seed_table import provenance
+        from seed_table import provenance  # beside this script, on sys.path when it runs
 
         doc = {**provenance(), "teacher": a.cache or "synthetic", "positions": t.shape[0], "vocab": t.shape[1],
                "temperature": a.temperature, "top1_at_t1": float(top1), "akl_head_mean": float(head.mean()),

@@ -210,7 +210,8 @@ def distances_table() -> str:
             "| × FKL | " + " | ".join(f"{v / ms['fkl']:.2f}" for v in ms.values()) + " |")
 
 
-TABLES: dict[str, Callable[[], str]] = {"transplant": transplant_table, "distances": distances_table, "writer": writer_table, "gpu-stage-one": gpu_stage_one_table,
+TABLES: dict[str, Callable[[], str]] = {"transplant": transplant_table, "distances": distances_table,
+                                        "writer": writer_table, "gpu-stage-one": gpu_stage_one_table,
                                         "gpu-stage-two": gpu_stage_two_table, "gpu-compiled": gpu_compiled_table,
                                         "cpu-distill": cpu_distill_table, "cpu-memory": cpu_memory_table,
                                         "heal": heal_table, "demo-heal": demo_heal_table,
