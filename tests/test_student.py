@@ -157,6 +157,9 @@ def test_influence_selection_needs_calibration_rows(llama_teacher, tmp_path):
         init_student(str(llama_teacher), 1, tmp_path / "s", select="influence")
     with pytest.raises(DskdError, match="calibration data not found"):
         init_student(str(llama_teacher), 1, tmp_path / "s", select="influence", calibration=str(tmp_path / "none.jsonl"))
+    with pytest.raises(DskdError, match="calibration data not found"):  # also when it calibrates a transplant
+        init_student(str(llama_teacher), 1, tmp_path / "s", tokenizer=str(llama_teacher),
+                     calibration=str(tmp_path / "none.jsonl"))
     assert not (tmp_path / "s").exists()  # refused before anything is written
 
 
