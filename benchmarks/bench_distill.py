@@ -13,7 +13,8 @@ in each setting, one after another in this run, each in its own process (so peak
   samples the responses and the live teacher scores them (sample lengths and teacher time printed).
 
 Steps/s is steps over wall time for the logged steps after the first ``--skip`` (warm-up); each
-distill setting is divided by sft-plain. Prints a Markdown table; writes JSON to ``--out``.
+distill setting is divided by sft-plain. Prints a Markdown table; writes JSON to ``--out`` and, with
+``--results FILE``, the same with the command, hardware, date and commit (for ``render_docs.py``).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--only", default=",".join(SETTINGS))
+    ap.add_argument("--results", type=Path, default=None)
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -115,7 +117,12 @@ def main() -> None:
         if f"{method}-cache" in results and f"{method}-live" in results:
             print(f"{method}: from cache is {results[f'{method}-cache']['steps_per_s'] / results[f'{method}-live']['steps_per_s']:.2f}x "
                   "the live teacher's steps/s")
-    (out / "results.json").write_text(json.dumps({"args": vars(a), "results": results}, indent=2))
+    (out / "results.json").write_text(json.dumps({"args": {**vars(a), "results": None}, "results": results}, indent=2))
+    if a.results is not None:
+        from seed_table import provenance
+
+        args = {k: v for k, v in vars(a).items() if k != "results"}
+        a.results.write_text(json.dumps({**provenance(), "args": args, "results": results}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ already there (nothing is generated or scored again).
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -22,13 +23,26 @@ def kind(prompt: str) -> str:
     return "knowledge" if any(k in prompt.lower() for k in KNOWLEDGE) else "procedural"
 
 
-def by_kind(run: Path, split: str = "test") -> tuple[dict[str, float], dict[str, int]]:
+def by_kind(run: Path, split: str = "test") -> tuple[dict[str, dict[str, float]], dict[str, int]]:
+    """Per kind of row: Rouge-L (the mean over rows of each row's mean over sampling seeds) and bits per
+    byte of the references (the rows' teacher-forced nats over their UTF-8 bytes, as evaluate counts
+    them), and the number of rows."""
     rows = json.loads((run / "eval" / "report.json").read_text())["sets"][split]["generations"]
-    acc: dict[str, list[float]] = {"knowledge": [], "procedural": []}
+    acc: dict[str, dict[str, list[float]]] = {k: {"rouge": [], "nats": [], "bytes": []} for k in ("knowledge", "procedural")}
     for r in rows:
         per_seed = r["scores"]["rougeL"]
-        acc[kind(r["prompt"])].append(sum(per_seed.values()) / len(per_seed))
-    return {k: sum(v) / len(v) for k, v in acc.items() if v}, {k: len(v) for k, v in acc.items()}
+        a = acc[kind(r["prompt"])]
+        a["rouge"].append(sum(per_seed.values()) / len(per_seed))
+        if r.get("nll"):
+            a["nats"].append(r["nll"]["nats"])
+            a["bytes"].append(len(r["references"][0].encode("utf-8")))
+    out: dict[str, dict[str, float]] = {}
+    for k, a in acc.items():
+        if a["rouge"]:
+            out[k] = {"rouge": sum(a["rouge"]) / len(a["rouge"])}
+            if a["bytes"]:
+                out[k]["bpb"] = sum(a["nats"]) / math.log(2) / sum(a["bytes"])
+    return out, {k: len(a["rouge"]) for k, a in acc.items()}
 
 
 def main() -> None:
@@ -40,7 +54,7 @@ def main() -> None:
         for p in paths.split(","):
             m, counts = by_kind(Path(p))
             for k, v in m.items():
-                means[k].append(v)
+                means[k].append(v["rouge"])
 
         def cell(k: str) -> str:
             v = means[k]

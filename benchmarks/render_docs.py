@@ -75,13 +75,57 @@ def gpu_stage_one_table() -> str:
             f"{s1['cache_all_tok_s']:,.0f} tok/s | {s1['ratio_all']:.2f} |")
 
 
+def stage_one_throughput_table(r: dict[str, Any] | None = None) -> str:
+    """bench_cache.py: cache-teacher against a bare teacher forward over the same tokens."""
+    tp = (r or _load("bench_cache_cpu.json"))["throughput"]
+    rows = [("bare teacher forward (full head at every position)", tp["bare_tok_s"]),
+            ("cache-teacher (default: head at the target positions only)", tp["cache_tok_s"]),
+            ("cache-teacher --positions all (head, top-k, log-sum-exp everywhere)", tp["cache_all_tok_s"])]
+    return ("| run | tok/s | ÷ bare forward |\n|---|---|---|\n"
+            + "\n".join(f"| {name} | {v:,.0f} | {v / tp['bare_tok_s']:.2f} |" for name, v in rows))
+
+
+def stage_one_bytes_table(r: dict[str, Any] | None = None) -> str:
+    """bench_cache.py: bytes on disk per example and per token, target positions only against every position."""
+    sizes = (r or _load("bench_cache_cpu.json"))["sizes"]
+    out = ["| corpus (examples) | target positions / tokens | bytes/example: every position | target positions only | "
+           "smaller by | bytes/token: every position | target positions only |", "|---|---|---|---|---|---|---|"]
+    for data, z in sizes.items():
+        out.append(f"| `{Path(data).parent.name}/{Path(data).name}` ({z['targets']['examples']}) | {100 * z['response_share']:.1f}% | "
+                   f"{z['all']['bytes_per_example']:,} | {z['targets']['bytes_per_example']:,} | **{z['smaller']:.1f}×** | "
+                   f"{z['all']['bytes_per_token']:,.0f} | {z['targets']['bytes_per_token']:,.0f} |")
+    return "\n".join(out)
+
+
+def stage_one_fidelity_table(r: dict[str, Any] | None = None) -> str:
+    """bench_cache.py: bytes per stored position of each --hidden codec and its logits against the live teacher's."""
+    r = r or _load("bench_cache_cpu.json")
+    d = r["hidden_size"]
+    out = [f"| --hidden | hidden B/position (d = {d}) | total B/position with top-k | without top-k | KL T=1 mean / max | "
+           "KL T=2 mean / max | top-1 |", "|---|---|---|---|---|---|---|"]
+    for mode, m in r["modes"].items():
+        f = m["fidelity"]
+        rows = {"compact": [("compact (alone)", "stored"), ("compact + exact top-k (assembled)", "assembled")],
+                "none": [("none (top-k only)", None)]}.get(mode, [(mode, "stored")])
+        for label, k in rows:
+            if k and f"{k}_t1" in f:
+                a, b = f[f"{k}_t1"], f[f"{k}_t2"]
+                fid = f"{a['kl_mean']:.1e} / {a['kl_max']:.1e} | {b['kl_mean']:.1e} / {b['kl_max']:.1e} | {100 * a['top1_agreement']:.2f}%"
+            else:
+                fid = "no full distribution | | argmax stored"
+            out.append(f"| {label} | {m['hidden_bytes']:,.0f} ({m['hidden_bytes'] / d:.2f} d) | {m['total_with_topk']:,.0f} | "
+                       f"{m['total_without_topk']:,.0f} | {fid} |")
+    return "\n".join(out)
+
+
 def cpu_distill_table() -> str:
+    """bench_distill.py --results: steps/s of each stage-two setting, and ÷ plain SFT."""
     r = _load("bench_distill_cpu.json")["results"]
     sft = r["sft-plain"]["steps_per_s"]
-    labels = {"sft-plain": "sft-plain (corpus file, no teacher)", "sft-cache": "sft-cache", "kd-cache": "kd-cache",
-              "dskd-cache": "dskd-cache"}
+    labels = {"sft-plain": "sft-plain (corpus file, no teacher)", "kd-live": "kd-live (the teacher runs every batch)",
+              "kd-onpolicy-0.5": "kd-onpolicy-0.5 (half the steps on the student's samples)"}
     rows = [f"| {labels.get(n, n)} | {v['steps_per_s']:.3f} | {v['steps_per_s'] / sft:.2f} | {v['tokens_per_s']:.0f} | "
-            f"{v['peak_rss_mib']:.0f} |" for n, v in r.items()]
+            f"{v['peak_rss_mib']:,.0f} |" for n, v in r.items()]
     return "| setting | steps/s | ÷ sft-plain | tokens/s | peak RSS MiB |\n|---|---|---|---|---|\n" + "\n".join(rows)
 
 
@@ -176,6 +220,23 @@ def cross_table(label: str) -> str:
     return "\n".join(out)
 
 
+def cross_by_kind_table(label: str) -> str:
+    """The same runs on the demo's knowledge and procedural test rows (seed_table.py --by-kind)."""
+    import statistics
+
+    rows = _load("demo_cross_cpu.json")[label]["rows"]
+
+    def cell(v: list[float], digits: int) -> str:
+        return f"{statistics.mean(v):.{digits}f}" + (f" ± {statistics.stdev(v):.{digits}f}" if len(v) > 1 else "")
+
+    first = next(iter(rows.values()))["by_kind"]
+    out = ["| run | " + " | ".join(f"{k} rows ({first[k]['rows']}): Rouge-L | bits/byte" for k in first) + " |",
+           "|---|" + "---|---|" * len(first)]
+    for name, row in rows.items():
+        out.append(f"| {name} | " + " | ".join(f"{cell(v['rouge'], 2)} | {cell(v['bpb'], 3)}" for v in row["by_kind"].values()) + " |")
+    return "\n".join(out)
+
+
 def transplant_table() -> str:
     """bench_transplant.py --results: bits per byte of each model on each held-out set, and × its teacher."""
     doc = _load("transplant_cpu.json")
@@ -213,10 +274,14 @@ def distances_table() -> str:
 TABLES: dict[str, Callable[[], str]] = {"transplant": transplant_table, "distances": distances_table,
                                         "writer": writer_table, "gpu-stage-one": gpu_stage_one_table,
                                         "gpu-stage-two": gpu_stage_two_table, "gpu-compiled": gpu_compiled_table,
+                                        "stage-one-throughput": stage_one_throughput_table,
+                                        "stage-one-bytes": stage_one_bytes_table, "stage-one-fidelity": stage_one_fidelity_table,
                                         "cpu-distill": cpu_distill_table, "cpu-memory": cpu_memory_table,
                                         "heal": heal_table, "demo-heal": demo_heal_table,
                                         "cross-gpt2": lambda: cross_table("gpt2"),
-                                        "cross-llama2": lambda: cross_table("llama2")}
+                                        "cross-llama2": lambda: cross_table("llama2"),
+                                        "cross-gpt2-by-kind": lambda: cross_by_kind_table("gpt2"),
+                                        "cross-llama2-by-kind": lambda: cross_by_kind_table("llama2")}
 
 
 def render(text: str) -> str:

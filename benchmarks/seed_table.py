@@ -2,13 +2,14 @@
 sampling seeds; beside it the mean of the runs' std over sampling seeds), test NLL per token, test bits per byte and the dev CE at the exported step.
 
     python benchmarks/seed_table.py OUT sft,mined,uld,dskd-cma,dskd-eta [--suffixes ,-seed1,-seed2]
-        [--results FILE --label NAME [--baseline sft]]
+        [--results FILE --label NAME [--baseline sft] [--by-kind]]
 
 Run ``NAME`` + each suffix is read from ``OUT/NAME+SUFFIX`` (its ``eval/report.json`` and
 ``run.json``); nothing is trained or scored again. ``--results`` keeps the figures (and, with
 ``--baseline``, each run's paired gain over it across its training seeds: score and NLL, bootstrap
 over test examples and seeds) as ``FILE[label]`` with the command, hardware, date and commit, for
-``benchmarks/render_docs.py``.
+``benchmarks/render_docs.py``; ``--by-kind`` adds each run's test Rouge-L and bits per byte on the demo's
+knowledge and procedural rows (``demo_by_task.py``'s split).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=None)
     ap.add_argument("--label", default=None)
     ap.add_argument("--baseline", default=None)
+    ap.add_argument("--by-kind", action="store_true")
     a = ap.parse_args()
     rows: dict[str, dict] = {}
     suffixes = a.suffixes.split(",")
@@ -54,6 +56,12 @@ def main() -> None:
             continue
         col = {k: [v[k] for v in vals] for k in vals[0]}
         rows[name] = {"runs": [f"{name}{s}" for s in suffixes if (Path(a.out) / f"{name}{s}" / "eval").exists()], **col}
+        if a.by_kind:
+            from demo_by_task import by_kind
+
+            per_run = [by_kind(Path(a.out) / r) for r in rows[name]["runs"]]
+            rows[name]["by_kind"] = {k: {"rows": per_run[0][1][k], **{m: [pr[0][k][m] for pr in per_run] for m in ("rouge", "bpb")}}
+                                     for k in ("knowledge", "procedural")}
         print(f"| {name} | {len(vals)} | {cell(col['rouge'], 2)} | {statistics.mean(col['sampling_std']):.2f} | {cell(col['nll'], 4)} | {cell(col['bpb'], 3)} | "
               f"{cell(col['dev_ce'], 4)} | {' / '.join(f'{x:.2f}' for x in col['rouge'])} |")
 

@@ -207,6 +207,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 PROJECTOR_INITS = ("random", "pinv")
 PRECISIONS = ("auto", "fp32", "bf16")
 VERIFY = ("sizes", "lazy", "full", "none")
+KD_POSITIONS = ("all", "teacher-correct", "span-starts")
 PARALLEL = ("ddp", "fsdp")
 
 
@@ -290,7 +291,9 @@ class DistillConfig:
     ("kd, dskd, dskd-eta, gold: `all`, or `teacher-correct`: KD only where the teacher's top-1 token is the target; "
      "elsewhere the position is trained on the label alone (CE at full weight). Across vocabularies: KD only at the "
      "aligned pairs whose teacher top-1 is the student's target; every other student position (no pair, or the "
-     "teacher wrong) trains on the label at full weight.")
+     "teacher wrong) trains on the label at full weight. dskd-eta: `span-starts` adds the teacher-space KD at student "
+     "tokens that start where a teacher token starts but span other bytes (merged numbers): both sides have read the "
+     "same text there.")
     only_student_space: bool = False
     "DSKD ablation: keep only the student-space terms (t2s CE + KD)."
     only_teacher_space: bool = False
@@ -453,7 +456,11 @@ class DistillConfig:
                 problems.append(f"keep_best must be one of eval_ce, eval_kl, eval_top1; got {self.keep_best!r}")
             if self.eval_data is None:
                 problems.append("--keep-best picks a checkpoint by an --eval-data metric: give --eval-data DEV")
-        choice("kd_positions", ("all", "teacher-correct"))
+        choice("kd_positions", KD_POSITIONS)
+        if self.kd_positions == "span-starts" and (self.method != "dskd-eta" or self.only_student_space):
+            problems.append(f"--kd-positions span-starts adds dskd-eta's teacher-space term at merged tokens; --method "
+                            f"{self.method}{' --only-student-space' if self.only_student_space else ''} has none (use "
+                            "--method dskd-eta)")
         if self.kd_positions == "teacher-correct":
             if not kind.teacher_correct:
                 ok = ", ".join(n for n, c in method_classes().items() if c.teacher_correct)
@@ -531,7 +538,7 @@ def field_choices(cls: type) -> dict[str, tuple[str, ...]]:
         return {"hidden": HIDDEN_MODES, "positions": ("targets", "all"), "dtype": DTYPES}
     if cls is DistillConfig:
         return {"method": tuple(method_classes()), "distance": tuple(distances()), "lr_schedule": SCHEDULES,
-                "projector_init": PROJECTOR_INITS, "kd_positions": ("all", "teacher-correct"),
+                "projector_init": PROJECTOR_INITS, "kd_positions": KD_POSITIONS,
                 "precision": PRECISIONS, "parallel": PARALLEL, "verify": VERIFY, "shuffle": ("shard", "global"),
                 "log_to": tuple(LOG_TO), "keep_best": ("eval_ce", "eval_kl", "eval_top1")}
     if cls is EvalConfig:

@@ -234,10 +234,12 @@ def test_aligned_cache_batches_equal_the_live_teachers(setup) -> None:
     assert a.cross.eta_s.numel() > 10
 
 
-@pytest.mark.parametrize("method", ["dskd-eta", "mined", "uld", "gold", "alm"])
-def test_cross_vocab_chunked_equals_one_piece(method, setup) -> None:
-    """--loss-chunk across vocabularies: ETA, MinED and ULD cut by student positions (their pairs
-    re-indexed per chunk, the teacher side whole) give the one-piece loss and gradients."""
+@pytest.mark.parametrize("method,positions", [("dskd-eta", "all"), ("dskd-eta", "span-starts"), ("mined", "all"),
+                                              ("uld", "all"), ("gold", "all"), ("alm", "all")])
+def test_cross_vocab_chunked_equals_one_piece(method, positions, setup) -> None:
+    """--loss-chunk across vocabularies: ETA (with and without the span-start pairs), MinED and ULD cut by
+    student positions (their pairs re-indexed per chunk, the teacher side whole) give the one-piece loss
+    and gradients."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dskd_batch.cache.reader import open_cache
@@ -259,7 +261,7 @@ def test_cross_vocab_chunked_equals_one_piece(method, setup) -> None:
     def run(chunk: int):
         torch.manual_seed(0)
         student = AutoModelForCausalLM.from_pretrained(str(setup["student"])).float().train()
-        m = make_method(method, LossSettings("fkl", 2.0, 0.5))
+        m = make_method(method, LossSettings("fkl", 2.0, 0.5, kd_positions=positions))
         m.prepare(cache, al)
         spec = m.projector_spec()
         proj = build_projectors(student.get_output_embeddings().weight.shape[1], cache.lm_head.shape[1],
@@ -272,6 +274,7 @@ def test_cross_vocab_chunked_equals_one_piece(method, setup) -> None:
 
     ref, g_ref = run(0)
     assert ref["aligned"] > 0
+    assert ref.get("starts", 1) > 0
     for chunk in (7, 23):
         assert n % chunk and chunk < n
         got, g = run(chunk)

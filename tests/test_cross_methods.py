@@ -288,3 +288,41 @@ def test_pinv_across_vocabularies_uses_shared_rows() -> None:
     assert torch.allclose(a.T @ (a @ x - b), torch.zeros(D_S, D_T, dtype=torch.float64), atol=1e-3)
     y = proj["s2t"].weight.double()
     assert torch.allclose(b.T @ (b @ y - a), torch.zeros(D_T, D_S, dtype=torch.float64), atol=1e-3)
+
+
+def test_chunk_starts_pair_the_first_positions_of_chunks_that_are_not_one_eta_pair() -> None:
+    """Student " 14 apples ab" as [" 14", " apples", " a", "b"], teacher as [" 1", "4", " apples", " ab"]:
+    chunks 0 (" 14"), 1 (" apples", an ETA pair) and 2 (" ab"); chunks 0 and 2 begin after the same text."""
+    from dskd_batch.train.aligned import chunk_starts
+
+    s, t = chunk_starts(torch.tensor([0, 1, 2, 2, -1]), torch.tensor([0, 0, 1, 2, -1]), torch.tensor([1]))
+    assert s.tolist() == [0, 2] and t.tolist() == [0, 3]
+    s, t = chunk_starts(torch.tensor([-1, -1]), torch.tensor([-1]), torch.tensor([], dtype=torch.long))
+    assert s.numel() == 0 and t.numel() == 0
+
+
+def test_eta_span_starts_adds_the_teacher_space_kl_at_the_start_pairs() -> None:
+    """kd_positions = span-starts: dskd-eta's terms plus, at each start pair, the KL of the teacher's
+    distribution to the student's projected one (float64 loop); the student-space terms unchanged."""
+    recs = batch()
+    recs[0].update(chunk_s=torch.tensor([0, 0, 1, 2, 3]), chunk_t=torch.tensor([0, 1, 1, 2]))
+    recs[1].update(chunk_s=torch.tensor([0, 0, 1]), chunk_t=torch.tensor([0, 1, 1, 1, -1, -1]))
+    recs[0]["eta_s"], recs[0]["eta_t"], recs[0]["eta_label"] = torch.tensor([2]), torch.tensor([3]), torch.tensor([4])
+    recs[1]["eta_s"], recs[1]["eta_t"], recs[1]["eta_label"] = torch.tensor([2]), torch.tensor([1]), torch.tensor([5])
+    tb, cross = _cross_part(recs)
+    assert cross.start_s.tolist() == [0, 3, 5] and cross.start_t.tolist() == [0, 3, 4]
+    n = len(cross.seg_s)
+    targets = torch.cat([r["input_ids"][2:] for r in recs])
+    s, h_s = torch.randn(n, V_S, dtype=torch.float64), torch.randn(n, D_S, dtype=torch.float64)
+    head = TeacherHead(torch.randn(V_T, D_T), None, "hidden", embed=torch.randn(V_T, D_T))
+    proj = build_projectors(D_S, D_T, t2s=True, s2t=True, init="random", seed=0).double()
+    w_s = torch.randn(V_S, D_S, dtype=torch.float64)
+    x = LossInputs(s, h_s, targets, tb, head, proj, w_s, V_S, cross)
+    plain = DSKDETA(LossSettings(temperature=2.0)).kd_terms(x)
+    starts = DSKDETA(LossSettings(temperature=2.0, kd_positions="span-starts")).kd_terms(x)
+    want = sum(naive_fkl(proj["s2t"](h_s[j]) @ head.weight.double().T, tb.hidden[i].double() @ head.weight.double().T, 2.0)
+               for j, i in zip(cross.start_s.tolist(), cross.start_t.tolist()))
+    assert float(starts["starts"]) == 3 and abs(float(starts["start_kd"]) - want) < 1e-4 * max(1.0, want)
+    assert abs(float(starts["kd"]) - float(plain["kd"]) - want) < 1e-4 * max(1.0, want)
+    for k in ("t2s_ce", "t2s_kd", "s2t_kd"):
+        assert float(starts[k]) == float(plain[k])

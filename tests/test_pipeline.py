@@ -348,8 +348,12 @@ def test_later_settings_at_their_defaults_keep_earlier_runs_identity() -> None:
     with pytest.raises(DskdError, match="--on-policy positions have the student's own samples"):
         DistillConfig(student="s", out="o", cache="c", teacher="t", method="kd", on_policy=True,
                       kd_positions="teacher-correct")
-    with pytest.raises(DskdError, match="kd_positions must be one of all, teacher-correct"):
+    with pytest.raises(DskdError, match="kd_positions must be one of all, teacher-correct, span-starts"):
         DistillConfig(student="s", out="o", cache="c", method="kd", kd_positions="correct")
+    for method, extra in (("kd", {}), ("gold", {}), ("dskd-eta", {"only_student_space": True})):
+        with pytest.raises(DskdError, match="span-starts adds dskd-eta's teacher-space term"):
+            DistillConfig(student="s", out="o", cache="c", method=method, kd_positions="span-starts", **extra)
+    DistillConfig(student="s", out="o", cache="c", method="dskd-eta", kd_positions="span-starts")
 
 
 def test_jobs_run_independent_stages_side_by_side_and_a_failed_stage_stops_new_ones(

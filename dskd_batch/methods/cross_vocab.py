@@ -35,6 +35,8 @@ class CrossBatch:
     t_targets: Tensor  # [M] teacher target token at each teacher position
     chunk_s: Tensor  # [N] ALM chunk of each student position (unique in the micro-batch; -1: none)
     chunk_t: Tensor  # [M] ALM chunk of each teacher position
+    start_s: Tensor  # [R] student positions that begin an ALM chunk with more than one token on a side ...
+    start_t: Tensor  # [R] ... and the teacher position that begins it (the same text before both)
 
     def to(self, device: torch.device) -> "CrossBatch":
         return CrossBatch(**{k: v.to(device, non_blocking=True) for k, v in self.__dict__.items()})
@@ -45,9 +47,10 @@ class CrossBatch:
         lo, hi = part.start, part.stop
         e = (self.eta_s >= lo) & (self.eta_s < hi)
         u = (self.uld_s >= lo) & (self.uld_s < hi)
+        r = (self.start_s >= lo) & (self.start_s < hi)
         return CrossBatch(self.eta_s[e] - lo, self.eta_t[e], self.eta_label[e], self.mined_t[part], self.uld_s[u] - lo,
                           self.uld_t[u], self.seg_s[part], self.seg_t, self.s_inputs[part], self.t_inputs,
-                          self.t_targets, self.chunk_s[part], self.chunk_t)
+                          self.t_targets, self.chunk_s[part], self.chunk_t, self.start_s[r] - lo, self.start_t[r])
 
 
 class CrossVocabMethod(Method):
@@ -107,6 +110,15 @@ class DSKDETA(CrossVocabMethod):
         if label_ce is not None:  # the label at full weight where the teacher gives no trusted pair
             terms["kd"] = terms["kd"] + label_ce
             terms["kd_kept"] = ok.sum().float()
+        s2t = x.projector("s2t")
+        if self.ls.kd_positions == "span-starts" and s2t is not None:
+            # a student token that starts where a teacher token starts but spans other bytes (GPT-2's " 14"
+            # against SmolLM2's " 1" "4"): both models have read the same text, so the teacher's next-token
+            # distribution is a target in the teacher's space; the student's space has no counterpart token
+            starts = masked_sum(fkl(x.head.project(s2t(x.h_s[cross.start_s])), x.head.logits(x.teacher.rows(cross.start_t)),
+                                    temperature=self.ls.temperature), torch.ones_like(cross.start_s, dtype=torch.bool))
+            terms["kd"] = terms["kd"] + starts
+            terms.update(start_kd=starts.detach(), starts=torch.tensor(float(len(cross.start_s)), device=x.s.device))
         terms["aligned"] = torch.tensor(float(len(ps)), device=x.s.device)
         return terms
 

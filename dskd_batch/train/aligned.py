@@ -48,6 +48,24 @@ class AlignedExamples(CacheExamples):
         return collate(recs, pad_id, with_teacher, teacher_part=cross_part)
 
 
+def chunk_starts(chunk_s: torch.Tensor, chunk_t: torch.Tensor, eta_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student, teacher) positions that begin the same ALM chunk, for the chunks that are not one ETA
+    pair (one token on each side): the first positions of a chunk both predict its first bytes after the
+    same text."""
+
+    def firsts(ids: torch.Tensor) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for j, c in enumerate(ids.tolist()):
+            if c >= 0 and c not in out:
+                out[c] = j
+        return out
+
+    fs, ft = firsts(chunk_s), firsts(chunk_t)
+    paired = set(eta_s.tolist())
+    both = [(fs[c], ft[c]) for c in sorted(fs) if c in ft and fs[c] not in paired]
+    return (torch.tensor([a for a, _ in both], dtype=torch.long), torch.tensor([b for _, b in both], dtype=torch.long))
+
+
 def cross_part(recs: list[Record]) -> tuple[TeacherBatch, CrossBatch]:
     """The teacher's response positions of records aligned to another tokenizer, and the alignment
     as flat indices into the micro-batch's student (N) and teacher (M) positions."""
@@ -77,6 +95,9 @@ def cross_part(recs: list[Record]) -> tuple[TeacherBatch, CrossBatch]:
                                                                                           ("chunk_t", n_t))}
         for side, ids in chunks.items():  # chunk ids made unique in the micro-batch
             c[side].append(torch.where(ids >= 0, ids + off_c, ids))
+        start_s, start_t = chunk_starts(chunks["chunk_s"], chunks["chunk_t"], r["eta_s"])
+        c["start_s"].append(start_s + off_s)
+        c["start_t"].append(start_t + off_t)
         off_c += max([int(ids.max()) for ids in chunks.values() if len(ids)] + [-1]) + 1
         off_s += n_s
         off_t += n_t
