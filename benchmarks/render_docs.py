@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-PAGES = [ROOT / "docs" / "results" / "benchmarks.md", ROOT / "docs" / "heal.md"]
+PAGES = [ROOT / "docs" / "results" / "benchmarks.md", ROOT / "docs" / "heal.md", ROOT / "docs" / "results" / "demo.md",
+         ROOT / "README.md"]
 
 
 def _load(name: str) -> dict[str, Any]:
@@ -237,6 +238,56 @@ def cross_by_kind_table(label: str) -> str:
     return "\n".join(out)
 
 
+def _demo() -> dict[str, Any]:
+    return _load("demo_cpu.json")["demo"]
+
+
+DEMO_NAMES = {"sft": "SFT", "kd": "KD (kd rate 0.9)", "dskd": "DSKD (pinv projectors frozen, AKL)"}
+
+
+def demo_readme_table() -> str:
+    """`just demo`'s table (training seed 42) with the mean over training seeds beside it."""
+    import statistics
+
+    d = _demo()
+    t = d["teacher"]
+    out = ["| run | test Rouge-L (seed 42) | test NLL (seed 42) | over training seeds 42/1/2: Rouge-L / NLL |", "|---|---|---|---|",
+           f"| teacher (SmolLM2-135M-Instruct, fine-tuned) | {t['rouge']:.2f} ± {t['sampling_std']:.2f} | {t['nll']:.3f} | – |"]
+    for name, r in d["rows"].items():
+        out.append(f"| {DEMO_NAMES.get(name, name)} | {r['rouge'][0]:.2f} ± {r['sampling_std'][0]:.2f} | {r['nll'][0]:.3f} | "
+                   f"{statistics.mean(r['rouge']):.2f} ± {statistics.stdev(r['rouge']):.2f} / "
+                   f"{statistics.mean(r['nll']):.3f} ± {statistics.stdev(r['nll']):.3f} |")
+    return "\n".join(out)
+
+
+def demo_seeds_table() -> str:
+    """Every demo student over training seeds (seed_table.py demo-out sft,kd,dskd --results ... --label demo)."""
+    import statistics
+
+    d = _demo()
+    out = ["| run | test Rouge-L, seeds 42 / 1 / 2 | mean ± std | test NLL, seeds 42 / 1 / 2 | mean ± std | dev CE mean ± std |",
+           "|---|---|---|---|---|---|"]
+    for name, r in d["rows"].items():
+        out.append(f"| {DEMO_NAMES.get(name, name)} | {' / '.join(f'{x:.2f}' for x in r['rouge'])} | "
+                   f"{statistics.mean(r['rouge']):.2f} ± {statistics.stdev(r['rouge']):.2f} | "
+                   f"{' / '.join(f'{x:.3f}' for x in r['nll'])} | {statistics.mean(r['nll']):.3f} ± {statistics.stdev(r['nll']):.3f} | "
+                   f"{statistics.mean(r['dev_ce']):.3f} ± {statistics.stdev(r['dev_ce']):.3f} |")
+    t = d["teacher"]
+    out.append(f"| teacher | {t['rouge']:.2f} ± {t['sampling_std']:.2f} (sampling) | – | {t['nll']:.3f} | – | – |")
+    return "\n".join(out)
+
+
+def demo_paired_table() -> str:
+    """Each demo student against SFT, paired by test example over the examples and the training seeds."""
+    out = ["| against SFT, paired | Rouge-L gain [95% CI] | P(no gain) | NLL change [95% CI] | P(no gain) |", "|---|---|---|---|---|"]
+    for name, r in _demo()["rows"].items():
+        if "paired" in r:
+            sc, nl = r["paired"]["score"], r["paired"]["nll"]
+            out.append(f"| {DEMO_NAMES.get(name, name)} | {sc['delta']:+.2f} [{sc['ci'][0]:+.2f}, {sc['ci'][1]:+.2f}] | {sc['p']:.3f} | "
+                       f"{nl['delta']:+.3f} [{nl['ci'][0]:+.3f}, {nl['ci'][1]:+.3f}] | {nl['p']:.3f} |")
+    return "\n".join(out)
+
+
 def transplant_table() -> str:
     """bench_transplant.py --results: bits per byte of each model on each held-out set, and × its teacher."""
     doc = _load("transplant_cpu.json")
@@ -280,6 +331,8 @@ TABLES: dict[str, Callable[[], str]] = {"transplant": transplant_table, "distanc
                                         "heal": heal_table, "demo-heal": demo_heal_table,
                                         "cross-gpt2": lambda: cross_table("gpt2"),
                                         "cross-llama2": lambda: cross_table("llama2"),
+                                        "demo-readme": demo_readme_table, "demo-seeds": demo_seeds_table,
+                                        "demo-paired": demo_paired_table,
                                         "cross-gpt2-by-kind": lambda: cross_by_kind_table("gpt2"),
                                         "cross-llama2-by-kind": lambda: cross_by_kind_table("llama2")}
 

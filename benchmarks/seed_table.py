@@ -102,7 +102,8 @@ def save(a: argparse.Namespace, rows: dict[str, dict]) -> None:
     entry = {**provenance(), "baseline": a.baseline, "rows": rows}
     if teacher.exists():
         (t,) = json.loads(teacher.read_text())["sets"].values()
-        entry["teacher"] = {"rouge": t["metrics"]["rougeL"]["mean"], "bpb": t["nll"]["bits_per_byte"]}
+        entry["teacher"] = {"rouge": t["metrics"]["rougeL"]["mean"], "sampling_std": t["metrics"]["rougeL"]["std"],
+                            "nll": t["nll"]["nats_per_token"], "bpb": t["nll"]["bits_per_byte"]}
     doc = json.loads(a.results.read_text()) if a.results.exists() else {}
     doc[a.label or Path(a.out).name] = entry
     a.results.parent.mkdir(parents=True, exist_ok=True)
