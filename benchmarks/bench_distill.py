@@ -117,11 +117,11 @@ def main() -> None:
         if f"{method}-cache" in results and f"{method}-live" in results:
             print(f"{method}: from cache is {results[f'{method}-cache']['steps_per_s'] / results[f'{method}-live']['steps_per_s']:.2f}x "
                   "the live teacher's steps/s")
-    (out / "results.json").write_text(json.dumps({"args": {**vars(a), "results": None}, "results": results}, indent=2))
+    args = {k: v for k, v in vars(a).items() if k != "results"}
+    (out / "results.json").write_text(json.dumps({"args": args, "results": results}, indent=2))
     if a.results is not None:
         from seed_table import provenance
 
-        args = {k: v for k, v in vars(a).items() if k != "results"}
         a.results.write_text(json.dumps({**provenance(), "args": args, "results": results}, indent=1) + "\n")
 
 

@@ -23,10 +23,9 @@ from demo_by_task import kind
 
 
 def split_nll(run: Path, rows: list) -> dict[str, dict[str, float]]:
-    from dskd_batch.data import encode_example
+    from dskd_batch.data import encode_example, render_prompt
     from dskd_batch.losses import token_ce
     from dskd_batch.models import load_causal_lm, load_tokenizer
-    from dskd_batch.data import render_prompt
     from dskd_batch.train.batches import CorpusExamples, collate
 
     prompt = json.loads((run / "run.json").read_text())["prompt"]
@@ -34,13 +33,14 @@ def split_nll(run: Path, rows: list) -> dict[str, dict[str, float]]:
     model.eval()
     acc = {k: {"first": 0.0, "rest": 0.0, "bytes": 0} for k in ("knowledge", "procedural")}
     for ex in rows:
-        enc = encode_example(tok, ex, render_prompt(ex, prompt["template"], tok), max_prompt_len=int(prompt["max_prompt_len"]),
-                             max_len=int(prompt["max_len"]), template=prompt["template"])
+        text = render_prompt(ex, prompt["template"], tok)
+        enc = encode_example(tok, ex, text, max_prompt_len=int(prompt["max_prompt_len"]), max_len=int(prompt["max_len"]),
+                             template=prompt["template"])
         mb = collate(CorpusExamples([enc]).records([0]), tok.pad_token_id, with_teacher=False)
         with torch.no_grad():
             logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[mb.select].float()
         ce = token_ce(logits, mb.targets).double()
-        a = acc[kind(render_prompt(ex, prompt["template"], tok))]
+        a = acc[kind(text)]
         a["first"] += float(ce[0])
         a["rest"] += float(ce[1:].sum())
         a["bytes"] += len(ex.response.encode("utf-8"))

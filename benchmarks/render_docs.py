@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -142,6 +143,12 @@ def cpu_memory_table() -> str:
     return "| setting | peak RSS MiB | steps/s |\n|---|---|---|\n" + "\n".join(rows)
 
 
+def _spread(values: list[float], digits: int) -> str:
+    """Mean ± sample std over runs (the mean alone for one run)."""
+    mean = statistics.mean(values)
+    return f"{mean:.{digits}f}" + (f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else "")
+
+
 def _cell(st: dict[str, Any], digits: int) -> str:
     return f"{st['mean']:.{digits}f}" if st["n"] < 2 else f"{st['mean']:.{digits}f} ± {st['std']:.{digits}f}"
 
@@ -197,12 +204,7 @@ def demo_heal_table() -> str:
 
 def cross_table(label: str) -> str:
     """Runs across tokenizers over training seeds, each against the baseline paired (seed_table.py --results)."""
-    import statistics
-
     doc = _load("demo_cross_cpu.json")[label]
-
-    def cell(v: list[float], digits: int) -> str:
-        return f"{statistics.mean(v):.{digits}f}" + (f" ± {statistics.stdev(v):.{digits}f}" if len(v) > 1 else "")
 
     base = doc["baseline"]
     out = ["| run | training seeds | test Rouge-L | test bits/byte | test NLL/token | dev CE | "
@@ -214,8 +216,8 @@ def cross_table(label: str) -> str:
             sc, nl = row["paired"]["score"], row["paired"]["nll"]
             gains = [f"{sc['delta']:+.2f} [{sc['ci'][0]:+.2f}, {sc['ci'][1]:+.2f}], {sc['p']:.3f}",
                      f"{nl['delta']:+.4f} [{nl['ci'][0]:+.4f}, {nl['ci'][1]:+.4f}], {nl['p']:.3f}"]
-        out.append(f"| {name} | {len(row['rouge'])} | {cell(row['rouge'], 2)} | {cell(row['bpb'], 3)} | "
-                   f"{cell(row['nll'], 4)} | {cell(row['dev_ce'], 4)} | {gains[0]} | {gains[1]} |")
+        out.append(f"| {name} | {len(row['rouge'])} | {_spread(row['rouge'], 2)} | {_spread(row['bpb'], 3)} | "
+                   f"{_spread(row['nll'], 4)} | {_spread(row['dev_ce'], 4)} | {gains[0]} | {gains[1]} |")
     if "teacher" in doc:
         out.append(f"| teacher | – | {doc['teacher']['rouge']:.2f} | {doc['teacher']['bpb']:.3f} | – | – | – | – |")
     return "\n".join(out)
@@ -223,18 +225,13 @@ def cross_table(label: str) -> str:
 
 def cross_by_kind_table(label: str) -> str:
     """The same runs on the demo's knowledge and procedural test rows (seed_table.py --by-kind)."""
-    import statistics
-
     rows = _load("demo_cross_cpu.json")[label]["rows"]
-
-    def cell(v: list[float], digits: int) -> str:
-        return f"{statistics.mean(v):.{digits}f}" + (f" ± {statistics.stdev(v):.{digits}f}" if len(v) > 1 else "")
 
     first = next(iter(rows.values()))["by_kind"]
     out = ["| run | " + " | ".join(f"{k} rows ({first[k]['rows']}): Rouge-L | bits/byte" for k in first) + " |",
            "|---|" + "---|---|" * len(first)]
     for name, row in rows.items():
-        out.append(f"| {name} | " + " | ".join(f"{cell(v['rouge'], 2)} | {cell(v['bpb'], 3)}" for v in row["by_kind"].values()) + " |")
+        out.append(f"| {name} | " + " | ".join(f"{_spread(v['rouge'], 2)} | {_spread(v['bpb'], 3)}" for v in row["by_kind"].values()) + " |")
     return "\n".join(out)
 
 
@@ -247,31 +244,25 @@ DEMO_NAMES = {"sft": "SFT", "kd": "KD (kd rate 0.9)", "dskd": "DSKD (pinv projec
 
 def demo_readme_table() -> str:
     """`just demo`'s table (training seed 42) with the mean over training seeds beside it."""
-    import statistics
-
     d = _demo()
     t = d["teacher"]
     out = ["| run | test Rouge-L (seed 42) | test NLL (seed 42) | over training seeds 42/1/2: Rouge-L / NLL |", "|---|---|---|---|",
            f"| teacher (SmolLM2-135M-Instruct, fine-tuned) | {t['rouge']:.2f} ± {t['sampling_std']:.2f} | {t['nll']:.3f} | – |"]
     for name, r in d["rows"].items():
         out.append(f"| {DEMO_NAMES.get(name, name)} | {r['rouge'][0]:.2f} ± {r['sampling_std'][0]:.2f} | {r['nll'][0]:.3f} | "
-                   f"{statistics.mean(r['rouge']):.2f} ± {statistics.stdev(r['rouge']):.2f} / "
-                   f"{statistics.mean(r['nll']):.3f} ± {statistics.stdev(r['nll']):.3f} |")
+                   f"{_spread(r['rouge'], 2)} / {_spread(r['nll'], 3)} |")
     return "\n".join(out)
 
 
 def demo_seeds_table() -> str:
     """Every demo student over training seeds (seed_table.py demo-out sft,kd,dskd --results ... --label demo)."""
-    import statistics
-
     d = _demo()
     out = ["| run | test Rouge-L, seeds 42 / 1 / 2 | mean ± std | test NLL, seeds 42 / 1 / 2 | mean ± std | dev CE mean ± std |",
            "|---|---|---|---|---|---|"]
     for name, r in d["rows"].items():
         out.append(f"| {DEMO_NAMES.get(name, name)} | {' / '.join(f'{x:.2f}' for x in r['rouge'])} | "
-                   f"{statistics.mean(r['rouge']):.2f} ± {statistics.stdev(r['rouge']):.2f} | "
-                   f"{' / '.join(f'{x:.3f}' for x in r['nll'])} | {statistics.mean(r['nll']):.3f} ± {statistics.stdev(r['nll']):.3f} | "
-                   f"{statistics.mean(r['dev_ce']):.3f} ± {statistics.stdev(r['dev_ce']):.3f} |")
+                   f"{_spread(r['rouge'], 2)} | {' / '.join(f'{x:.3f}' for x in r['nll'])} | {_spread(r['nll'], 3)} | "
+                   f"{_spread(r['dev_ce'], 3)} |")
     t = d["teacher"]
     out.append(f"| teacher | {t['rouge']:.2f} ± {t['sampling_std']:.2f} (sampling) | – | {t['nll']:.3f} | – | – |")
     return "\n".join(out)
