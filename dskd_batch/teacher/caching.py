@@ -216,21 +216,21 @@ class NormStats:
         self.sums = {k: [0, 0.0, 0.0] for k in self.KEYS}  # elements, sum, sum of squares
 
     def _add(self, key: str, x: torch.Tensor) -> None:
-        x = x.double()
+        """Each row's sum and sum of squares in float32 (a row: one position's vector), added up in float64."""
+        x = x.float().reshape(len(x), -1)
         acc = self.sums[key]
         acc[0] += x.numel()
-        acc[1] += float(x.sum())
-        acc[2] += float((x * x).sum())
+        acc[1] += float(x.sum(1).double().sum())
+        acc[2] += float(torch.linalg.vector_norm(x, dim=1).double().square().sum())
 
-    def add(self, ids: list[int], targets: list[int], hidden: torch.Tensor | None) -> None:
-        """One example: its token ids, its target positions and the teacher's hidden state there."""
-        pos = torch.as_tensor(targets, dtype=torch.long)
-        if hidden is not None:
-            self._add("hidden", hidden)
-        if self.embed is not None:
-            t = torch.as_tensor(ids)
-            self._add("input_embed", self.embed[t[pos]])
-            self._add("target_embed", self.embed[t[pos + 1]])
+    def add(self, examples: list[tuple[list[int], list[int]]], hidden: torch.Tensor) -> None:
+        """A batch: each example's token ids and target positions, and the teacher's hidden states at
+        those targets (the examples' rows one after another)."""
+        self._add("hidden", hidden)
+        if self.embed is not None and examples:
+            pos = [(torch.as_tensor(ids), torch.as_tensor(targets, dtype=torch.long)) for ids, targets in examples]
+            self._add("input_embed", self.embed[torch.cat([t[p] for t, p in pos])])
+            self._add("target_embed", self.embed[torch.cat([t[p + 1] for t, p in pos])])
 
     @staticmethod
     def merge(parts: list[dict[str, list]]) -> dict[str, Any]:
@@ -285,6 +285,8 @@ def write_shard(out: Path, s: int, cfg: CacheConfig, settings: dict[str, Any], p
             check_finite(rows, recs, prep)
         batch = to_arrays(pending.whole, per_position, codec)  # the batch's arrays at once, then cut per example
         lo = 0
+        at_targets: list[tuple[list[int], list[int]]] = []
+        hidden_at: list[torch.Tensor] = []
         for i, rec in zip(rows, recs):
             enc = prep.encoded[i]
             m = len(rec["positions"])
@@ -303,8 +305,9 @@ def write_shard(out: Path, s: int, cfg: CacheConfig, settings: dict[str, Any], p
                     res["assembled_t2"] = kl_stats(rec["logits"], asm, 2.0)
                 fid.add(res)
             targets = enc.targets()
-            at = rows_at(rec, torch.as_tensor(targets, dtype=torch.long))
-            norm.add(enc.input_ids, targets, rec["hidden"][at])
+            at_targets.append((enc.input_ids, targets))
+            if mode != "targets":
+                hidden_at.append(rec["hidden"][rows_at(rec, torch.as_tensor(targets, dtype=torch.long))])
             ex = prep.examples[i]
             w.add({"order": i, "id": ex.id, "instruction": ex.instruction, "input": ex.input,
                    "prompt": prep.prompts[i], "response": responses[i], "source": ex.source,
@@ -313,6 +316,8 @@ def write_shard(out: Path, s: int, cfg: CacheConfig, settings: dict[str, Any], p
                    "n_positions": len(rec["positions"])}, arrays)
             if pbar is not None:
                 pbar.update(len(enc.input_ids))
+        # stored at the targets only (format 2's default), the batch's rows are the targets' rows: no copy
+        norm.add(at_targets, pending.whole["hidden"] if mode == "targets" else torch.cat(hidden_at))
 
     with ShardWriter(out / SHARDS / shard_name(s), specs, compression_level=cfg.compression_level, rows=sizes) as w:
         with StoreThread(depth=2 if overlap else 0) as storing:
