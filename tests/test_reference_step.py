@@ -88,3 +88,32 @@ def test_one_step_equals_the_reference_formulas(method, fp32_cache, llama_teache
     assert any(n.startswith("projectors.") for n in g_ours) == (method == "dskd")
     for n in g_ref:
         assert torch.allclose(g_ours[n], g_ref[n], rtol=1e-4, atol=1e-6), n
+
+
+def test_kd_from_the_cache_equals_trls_gkd_loss(fp32_cache, llama_teacher, gpt2_student):
+    """The peer a user would pick instead, TRL's GKD trainer off-policy with beta 0, computes the
+    same loss as our KD at kd_rate 1 and temperature 1 (its loss reads no temperature): its own
+    function on the live teacher's logits over the padded batch against ours from the cache on
+    the response positions, per response token. `benchmarks/bench_trl.py` checks this on the real
+    teacher before it times either."""
+    from transformers import AutoModelForCausalLM
+    from trl.experimental.gkd import GKDTrainer
+
+    cache = open_cache(fp32_cache)
+    mb = collate(CacheExamples(cache).records([0, 2, 4, 6]), pad_id=1, with_teacher=True)
+    student = AutoModelForCausalLM.from_pretrained(str(gpt2_student)).float().eval()
+    teacher = AutoModelForCausalLM.from_pretrained(str(llama_teacher)).float().eval()
+    module = DistillModule(student, build_projectors(8, 8, t2s=False, s2t=False, init="random", seed=0),
+                           make_method("kd", LossSettings("fkl", 1.0, 1.0)), int(cache.settings["tokenizer"]["size"]),
+                           loss_chunk=0)
+    head = TeacherHead(cache.lm_head, cache.lm_head_bias, cache.logits_source)
+    with torch.no_grad():
+        ours = float(module(mb, head)["objective"]) / int(mb.select.sum())
+        labels = torch.full_like(mb.input_ids, IGNORE)  # TRL's labels: the token itself where it is a target
+        labels[:, 1:][mb.select[:, :-1]] = mb.input_ids[:, 1:][mb.select[:, :-1]]
+        s = student(mb.input_ids, attention_mask=mb.attention_mask).logits
+        t = teacher(mb.input_ids, attention_mask=mb.attention_mask).logits
+        theirs = float(GKDTrainer.generalized_jsd_loss(s[:, :-1], t[:, :-1], labels[:, 1:], beta=0.0))
+    assert ours == pytest.approx(theirs, rel=1e-5)
+    # and not by accident: the reverse KL (beta 1) is another number
+    assert abs(float(GKDTrainer.generalized_jsd_loss(s[:, :-1], t[:, :-1], labels[:, 1:], beta=1.0)) - ours) > 1e-3 * ours
