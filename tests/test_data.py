@@ -151,29 +151,3 @@ def test_a_response_that_merges_with_its_prompt_is_encoded_alone() -> None:
     assert tok(prompt + response)["input_ids"][:len(p_ids)] != p_ids
     enc = encode(tok, prompt, response, max_prompt_len=100, max_len=100, template="alpaca")
     assert enc.input_ids == p_ids + tok(response)["input_ids"] + [tok.eos_token_id] and enc.prompt_len == len(p_ids)
-
-
-@pytest.mark.skipif(not (SHARED / "tokenizers").is_dir(), reason="needs ../shared/tokenizers")
-def test_a_conversations_turns_are_encoded_in_context() -> None:
-    """Phi-3 (SentencePiece, with a chat template): every piece of a conversation is tokenized after
-    the text before it, so the ids are the whole rendered conversation's, and each assistant turn
-    starts without the word-start space it would get alone."""
-    from transformers import AutoTokenizer
-
-    from dskd_batch.cache.align import runs
-    from dskd_batch.data import encode_conversation
-
-    tok = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / "phi3"))
-    msgs = (("user", "Capital of Italy?"), ("assistant", "Rome."), ("user", "And France?"), ("assistant", "Paris."))
-    ex = Example("c", "", "", "", "test", msgs)
-    enc = encode_conversation(tok, ex, max_len=1000)
-    full = tok.apply_chat_template([{"role": r, "content": c} for r, c in msgs], tokenize=False)
-    whole = tok(full, add_special_tokens=False)["input_ids"]
-    assert enc.input_ids == whole[:len(enc.input_ids)]  # what follows the last turn is not kept
-    turns = [[enc.input_ids[p + 1] for p in run] for run in runs(enc.targets())]
-    firsts = [tok.convert_ids_to_tokens(t[0]) for t in turns]
-    assert firsts == [tok.convert_ids_to_tokens(tok("\nRome.", add_special_tokens=False)["input_ids"])[2],
-                      tok.convert_ids_to_tokens(tok("\nParis.", add_special_tokens=False)["input_ids"])[2]]
-    assert not any(f.startswith("▁") for f in firsts), firsts
-    assert [tok.decode(t).strip() for t in turns] == ["Rome.<|end|>", "Paris.<|end|>"]
-
