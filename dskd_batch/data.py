@@ -437,8 +437,8 @@ def encode_conversation(tokenizer: Any, ex: Example, *, max_len: int, template: 
     prompt_len = 0
     pos = 0
     for start, end in cuts:
-        ids += in_context(tokenizer, full[:pos], ids, full[pos:start], add_special=False) if start > pos else []
-        turn = in_context(tokenizer, full[:start], ids, full[start:end], add_special=False)
+        ids += tokenizer(full[pos:start], add_special_tokens=False)["input_ids"] if start > pos else []
+        turn = tokenizer(full[start:end], add_special_tokens=False)["input_ids"]
         prompt_len = len(ids)
         targets += target_positions(len(ids) + len(turn), len(ids))  # this turn's tokens as the "response"
         ids += turn
@@ -460,48 +460,27 @@ def encode_example(tokenizer: Any, ex: Example, prompt: str, *, max_prompt_len: 
     return encode(tokenizer, prompt, ex.response, max_prompt_len=max_prompt_len, max_len=max_len, template=template)
 
 
-def in_context(tokenizer: Any, head: str, head_ids: list[int], piece: str, *, add_special: bool) -> list[int]:
-    """The token ids of ``piece`` as the tokenizer cuts it after ``head`` (whose ids are ``head_ids``):
-    the ids of ``head + piece`` past ``head_ids`` where they start with ``head_ids``, else ``piece``
-    encoded on its own. A response is read after its prompt, so it is encoded there: a SentencePiece
-    tokenizer (LLaMA-2, Phi-3) gives the first word of a text encoded alone a word-start space
-    (``▁The``) that the same word after the prompt's newline does not have (``The``); byte-level BPE
-    tokenizers give the same ids either way unless the prompt's last characters merge with the
-    response's first (then the piece is encoded alone, so the mask stays exact)."""
-    joint = tokenizer(head + piece, add_special_tokens=add_special)["input_ids"]
-    if joint[:len(head_ids)] == head_ids:
-        return joint[len(head_ids):]
-    return tokenizer(piece, add_special_tokens=False)["input_ids"]
-
-
 def encode_prompt(tokenizer: Any, prompt: str, *, max_prompt_len: int, template: str) -> list[int]:
     """The prompt's token ids as training and evaluation read them: the tokenizer's special tokens
     unless a chat template already wrote them (a plain-text row's empty prompt: its prefix, BOS if
     any), cut to ``max_prompt_len``."""
-    return tokenizer(prompt, add_special_tokens=_prompt_specials(prompt, template))["input_ids"][:max_prompt_len]
-
-
-def _prompt_specials(prompt: str, template: str) -> bool:
-    return not is_chat_template(template) or not prompt
+    add_special = not is_chat_template(template) or not prompt
+    return tokenizer(prompt, add_special_tokens=add_special)["input_ids"][:max_prompt_len]
 
 
 def encode(tokenizer: Any, prompt: str, response: str, *, max_prompt_len: int, max_len: int,
            template: str) -> Encoded:
     """The papers' truncation rule: prompt cut to ``max_prompt_len``, then prompt + response cut
-    to ``max_len - 1``, then EOS appended. The response is tokenized after the whole prompt
-    (:func:`in_context`): its tokens are those of prompt and response read as one text, and the
+    to ``max_len - 1``, then EOS appended. Prompt and response are tokenized separately so the
     response mask is exact.
 
     A plain-text row (empty prompt) is the tokenizer's special prefix (BOS, if it adds one) and
     the text, cut to ``max_len``, with no EOS: a window of a longer document does not end it."""
-    if not prompt:
-        prompt_ids = encode_prompt(tokenizer, prompt, max_prompt_len=max_prompt_len, template=template)
-        text_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-        return Encoded((prompt_ids + text_ids)[:max_len], len(prompt_ids))
-    specials = _prompt_specials(prompt, template)
-    whole_prompt = tokenizer(prompt, add_special_tokens=specials)["input_ids"]
-    prompt_ids = whole_prompt[:max_prompt_len]
-    response_ids = in_context(tokenizer, prompt, whole_prompt, response, add_special=specials)
+    text = not prompt
+    prompt_ids = encode_prompt(tokenizer, prompt, max_prompt_len=max_prompt_len, template=template)
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if text:
+        return Encoded((prompt_ids + response_ids)[:max_len], len(prompt_ids))
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DskdError("the tokenizer has no EOS token", hint="use a tokenizer with eos_token set")

@@ -666,12 +666,8 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
         cache_fps[cdir] = st.stage(cache_labels[cdir], cdir, {"cache": to_dict(ccfg), **made_by},
                                    lambda cdir=cdir: (cdir / MANIFEST).exists(), partial(_once, cache_run, ccfg),
                                    deps=("teacher",), reads=(ccfg.data,))
-    aligned: dict[str, int] = {}  # runs reading a sidecar depend on how it was made
     if p.cache.student_tokenizer:  # idempotent: an existing alignment is kept
-        from .cache.align import ALIGN_VERSION
         from .cache.align import run as align_run
-
-        aligned = {"alignment": ALIGN_VERSION}
 
         st.stage("align", cache_dir, None, lambda: False,
                  partial(_once, align_run,
@@ -722,7 +718,6 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
                  + ((cache_labels[dev],) if dev else ()))
         fp = st.stage(f"distill {name}", rdir, {"distill": _run_ident(cfg), "cache": cache_fps[Path(cfg.cache)],
                                                 "student": student_fp if healed or p.heal is None else pruned_fp,
-                                                **aligned,
                                                 **({"dev": cache_fps[dev]} if dev else {})},
                       lambda rdir=rdir: _finished(rdir), partial(_distill_work, cfg), deps=reads)
         run_dirs.append((name, rdir))

@@ -178,8 +178,8 @@ def test_an_alignment_of_an_older_version_is_refused_with_the_command_that_rebui
     shutil.copytree(setup["cache"], cache)
     for d in (cache / ALIGN_DIR).iterdir():
         info = json.loads((d / ALIGN_FILE).read_text())
-        (d / ALIGN_FILE).write_text(json.dumps({**info, "version": 3}))
-    with pytest.raises(DskdError, match="is of version 3; this dskd-batch reads version 4") as e:
+        (d / ALIGN_FILE).write_text(json.dumps({**info, "version": 2}))
+    with pytest.raises(DskdError, match="is of version 2; this dskd-batch reads version 3") as e:
         run(DistillConfig(student=str(setup["student"]), out=str(tmp_path / "r"), cache=str(cache), method="alm",
                           verify="none"))
     assert f"dskd-batch align {cache}" in e.value.render() and "--force" in e.value.render()

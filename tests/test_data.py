@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED
-from dskd_batch.data import Example, encode, length_batches, load_examples, render_prompt
+from dskd_batch.data import encode, length_batches, load_examples, render_prompt
 from dskd_batch.errors import DskdError
 
 
@@ -110,44 +109,3 @@ def test_length_batches_respect_budget() -> None:
     for b in batches:
         assert len(b) * max(lengths[i] for i in b) <= 60
     assert length_batches(lengths, 60) == batches  # deterministic
-
-
-@pytest.mark.skipif(not (SHARED / "tokenizers").is_dir(), reason="needs ../shared/tokenizers")
-@pytest.mark.parametrize("name", ["llama2", "phi3", "gpt2", "llama3"])
-def test_a_response_is_encoded_after_its_prompt(name: str) -> None:
-    """The response's ids are those of prompt + response tokenized as one text: a SentencePiece
-    tokenizer's first response word has no word-start space after the prompt's newline (``The``, not
-    the ``▁The`` of the response encoded alone); byte-level BPE gives the same ids either way."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / name))
-    ex = Example("x", "Name the capital of France.", "", "The capital of France is Paris.", "test")
-    prompt = render_prompt(ex, "alpaca")
-    enc = encode(tok, prompt, ex.response, max_prompt_len=1000, max_len=1000, template="alpaca")
-    joint = tok(prompt + ex.response)["input_ids"]
-    assert enc.input_ids == joint + [tok.eos_token_id] and enc.input_ids[:enc.prompt_len] == tok(prompt)["input_ids"]
-    response = enc.input_ids[enc.prompt_len:-1]
-    assert tok.decode(response) == ex.response
-    alone = tok(ex.response, add_special_tokens=False)["input_ids"]
-    first = tok.convert_ids_to_tokens(response[0])
-    if name in ("llama2", "phi3"):
-        assert first == "The" and tok.convert_ids_to_tokens(alone[0]) == "▁The" and response[1:] == alone[1:]
-    else:
-        assert response == alone
-    cut = encode(tok, prompt, ex.response, max_prompt_len=5, max_len=9, template="alpaca")  # a cut prompt
-    assert cut.input_ids == joint[:5] + response[:3] + [tok.eos_token_id] and cut.prompt_len == 5
-
-
-@pytest.mark.skipif(not (SHARED / "tokenizers").is_dir(), reason="needs ../shared/tokenizers")
-def test_a_response_that_merges_with_its_prompt_is_encoded_alone() -> None:
-    """GPT-2 merges a prompt's last space with the response's first word (" Paris" is one token): the
-    prompt's ids are then not a prefix of the joint ids, and the response is encoded on its own, so
-    the prompt/response cut stays exact."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / "gpt2"))
-    prompt, response = "The capital of France: ", "Paris"
-    p_ids = tok(prompt)["input_ids"]
-    assert tok(prompt + response)["input_ids"][:len(p_ids)] != p_ids
-    enc = encode(tok, prompt, response, max_prompt_len=100, max_len=100, template="alpaca")
-    assert enc.input_ids == p_ids + tok(response)["input_ids"] + [tok.eos_token_id] and enc.prompt_len == len(p_ids)

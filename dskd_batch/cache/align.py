@@ -61,8 +61,7 @@ ALIGN_DIR = "alignments"
 ALIGN_FILE = "alignment.json"
 ALIGN_EXAMPLES = "examples.parquet"
 VOCAB_MAP = "vocab_map.safetensors"
-ALIGN_VERSION = 4  # 2: student_targets (conversations); 3: chunk_s, chunk_t (ALM); 4: each response encoded
-#                    after its prompt (a SentencePiece student's first response token has no word-start space)
+ALIGN_VERSION = 3  # 2: student_targets (conversations); 3: chunk_s, chunk_t (ALM)
 _LIST_COLUMNS = ("student_ids", "eta_s", "eta_t", "eta_label", "mined_t", "student_targets", "chunk_s", "chunk_t")
 
 
@@ -572,7 +571,7 @@ def open_alignment(cache: Any, student_tok: Any, student_source: str) -> Alignme
     info = read_json(path / ALIGN_FILE)
     if info.get("version") != ALIGN_VERSION:
         raise DskdError(f"the alignment in {path} is of version {info.get('version')}; this dskd-batch reads version "
-                        f"{ALIGN_VERSION} (ALM's chunks; a response's student tokens read after its prompt)",
+                        f"{ALIGN_VERSION} (it adds what newer methods read: ALM's chunks)",
                         hint=f"rebuild it: `{align_command(cache.path, student_source)} --force`")
     if info.get("cache_fingerprint") != cache.fingerprint:
         raise DskdError(f"the alignment in {path} was made for another cache",
