@@ -294,6 +294,9 @@ class DistillConfig:
      "teacher wrong) trains on the label at full weight. dskd-eta: `span-starts` adds the teacher-space KD at student "
      "tokens that start where a teacher token starts but span other bytes (merged numbers): both sides have read the "
      "same text there.")
+    alm_tau: float = 100.0
+    ("alm: the binarisation temperature τ of the chunk likelihoods, KL(Bernoulli(p_T^(1/τ)) ‖ Bernoulli(p_S^(1/τ))); "
+     "100 as in the reference (tokenkit). A lower τ weighs the chunks' likelihood gap more.")
     only_student_space: bool = False
     "DSKD ablation: keep only the student-space terms (t2s CE + KD)."
     only_teacher_space: bool = False
@@ -457,6 +460,10 @@ class DistillConfig:
             if self.eval_data is None:
                 problems.append("--keep-best picks a checkpoint by an --eval-data metric: give --eval-data DEV")
         choice("kd_positions", KD_POSITIONS)
+        if self.alm_tau <= 0:
+            problems.append(f"alm_tau must be > 0, got {self.alm_tau}")
+        elif self.alm_tau != 100.0 and self.method != "alm":
+            problems.append(f"--alm-tau is ALM's binarisation temperature; --method {self.method} has none (use --method alm)")
         if self.kd_positions == "span-starts" and (self.method != "dskd-eta" or self.only_student_space):
             problems.append(f"--kd-positions span-starts adds dskd-eta's teacher-space term at merged tokens; --method "
                             f"{self.method}{' --only-student-space' if self.only_student_space else ''} has none (use "

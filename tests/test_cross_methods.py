@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -149,10 +150,11 @@ def test_gold_with_one_vocabulary_is_kd_at_the_pairs() -> None:
     assert float(got["unmatched_l1"]) < 1e-6
 
 
-def test_alm_matches_a_naive_loop() -> None:
-    """Per chunk: the binary KL between Bernoulli(teacher's chunk likelihood) and Bernoulli(student's),
-    each the product of the model's probabilities of its own targets in the chunk; chunks with -1 or
-    on one side only do not count; chunk ids are per example."""
+@pytest.mark.parametrize("tau", [100.0, 10.0])
+def test_alm_matches_a_naive_loop(tau: float) -> None:
+    """Per chunk: the binary KL between Bernoulli(teacher's chunk likelihood^(1/tau)) and Bernoulli(the
+    student's), each likelihood the product of the model's probabilities of its own targets in the
+    chunk; chunks with -1 or on one side only do not count; chunk ids are per example."""
     recs = batch()
     recs[0].update(chunk_s=torch.tensor([0, 0, 1, -1, 2]), chunk_t=torch.tensor([0, 1, 1, 3]))  # 2 and 3: one side
     recs[1].update(chunk_s=torch.tensor([0, 1, 1]), chunk_t=torch.tensor([0, 0, -1, 1, 1, -1]))
@@ -160,7 +162,7 @@ def test_alm_matches_a_naive_loop() -> None:
     targets = torch.cat([r["input_ids"][2:] for r in recs])
     s = torch.randn(len(targets), V_S, dtype=torch.float64, requires_grad=True)
     head = TeacherHead(torch.randn(V_T, D_T), None, "hidden")
-    out = ALM(LossSettings()).kd_terms(LossInputs(s, torch.zeros(len(targets), D_S), targets, tb, head, nn.ModuleDict(),
+    out = ALM(LossSettings(alm_tau=tau)).kd_terms(LossInputs(s, torch.zeros(len(targets), D_S), targets, tb, head, nn.ModuleDict(),
                                                   None, V_S, cross))
     t_logits = tb.hidden.double() @ head.weight.double().T
     t_targets = cross.t_targets
@@ -173,7 +175,7 @@ def test_alm_matches_a_naive_loop() -> None:
                      for j in range(ns) if r["chunk_s"][j] == c)
             lp = sum(math.log(float(torch.softmax(t_logits[off_t + i], -1)[t_targets[off_t + i]]))
                      for i in range(nt) if r["chunk_t"][i] == c)
-            p, q = math.exp(lp / 100 - 1e-6), math.exp(lq / 100 - 1e-6)  # the binarisation temperature
+            p, q = math.exp(lp / tau - 1e-6), math.exp(lq / tau - 1e-6)  # the binarisation temperature
             want += p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
             n += 1
         off_s, off_t = off_s + ns, off_t + nt

@@ -354,6 +354,13 @@ def test_later_settings_at_their_defaults_keep_earlier_runs_identity() -> None:
         with pytest.raises(DskdError, match="span-starts adds dskd-eta's teacher-space term"):
             DistillConfig(student="s", out="o", cache="c", method=method, kd_positions="span-starts", **extra)
     DistillConfig(student="s", out="o", cache="c", method="dskd-eta", kd_positions="span-starts")
+    alm = DistillConfig(student="s", out="o", cache="c", method="alm")
+    assert "alm_tau" not in _run_ident(alm)  # at its default: earlier ALM runs keep their identity
+    assert _run_ident(DistillConfig(student="s", out="o", cache="c", method="alm", alm_tau=10.0))["alm_tau"] == 10.0
+    with pytest.raises(DskdError, match="--alm-tau is ALM's binarisation temperature; --method kd has none"):
+        DistillConfig(student="s", out="o", cache="c", method="kd", alm_tau=10.0)
+    with pytest.raises(DskdError, match="alm_tau must be > 0"):
+        DistillConfig(student="s", out="o", cache="c", method="alm", alm_tau=0.0)
 
 
 def test_jobs_run_independent_stages_side_by_side_and_a_failed_stage_stops_new_ones(

@@ -313,15 +313,14 @@ class ALM(CrossVocabMethod):
     the response both tokenizations cut at the same bytes, from the alignment sidecar), the teacher's
     and the student's likelihood of the chunk (the product of each model's probabilities of its own
     tokens there) are matched with the binarised KL of the reference implementation (tokenkit):
-    KL(Bernoulli(p_T^(1/tau)) || Bernoulli(p_S^(1/tau))) with the binarisation temperature tau = 100
-    (``binarisation_temp``; without it a chunk of a few unlikely tokens has a likelihood near 0 on both
-    sides and the loss no gradient). It needs only each model's log-probability of its own next
+    KL(Bernoulli(p_T^(1/tau)) || Bernoulli(p_S^(1/tau))) with the binarisation temperature tau
+    (``--alm-tau``, 100 as in the reference; without it a chunk of a few unlikely tokens has a
+    likelihood near 0 on both sides and the loss no gradient). It needs only each model's log-probability of its own next
     tokens, which the cache holds exactly; ``--temperature`` does not apply. A chunk spans several
     student positions, so the loss runs in one piece."""
 
     name = "alm"
     per_position = False
-    binarisation_temp = 100.0
 
     def kd_terms(self, x: LossInputs) -> dict[str, Tensor]:
         cross = x.cross
@@ -339,7 +338,7 @@ class ALM(CrossVocabMethod):
         present = torch.zeros(n, dtype=torch.bool, device=lq.device)
         present[cross.chunk_s[ks]] = True
         both = present & torch.zeros(n, dtype=torch.bool, device=lq.device).index_fill(0, cross.chunk_t[kt], True)
-        tau, eps = self.binarisation_temp, 1e-6
+        tau, eps = self.ls.alm_tau, 1e-6
         kd = binary_kl(chunk_p[both].detach() / tau - eps, chunk_q[both] / tau - eps).sum()
         return {"kd": kd, "chunks": both.sum().float(), "aligned": (ks & both[cross.chunk_s.clamp(min=0)]).sum().float(),
                 "chunk_nll_gap": (chunk_p[both] - chunk_q[both]).sum().detach()}

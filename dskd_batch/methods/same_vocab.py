@@ -79,6 +79,7 @@ class LossSettings:
     student_space: bool = True
     teacher_space: bool = True
     distance_args: tuple[tuple[str, Any], ...] = ()  # the distance's own hyper-parameters (losses.DISTANCES)
+    alm_tau: float = 100.0  # ALM's binarisation temperature
 
     def dist(self, s: Tensor, t: Tensor) -> Tensor:
         return distance(self.distance)(s, t, temperature=self.temperature, **dict(self.distance_args))

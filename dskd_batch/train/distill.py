@@ -43,7 +43,7 @@ RESUMABLE = ("resume", "save_steps", "keep_checkpoints", "log_steps", "verify", 
              "skip_nonfinite", "loss_chunk", "log_to", "prune_when_done", "activation_checkpointing")
 # Settings added after runs were already made: left out of a run's identity while they keep these
 # defaults, so those runs still resume and pipelines still reuse them.
-LATER_DEFAULTS = {"kd_positions": "all", "length_group": 1, "columns": None, "compile_loss": False}
+LATER_DEFAULTS = {"kd_positions": "all", "length_group": 1, "columns": None, "compile_loss": False, "alm_tau": 100.0}
 
 
 def run_settings(cfg: DistillConfig) -> dict[str, Any]:

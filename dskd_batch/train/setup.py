@@ -35,7 +35,7 @@ def method(cfg: DistillConfig) -> Any:
     """The method object of ``--method`` with the run's loss settings."""
     ls = LossSettings(cfg.distance, cfg.temperature, cfg.kd_rate, cfg.agreement_mask, cfg.kd_positions,
                       student_space=not cfg.only_teacher_space, teacher_space=not cfg.only_student_space,
-                      distance_args=tuple(sorted(cfg.distance_args.items())))
+                      distance_args=tuple(sorted(cfg.distance_args.items())), alm_tau=cfg.alm_tau)
     return make_method(cfg.method, ls)
 
 
