@@ -131,6 +131,17 @@ def cpu_distill_table() -> str:
     return "| setting | steps/s | ÷ sft-plain | tokens/s | peak RSS MiB |\n|---|---|---|---|---|\n" + "\n".join(rows)
 
 
+def trl_table() -> str:
+    """bench_trl.py --results: KD from the cache against TRL's GKD trainer with a live teacher."""
+    r = _load("bench_trl_cpu.json")
+    o, t, q, c = r["ours"], r["trl"], r["ratios"], r["stage_one_s"]
+    return ("| | this toolkit (KD from the cache) | TRL GKD (live teacher) | ratio | goal |\n|---|---|---|---|---|\n"
+            f"| steps/s | {o['steps_per_s']:.3f} | {t['steps_per_s']:.3f} | {q['steps_per_s']:.2f} | ≥ 1.5 |\n"
+            f"| peak RSS MiB | {o['peak_rss_mib']:,.0f} | {t['peak_rss_mib']:,.0f} | {q['peak_rss']:.2f} | ≤ 0.6 |\n"
+            f"| one student, s | {c:.0f} (stage one) + {o['wall_s']:.0f} | {t['wall_s']:.0f} | {q['total_1']:.2f} | |\n"
+            f"| four students, s | {c:.0f} + 4 × {o['wall_s']:.0f} | 4 × {t['wall_s']:.0f} | {q['total_4']:.2f} | ≤ 0.5 |")
+
+
 def cpu_memory_table() -> str:
     r = _load("bench_memory_cpu.json")
     auto = {"sft": 441, "kd": 220, "dskd": 110}  # the CPU auto chunk at V = 151,936 (trainer.auto_chunk)
@@ -319,6 +330,7 @@ TABLES: dict[str, Callable[[], str]] = {"transplant": transplant_table, "distanc
                                         "stage-one-throughput": stage_one_throughput_table,
                                         "stage-one-bytes": stage_one_bytes_table, "stage-one-fidelity": stage_one_fidelity_table,
                                         "cpu-distill": cpu_distill_table, "cpu-memory": cpu_memory_table,
+                                        "trl": trl_table,
                                         "heal": heal_table, "demo-heal": demo_heal_table,
                                         "cross-gpt2": lambda: cross_table("gpt2"),
                                         "cross-llama2": lambda: cross_table("llama2"),
