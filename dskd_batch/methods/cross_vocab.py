@@ -315,9 +315,9 @@ class ALM(CrossVocabMethod):
     tokens there) are matched with the binarised KL of the reference implementation (tokenkit):
     KL(Bernoulli(p_T^(1/tau)) || Bernoulli(p_S^(1/tau))) with the binarisation temperature tau
     (``--alm-tau``, 100 as in the reference; without it a chunk of a few unlikely tokens has a
-    likelihood near 0 on both sides and the loss no gradient). It needs only each model's log-probability of its own next
-    tokens, which the cache holds exactly; ``--temperature`` does not apply. A chunk spans several
-    student positions, so the loss runs in one piece."""
+    likelihood near 0 on both sides and the loss no gradient). It needs only each model's
+    log-probability of its own next tokens, which the cache holds exactly; ``--temperature`` does not
+    apply. A chunk spans several student positions, so the loss runs in one piece."""
 
     name = "alm"
     per_position = False
