@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -184,10 +185,7 @@ def main() -> None:
     if not (student / "config.json").exists():
         timed(dk + ["init-student", "--from", a.teacher, "--layers", str(a.layers), "--out", str(student)])
     cache = out / "cache"
-    if cache.exists():
-        import shutil
-
-        shutil.rmtree(cache)
+    shutil.rmtree(cache, ignore_errors=True)
     t_cache, _ = timed(dk + ["cache-teacher", "--teacher", a.teacher, "--data", a.data, "--limit", str(a.examples),
                              "--template", "chat", "--hidden", "fp16", "--top-k", "64", "--out", str(cache)])
     print(f"stage one: {t_cache:.1f} s for {a.examples} rows", flush=True)
@@ -199,10 +197,7 @@ def main() -> None:
         raise SystemExit(f"the two losses differ by {check['rel_diff']:.2e} (> {a.loss_tol}): not the same work")
 
     run = out / "ours"
-    if run.exists():
-        import shutil
-
-        shutil.rmtree(run)
+    shutil.rmtree(run, ignore_errors=True)
     t_ours, _ = timed(dk + ["distill", "--student", str(student), "--cache", str(cache), "--out", str(run),
                             "--method", "kd", "--kd-rate", "1", "--temperature", "1", "--distance", "fkl",
                             "--epochs", "1", "--batch-size", str(a.batch_size), "--lr", str(a.lr),
@@ -225,11 +220,13 @@ def main() -> None:
               "total_1": (t_cache + ours["wall_s"]) / trl["wall_s"],
               "total_4": (t_cache + 4 * ours["wall_s"]) / (4 * trl["wall_s"])}
     print("\n| | this toolkit (cache) | TRL GKD (live teacher) | ratio | goal |\n|---|---|---|---|---|")
-    print(f"| steps/s | {ours['steps_per_s']:.3f} | {trl['steps_per_s']:.3f} | {ratios['steps_per_s']:.2f} | ≥ 1.5 |")
-    print(f"| peak RSS MiB | {ours['peak_rss_mib']:.0f} | {trl['peak_rss_mib']:.0f} | {ratios['peak_rss']:.2f} | ≤ 0.6 |")
+    print(f"| steps/s | {ours['steps_per_s']:.3f} | {trl['steps_per_s']:.3f} | {ratios['steps_per_s']:.2f} | "
+          f"≥ {GOALS['steps_per_s']} |")
+    print(f"| peak RSS MiB | {ours['peak_rss_mib']:.0f} | {trl['peak_rss_mib']:.0f} | {ratios['peak_rss']:.2f} | "
+          f"≤ {GOALS['peak_rss']} |")
     print(f"| one student, s | {t_cache:.0f} + {ours['wall_s']:.0f} | {trl['wall_s']:.0f} | {ratios['total_1']:.2f} | |")
     print(f"| four students, s | {t_cache:.0f} + 4 × {ours['wall_s']:.0f} | 4 × {trl['wall_s']:.0f} | "
-          f"{ratios['total_4']:.2f} | ≤ 0.5 |")
+          f"{ratios['total_4']:.2f} | ≤ {GOALS['total_4']} |")
     args = {k: v for k, v in vars(a).items() if k not in ("results", "trl_worker", "cache", "student")}
     res = {"args": args, "same_loss": check, "stage_one_s": t_cache, "ours": ours, "trl": trl, "ratios": ratios,
            "goals": GOALS, "trl_version": __import__("trl").__version__}
