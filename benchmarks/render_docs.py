@@ -295,11 +295,11 @@ def transplant_table() -> str:
     """bench_transplant.py --results: bits per byte of each model on each held-out set, and × its teacher."""
     doc = _load("transplant_cpu.json")
     names = {"transplant": "transplanted (mean rows)", "calibrated": "transplanted, composed rows calibrated",
-             "random": "random rows"}
+             "warm": "calibrated, composed rows warmed up", "random": "random rows"}
     labels = list(doc)
     out = ["| model | " + " | ".join(f"{lab}: bits/byte (× teacher)" for lab in labels) + " | rows copied / composed / random |",
            "|---|" + "---|" * len(labels) + "---|"]
-    first = doc[labels[0]]["models"]
+    first = {k: r for lab in reversed(labels) for k, r in doc[lab]["models"].items()}
     vocabs = sorted({k.partition(" (")[0] for k in first if k != "teacher"})
     spelled = {"gpt2": "GPT-2", "llama2": "LLaMA-2"}
     for key in ["teacher"] + [f"{v} ({how})" for v in vocabs for how in names if f"{v} ({how})" in first]:

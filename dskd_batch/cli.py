@@ -289,13 +289,20 @@ def distances_cmd() -> None:
               "pkg:NAME): embeddings (and an untied head) transplanted from the teacher's, row by row.")
 @click.option("--embeddings", type=click.Choice(["transplant", "random"]), default="transplant", show_default=True,
               help="With --tokenizer: transplant the rows, or make them all random (a baseline).")
+@click.option("--warmup-steps", type=int, default=0, show_default=True,
+              help="With --tokenizer and --calibration: train the composed rows alone for this many steps (batch 8) "
+                   "against the whole teacher on the calibration rows (the first 256), matching each chunk's "
+                   "likelihood as ALM does; every other weight stays as transplanted.")
+@click.option("--warmup-lr", type=float, default=1e-3, show_default=True, help="Adam learning rate of --warmup-steps.")
 def init_student_cmd(source: str, layers: int, out: str, select: str, calibration: str | None, template: str,
-                     tokenizer: str | None, embeddings: str) -> None:
+                     tokenizer: str | None, embeddings: str, warmup_steps: int, warmup_lr: float) -> None:
     """Build a same-family student from K of a model's layers (weights copied), optionally with
     another tokenizer's vocabulary."""
     from .train.student import init_student
 
-    click.echo(f"student: {init_student(source, layers, out, tokenizer, embeddings, select, calibration, template)}")
+    path = init_student(source, layers, out, tokenizer, embeddings, select, calibration, template,
+                        warmup_steps=warmup_steps, warmup_lr=warmup_lr)
+    click.echo(f"student: {path}")
 
 
 @main.command("cache-info")

@@ -226,3 +226,100 @@ def test_calibration_gives_composed_tokens_their_share_of_the_mass_and_moves_onl
     assert n_tok == cal["tokens"] and n_comp / n_tok == pytest.approx(cal["composed_share"])
     if n_tok <= cal["positions"]:  # every position was used: the mass is the one solved for
         assert mass / n_tok == pytest.approx(cal["composed_share"], abs=2e-3)
+
+
+def _smollm2_teacher(tmp_path, tied: bool):
+    from conftest import SHARED
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tt = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / "smollm2"))
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=len(tt), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                           num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied,
+                                           eos_token_id=tt.eos_token_id))
+    teacher.save_pretrained(tmp_path / "teacher")
+    tt.save_pretrained(tmp_path / "teacher")
+    return tmp_path / "teacher", teacher, tt
+
+
+def _alm_loss_by_offsets(teacher, tt, student, st, texts, tau):
+    """The warm-up's loss computed apart from the toolkit's alignment code: each token's end offset
+    from the fast tokenizers' offset mappings (ASCII texts), chunks cut at the ends both share, the
+    chunks holding either side's first token dropped, the binarised KL's mean over chunks."""
+    import math
+
+    out = []
+    for text in texts:
+        ends, lps = [], []
+        for model, tok in ((teacher, tt), (student, st)):
+            enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids = torch.tensor([enc["input_ids"]])
+            with torch.no_grad():
+                lp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+            ends.append([e for _, e in enc["offset_mapping"]])
+            lps.append(lp)
+        common = sorted(set(ends[0]) & set(ends[1]))
+        first = max(ends[0][0], ends[1][0])
+        for lo, hi in zip(common, common[1:]):
+            if lo < first:
+                continue
+            p, q = (float(sum(lp[k - 1] for k, e in enumerate(en) if k > 0 and lo < e <= hi)) for en, lp in zip(ends, lps))
+            lp_, lq_ = p / tau - 1e-6, q / tau - 1e-6
+            out.append(math.exp(lp_) * (lp_ - lq_) + (1 - math.exp(lp_)) * (math.log(-math.expm1(lp_)) - math.log(-math.expm1(lq_))))
+    return sum(out) / len(out), len(out)
+
+
+@pytest.mark.skipif(not (__import__("conftest").SHARED / "tokenizers").is_dir(), reason="needs ../shared/tokenizers")
+@pytest.mark.parametrize("tied", [True, False])
+def test_warmup_trains_only_the_composed_rows_against_the_teacher(tied, corpus, tmp_path):
+    """--warmup-steps: its starting loss equals ALM's chunk loss computed from the tokenizers' offsets;
+    it lowers that loss; only composed rows move (head and input rows alike), every other weight is the
+    calibrated transplant's."""
+    import json
+
+    from conftest import SHARED
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dskd_batch.train.warmup import warmup_texts
+
+    src, teacher, tt = _smollm2_teacher(tmp_path, tied)
+    gpt2 = str(SHARED / "tokenizers" / "gpt2")
+    cal = init_student(str(src), 2, tmp_path / "cal", tokenizer=gpt2, calibration=str(corpus), template="alpaca")
+    warm = init_student(str(src), 2, tmp_path / "warm", tokenizer=gpt2, calibration=str(corpus), template="alpaca",
+                        warmup_steps=6, warmup_lr=3e-2)
+    info = json.loads((warm / "transplant.json").read_text())["warmup"]
+    st = AutoTokenizer.from_pretrained(str(warm))
+    a, b = (AutoModelForCausalLM.from_pretrained(str(p)).eval() for p in (cal, warm))
+    texts = warmup_texts(corpus, st, "alpaca", limit=256)
+    assert all(t.isascii() for t in texts)
+    loss, chunks = _alm_loss_by_offsets(teacher.eval(), tt, a, st, texts, info["tau"])
+    assert info["chunks"] == chunks and info["loss_before"] == pytest.approx(loss, rel=1e-4)
+    assert info["loss_after"] < info["loss_before"]
+    assert _alm_loss_by_offsets(teacher, tt, b, st, texts, info["tau"])[0] == pytest.approx(info["loss_after"], rel=1e-4)
+
+    from dskd_batch.cache.align import text_index, token_table
+    from dskd_batch.train.student import spell
+
+    ti, si = token_table(tt), token_table(st)
+    index = text_index(ti)
+    longest = max(len(x) for x in index)
+    composed = torch.tensor([bool(x) and x not in index and len(spell(x, index, longest) or []) > 1 for x in si.texts])
+    sa, sb = a.state_dict(), b.state_dict()
+    for name, w in sa.items():
+        moved = (sb[name] != w).any(-1) if w.shape[0] == len(st) else (sb[name] != w).any()
+        if w.shape[0] == len(st):  # an embedding or head matrix: composed rows only, and some of them
+            assert not moved[~composed[:len(moved)]].any(), name
+            assert moved.any(), name
+        else:
+            assert not moved, name
+
+
+def test_warmup_needs_a_transplant_and_calibration_rows(llama_teacher, corpus, tmp_path):
+    with pytest.raises(DskdError, match="--warmup-steps trains"):
+        init_student(str(llama_teacher), 1, tmp_path / "s", warmup_steps=5, calibration=str(corpus))
+    with pytest.raises(DskdError, match="--warmup-steps trains"):
+        init_student(str(llama_teacher), 1, tmp_path / "s", tokenizer=str(llama_teacher), warmup_steps=5)
+    with pytest.raises(DskdError, match="--warmup-steps must be"):
+        init_student(str(llama_teacher), 1, tmp_path / "s", tokenizer=str(llama_teacher), calibration=str(corpus),
+                     warmup_steps=-1)
+    assert not (tmp_path / "s").exists()

@@ -283,11 +283,13 @@ def calibrate_composed(model: Any, tok: Any, pieces: list[int], data: str | Path
 
 def init_student(source: str, layers: int, out: str | Path, tokenizer: str | None = None,
                  embeddings: str = "transplant", select: str = "even", calibration: str | None = None,
-                 template: str = "auto", columns: str | None = None) -> Path:
+                 template: str = "auto", columns: str | None = None, warmup_steps: int = 0,
+                 warmup_lr: float = 1e-3) -> Path:
     """A student of ``layers`` of ``source``'s layers in ``out``; ``select`` = "influence" chooses them
     by Block Influence on ``calibration`` rows (rendered with ``template``). With ``tokenizer`` the
     vocabulary is transplanted, and with ``calibration`` too its composed rows are calibrated
-    (:func:`calibrate_composed`) on those rows in the student's tokenization."""
+    (:func:`calibrate_composed`) on those rows in the student's tokenization, then, with
+    ``warmup_steps``, trained against the whole teacher on them (:mod:`.warmup`)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise DskdError(f"--out {out} exists and is not empty", hint="choose another folder")
@@ -297,9 +299,19 @@ def init_student(source: str, layers: int, out: str | Path, tokenizer: str | Non
         raise DskdError("--select influence scores the layers on calibration rows: give --calibration DATA")
     if calibration is not None and not str(calibration).startswith("hf:") and not Path(calibration).exists():
         raise DskdError(f"calibration data not found: {calibration}")
+    if warmup_steps and (tokenizer is None or calibration is None or embeddings != "transplant"):
+        raise DskdError("--warmup-steps trains a transplanted vocabulary's composed rows on calibration rows: "
+                        "give --tokenizer OTHER and --calibration DATA (and --embeddings transplant)")
+    if warmup_steps < 0 or warmup_lr <= 0:
+        raise DskdError(f"--warmup-steps must be >= 0 and --warmup-lr > 0, got {warmup_steps} and {warmup_lr}")
     tok = load_tokenizer(source)
     student_tok = load_tokenizer(tokenizer) if tokenizer is not None else None  # before the model: fail fast
     model = load_causal_lm(source, dtype=torch.float32, device="cpu")
+    teacher = None
+    if warmup_steps:
+        import copy
+
+        teacher = copy.deepcopy(model).eval()  # the whole teacher, before its layers are dropped
     parent, attr, old = _layer_list(model)
     scores = None
     if select == "influence":
@@ -323,13 +335,21 @@ def init_student(source: str, layers: int, out: str | Path, tokenizer: str | Non
     if student_tok is not None:
         info = transplant_vocabulary(model, tok, student_tok, how=embeddings)
         pieces = info.pop("pieces")
-        tok = student_tok
+        teacher_tok, tok = tok, student_tok
         if calibration is not None and embeddings == "transplant":
             info["calibration"] = {"data": str(calibration), **calibrate_composed(model, tok, pieces, calibration,
                                                                                  template, columns=columns)}
             log.info("composed rows calibrated on %s: their mass %.3f -> %.3f (share of the text %.3f)", calibration,
                      info["calibration"]["composed_mass_before"], info["calibration"]["composed_mass_after"],
                      info["calibration"]["composed_share"])
+        if warmup_steps:
+            from .warmup import warm_up_composed
+
+            info["warmup"] = warm_up_composed(model, tok, teacher, teacher_tok, pieces, calibration,
+                                              template, steps=warmup_steps, lr=warmup_lr, columns=columns)
+            del teacher
+            log.info("composed rows warmed up against the teacher in %d steps: chunk NLL gap %.3f -> %.3f nats",
+                     warmup_steps, info["warmup"]["chunk_nll_gap_before"], info["warmup"]["chunk_nll_gap_after"])
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
