@@ -45,7 +45,7 @@ def test_init_student_with_another_tokenizer_transplants_rows(tied, target, tmp_
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from dskd_batch.cache.align import text_index, token_table
-    from dskd_batch.train.student import spell
+    from dskd_batch.train.transplant import spell
 
     tt = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / "smollm2"))
     st = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / target))
@@ -177,7 +177,7 @@ def test_calibration_gives_composed_tokens_their_share_of_the_mass_and_moves_onl
 
     from dskd_batch.cache.align import text_index, token_table
     from dskd_batch.data import encode_example, load_examples, render_prompt
-    from dskd_batch.train.student import spell
+    from dskd_batch.train.transplant import spell
 
     tt = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / "smollm2"))
     torch.manual_seed(0)
@@ -280,7 +280,7 @@ def test_warmup_trains_only_the_composed_rows_against_the_teacher(tied, corpus, 
     from conftest import SHARED
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dskd_batch.train.warmup import warmup_texts
+    from dskd_batch.train.transplant import warmup_texts
 
     src, teacher, tt = _smollm2_teacher(tmp_path, tied)
     gpt2 = str(SHARED / "tokenizers" / "gpt2")
@@ -298,7 +298,7 @@ def test_warmup_trains_only_the_composed_rows_against_the_teacher(tied, corpus, 
     assert _alm_loss_by_offsets(teacher, tt, b, st, texts, info["tau"])[0] == pytest.approx(info["loss_after"], rel=1e-4)
 
     from dskd_batch.cache.align import text_index, token_table
-    from dskd_batch.train.student import spell
+    from dskd_batch.train.transplant import spell
 
     ti, si = token_table(tt), token_table(st)
     index = text_index(ti)

@@ -25,6 +25,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -383,3 +384,18 @@ def step_loader(source: Source, steps: list[tuple[int, int, list[int]]], *, batc
             yield epoch, k, batch, micro
 
     return prefetch(gen()) if source.runs_ahead else gen()
+
+
+def calibration_batches(model: Any, tok: Any, data: str | Path, template: str, *, limit: int, max_len: int,
+                        batch_size: int, columns: str | None) -> Any:
+    """Collated batches of the first ``limit`` rows of ``data`` rendered with ``template`` (whole text)."""
+    from ..data import encode_example, load_examples, render_prompt, resolve_template
+
+    examples = load_examples(data, limit=limit, columns=columns).examples
+    template = resolve_template(template, tok)
+    src = CorpusExamples([encode_example(tok, ex, render_prompt(ex, template, tok), max_prompt_len=max_len // 2,
+                                         max_len=max_len, template=template) for ex in examples])
+    device = next(model.parameters()).device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    for b in range(0, len(src), batch_size):
+        yield collate(src.records(list(range(b, min(b + batch_size, len(src))))), pad, with_teacher=False).to(device)
