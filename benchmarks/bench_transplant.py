@@ -95,11 +95,11 @@ def main() -> None:
         prov = provenance()
         models.update({k: {f: r[f] for f in ("bits_per_byte", "nats_per_token", "bytes") if f in r}
                        | {f: r[f] for f in ("copied", "composed", "random") if f in r}
-                       | {"date": prov["date"], "commit": prov["commit"]} for k, r in rows.items()})
-        doc[label] = {**prov, "data": a.data, "rows": len(examples), "template": a.template,
-                      "calibration": a.calibration, "layers": a.layers, "models": models,
-                      **({"warmup": {"steps": a.warmup_steps, "lr": a.warmup_lr}} if "warm" in a.hows.split(",") else
-                         {k: v for k, v in doc.get(label, {}).items() if k == "warmup"})}
+                       | {f: prov[f] for f in ("command", "date", "commit")} for k, r in rows.items()})
+        settings = {"data": a.data, "rows": len(examples), "template": a.template, "calibration": a.calibration,
+                    "layers": a.layers, **({"warmup": {"steps": a.warmup_steps, "lr": a.warmup_lr}}
+                                           if "warm" in a.hows.split(",") else {})}
+        doc[label] = {**prov, **doc.get(label, {}), **settings, "models": models}  # each row keeps its own command
         atomic_write_json(a.results, doc)
         print(f"results: {a.results}")
 

@@ -280,9 +280,10 @@ def distances_cmd() -> None:
 @click.option("--select", type=click.Choice(["even", "influence"]), default="even", show_default=True,
               help="Which layers: evenly spaced (first and last kept), or the LAYERS of highest Block Influence "
                    "(1 - cosine of each layer's input and output) on --calibration rows.")
-@click.option("--calibration", default=None, help="Rows (any corpus; the first 64 are read), e.g. the training "
-              "split: with --select influence the layers are scored on them; with --tokenizer the composed rows' "
-              "output logits are lowered until their probability mass on these rows equals their share of the text.")
+@click.option("--calibration", default=None, help="Rows (any corpus; the first 64 are read, 256 with --warmup-steps), "
+              "e.g. the training split: with --select influence the layers are scored on them; with --tokenizer the "
+              "composed rows' output logits are lowered until their probability mass on these rows equals their share "
+              "of the text.")
 @click.option("--template", default="auto", show_default=True,
               help="How the calibration rows are rendered (as cache-teacher --template).")
 @click.option("--tokenizer", default=None, help="Give the student this tokenizer's vocabulary (a folder, .gguf or "
