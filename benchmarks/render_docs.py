@@ -335,6 +335,7 @@ TABLES: dict[str, Callable[[], str]] = {"transplant": transplant_table, "distanc
                                         "heal": heal_table, "demo-heal": demo_heal_table,
                                         "cross-gpt2": lambda: cross_table("gpt2"),
                                         "cross-llama2": lambda: cross_table("llama2"),
+                                        "cross-gpt2-warm": lambda: cross_table("gpt2-warm"),
                                         "demo-readme": demo_readme_table, "demo-seeds": demo_seeds_table,
                                         "demo-paired": demo_paired_table,
                                         "cross-gpt2-by-kind": lambda: cross_by_kind_table("gpt2"),
