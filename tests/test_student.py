@@ -315,6 +315,8 @@ def test_warmup_trains_only_the_composed_rows_against_the_teacher(tied, corpus, 
 
 
 def test_warmup_needs_a_transplant_and_calibration_rows(llama_teacher, corpus, tmp_path):
+    import json
+
     with pytest.raises(DskdError, match="--warmup-steps trains"):
         init_student(str(llama_teacher), 1, tmp_path / "s", warmup_steps=5, calibration=str(corpus))
     with pytest.raises(DskdError, match="--warmup-steps trains"):
@@ -323,3 +325,7 @@ def test_warmup_needs_a_transplant_and_calibration_rows(llama_teacher, corpus, t
         init_student(str(llama_teacher), 1, tmp_path / "s", tokenizer=str(llama_teacher), calibration=str(corpus),
                      warmup_steps=-1)
     assert not (tmp_path / "s").exists()
+    out = init_student(str(llama_teacher), 1, tmp_path / "same", tokenizer=str(llama_teacher), calibration=str(corpus),
+                       warmup_steps=5)  # the teacher's own vocabulary: nothing composed, nothing to train
+    assert json.loads((out / "transplant.json").read_text())["warmup"] == {"data": str(corpus), "steps": 0,
+                                                                           "skipped": "no composed rows"}

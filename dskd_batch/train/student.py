@@ -171,8 +171,9 @@ def init_student(source: str, layers: int, out: str | Path, tokenizer: str | Non
             info["warmup"] = warm_up_composed(model, tok, teacher, teacher_tok, pieces, calibration,
                                               template, steps=warmup_steps, lr=warmup_lr, columns=columns)
             del teacher
-            log.info("composed rows warmed up against the teacher in %d steps: chunk NLL gap %.3f -> %.3f nats",
-                     warmup_steps, info["warmup"]["chunk_nll_gap_before"], info["warmup"]["chunk_nll_gap_after"])
+            if "skipped" not in info["warmup"]:
+                log.info("composed rows warmed up against the teacher in %d steps: chunk NLL gap %.3f -> %.3f nats",
+                         warmup_steps, info["warmup"]["chunk_nll_gap_before"], info["warmup"]["chunk_nll_gap_after"])
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))

@@ -248,6 +248,9 @@ def warm_up_composed(student: Any, student_tok: Any, teacher: Any, teacher_tok: 
 
     if steps <= 0:
         raise DskdError(f"--warmup-steps must be positive, got {steps}")
+    if not any(p > 1 for p in pieces):
+        log.warning("no composed rows to warm up: every token of the new vocabulary is one of the teacher's")
+        return {"data": str(data), "steps": 0, "skipped": "no composed rows"}
     t0 = time.perf_counter()
     texts = warmup_texts(data, student_tok, template, limit=rows, columns=columns)
     if not texts:
