@@ -308,6 +308,13 @@ def binary_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     return p * (log_p - log_q) + (1 - p) * (log1mexp(log_p) - log1mexp(log_q))
 
 
+def chunk_kl(log_p: Tensor, log_q: Tensor, tau: float) -> Tensor:
+    """ALM's loss per chunk: the binarised KL of the teacher's and the student's chunk log-likelihoods
+    at the binarisation temperature ``tau`` (each likelihood raised to 1/tau, kept just below 1)."""
+    eps = 1e-6
+    return binary_kl(log_p / tau - eps, log_q / tau - eps)
+
+
 class ALM(CrossVocabMethod):
     """ALM, approximate likelihood matching (Minixhofer et al., 2025): for each aligned chunk (a span of
     the response both tokenizations cut at the same bytes, from the alignment sidecar), the teacher's
@@ -338,7 +345,6 @@ class ALM(CrossVocabMethod):
         present = torch.zeros(n, dtype=torch.bool, device=lq.device)
         present[cross.chunk_s[ks]] = True
         both = present & torch.zeros(n, dtype=torch.bool, device=lq.device).index_fill(0, cross.chunk_t[kt], True)
-        tau, eps = self.ls.alm_tau, 1e-6
-        kd = binary_kl(chunk_p[both].detach() / tau - eps, chunk_q[both] / tau - eps).sum()
+        kd = chunk_kl(chunk_p[both].detach(), chunk_q[both], self.ls.alm_tau).sum()
         return {"kd": kd, "chunks": both.sum().float(), "aligned": (ks & both[cross.chunk_s.clamp(min=0)]).sum().float(),
                 "chunk_nll_gap": (chunk_p[both] - chunk_q[both]).sum().detach()}

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..cache.reader import TeacherCache
-from ..data import Encoded, target_positions
+from ..data import Encoded, encode_example, load_examples, render_prompt, resolve_template, target_positions
 from ..cache.records import TEACHER_FIELDS, TeacherBatch, rows_at, training_positions
 from ..teacher.source import Teacher
 
@@ -389,8 +389,6 @@ def step_loader(source: Source, steps: list[tuple[int, int, list[int]]], *, batc
 def calibration_batches(model: Any, tok: Any, data: str | Path, template: str, *, limit: int, max_len: int,
                         batch_size: int, columns: str | None) -> Any:
     """Collated batches of the first ``limit`` rows of ``data`` rendered with ``template`` (whole text)."""
-    from ..data import encode_example, load_examples, render_prompt, resolve_template
-
     examples = load_examples(data, limit=limit, columns=columns).examples
     template = resolve_template(template, tok)
     src = CorpusExamples([encode_example(tok, ex, render_prompt(ex, template, tok), max_prompt_len=max_len // 2,

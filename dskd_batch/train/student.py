@@ -71,7 +71,7 @@ def block_influence(model: Any, tok: Any, data: str | Path, template: str, *, li
     model.eval()
     try:
         for mb in calibration_batches(model, tok, data, template, limit=limit, max_len=max_len,
-                                       batch_size=batch_size, columns=columns):
+                                      batch_size=batch_size, columns=columns):
             mask[:] = [mb.attention_mask.bool()]
             model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
             tokens += int(mb.attention_mask.sum())

@@ -147,7 +147,7 @@ def calibrate_composed(model: Any, tok: Any, pieces: list[int], data: str | Path
     model.eval()
     try:
         for mb in calibration_batches(model, tok, data, template, limit=limit, max_len=max_len,
-                                       batch_size=batch_size, columns=columns):
+                                      batch_size=batch_size, columns=columns):
             real = mb.attention_mask.bool()
             hs.append(head_inputs(model, mb.input_ids, mb.attention_mask, real).float().cpu())
             ids = mb.input_ids[real].cpu()
@@ -244,7 +244,7 @@ def warm_up_composed(student: Any, student_tok: Any, teacher: Any, teacher_tok: 
     the first ``rows`` rows of ``data`` (module docstring); in place. Returns the figures (chunks, the
     loss and the mean chunk log-likelihood gap before and after)."""
     from ..cache.align import token_table
-    from ..methods.cross_vocab import binary_kl
+    from ..methods.cross_vocab import chunk_kl
 
     if steps <= 0:
         raise DskdError(f"--warmup-steps must be positive, got {steps}")
@@ -307,7 +307,7 @@ def warm_up_composed(student: Any, student_tok: Any, teacher: Any, teacher_tok: 
         q = lq.new_zeros(offset).index_add(0, torch.cat(flat_c), torch.cat(flat_q))
         p = torch.cat(chunk_p)
         seen = torch.zeros(offset, dtype=torch.bool, device=lq.device).index_fill(0, torch.cat(flat_c), True)
-        loss = binary_kl(p[seen] / tau - 1e-6, q[seen] / tau - 1e-6).mean()
+        loss = chunk_kl(p[seen], q[seen], tau).mean()
         return loss, float((p[seen] - q[seen]).detach().mean()), int(seen.sum())
 
     def evaluate() -> tuple[float, float, int]:
