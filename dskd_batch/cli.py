@@ -178,13 +178,17 @@ def run_cmd(pipeline: Path, dry_run: bool, only: str | None, train_seeds: str | 
 @click.option("--dev", default=None, help="A held-out dev split: runs keep their best checkpoint on it.")
 @click.option("--test", default=None, help="A test split: evaluate and report every run on it.")
 @click.option("--columns", default=None, help="Map the data's columns onto row fields (as cache-teacher --columns).")
+@click.option("--tokenizer", default=None, help="With --layers: give the student this tokenizer's vocabulary "
+              "(init-student --tokenizer); the runs are then the methods across tokenizers.")
+@click.option("--cross", is_flag=True, help="The existing --student has another tokenizer than the teacher: align "
+              "the cache for it and run the methods across tokenizers.")
 def init_pipeline_cmd(teacher: str, data: str, out: Path, student: str | None, layers: int | None, dev: str | None,
-                      test: str | None, columns: str | None) -> None:
+                      test: str | None, columns: str | None, tokenizer: str | None, cross: bool) -> None:
     """Write a commented pipeline file for your own teacher, student and data (then `dskd-batch run FILE`)."""
     from .pipeline import init_pipeline
 
     path = init_pipeline(teacher=teacher, data=data, out=out, student=student, layers=layers, dev=dev, test=test,
-                         columns=columns)
+                         columns=columns, tokenizer=tokenizer, cross=cross)
     click.echo(f"pipeline: {path}\nnext: dskd-batch run {path} --dry-run")
 
 

@@ -295,6 +295,8 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
         raise DskdError(f"{path}: at least one [[runs]] entry is required")
     runs, names = [], []
     student_spec = str(Path(heal.out) / "student") if heal is not None else pruned
+    cross = _other_vocabulary(tokenizer, pruned, cache_cfg,
+                              [r.get("method", common.get("method", "kd")) for r in runs_doc if isinstance(r, dict)])
     for i, r in enumerate(runs_doc):
         where = f"{path} [[runs]] #{i + 1}"
         if not isinstance(r, dict) or not isinstance(r.get("name"), str):
@@ -318,8 +320,9 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
                 raise DskdError(f"{where}: method seqkd trains on the teacher's own responses: add a [seqkd_cache] "
                                 "section (gen_* settings) to the pipeline")
             values["cache"] = extra_caches["seqkd_cache"].out
-        if "dev_cache" in extra_caches and "eval_data" not in values:
-            values["eval_data"] = extra_caches["dev_cache"].out
+        if "dev_cache" in extra_caches and "eval_data" not in values:  # a student of another vocabulary reads
+            dev = extra_caches["dev_cache"]                              # the teacher's records of no token of its
+            values["eval_data"] = dev.data if cross else dev.out         # own: it is scored on the dev rows (eval_ce)
         runs.append(_build(DistillConfig, values, where))
         names.append(name)
 
@@ -340,6 +343,16 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
                     str(doc.get("description", "")), tune, base_teacher, extra_caches, train_seeds=seeds,
                     student_select=select, student_calibration=calibration, student_tokenizer=tokenizer,
                     student_warmup_steps=warmup, heal_cache=heal_cache, heal=heal)
+
+
+def _other_vocabulary(tokenizer: str | None, student: str, cache: CacheConfig, methods: list[Any]) -> bool:
+    """Whether the pipeline's student has another vocabulary than the teacher: [student] names a
+    tokenizer, the cache is aligned for the student, or a run uses a method across tokenizers."""
+    from .methods import method_classes
+
+    classes = method_classes()
+    return (tokenizer is not None or student in cache.student_tokenizer
+            or any(getattr(classes.get(m), "cross_vocab", False) for m in methods))
 
 
 def _heal_stage(doc: dict[str, Any], path: Path, out: Path, base_teacher: str,
@@ -782,7 +795,7 @@ out = "{out}"                     # every stage writes below this folder
 [cache]                           # stage one: the teacher once over the training data
 teacher = "{teacher}"
 data = "{data}"
-{columns}# template = "auto"               # the teacher's chat template when it has one, else alpaca
+{columns}{template_line}
 # max_len = 512
 # hidden = "fp16"                 # exact logits at any temperature; "compact" for 0.6x the bytes
 # top_k = 64
@@ -803,7 +816,9 @@ lr = 2e-5
 [[runs]]
 name = "sft"
 method = "sft"
+{method_runs}{eval_block}"""
 
+SAME_VOCAB_RUNS = """
 [[runs]]
 name = "kd"
 method = "kd"                     # forward KL at T = 2, the measured best (docs: Findings)
@@ -811,29 +826,59 @@ method = "kd"                     # forward KL at T = 2, the measured best (docs
 [[runs]]
 name = "dskd"
 method = "dskd"                   # pinv projectors, frozen
-{eval_block}"""
+"""
+
+CROSS_VOCAB_RUNS = """
+[[runs]]                          # the student has another vocabulary: methods across tokenizers (docs:
+name = "gold"                     # Across tokenizers; their figures: Benchmarks)
+method = "gold"                   # direct KL over the tokens both vocabularies share, ULD on the rest
+
+[[runs]]
+name = "alm"
+method = "alm"                    # likelihoods of the text chunks both tokenizations cut alike
+
+[[runs]]
+name = "dskd-eta"
+method = "dskd-eta"               # DSKD over exactly aligned tokens, pinv projectors frozen
+agreement_mask = true
+"""
 
 
 def init_pipeline(*, teacher: str, data: str, out: Path, student: str | None = None, layers: int | None = None,
                   dev: str | None = None, test: str | None = None, name: str | None = None,
-                  columns: str | None = None) -> Path:
+                  columns: str | None = None, tokenizer: str | None = None, cross: bool = False) -> Path:
     """Write a commented pipeline for one's own teacher and data (and an existing student, or one
-    pruned from the teacher), checked by :func:`load_pipeline` before it is kept."""
+    pruned from the teacher, with ``tokenizer``'s vocabulary if given), checked by
+    :func:`load_pipeline` before it is kept. ``cross``: the existing student has another tokenizer
+    than the teacher. Either way the runs are the methods across tokenizers."""
     out = Path(out)
     if out.exists():
         raise DskdError(f"{out} exists", hint="choose another --out, or delete it")
     if (student is None) == (layers is None):
         raise DskdError("give --student (an existing student) or --layers N (N of the teacher's layers)")
+    if tokenizer and student:
+        raise DskdError("--tokenizer gives a student pruned from the teacher (--layers) another vocabulary; an "
+                        "existing --student brings its own", hint="with --student of another vocabulary pass --cross")
+    if cross and not student:
+        raise DskdError("--cross says an existing --student has another tokenizer than the teacher",
+                        hint="for a student pruned from the teacher into another vocabulary use --layers N --tokenizer TOK")
     name = name or out.stem
     student_block = (f'path = "{student}"' if student else
                      f'from = "{teacher}"                # init-student: {layers} of the teacher\'s layers\n'
-                     f'layers = {layers}\nselect = "influence"            # the layers of highest Block Influence')
+                     f'layers = {layers}\nselect = "influence"            # the layers of highest Block Influence'
+                     + (f'\ntokenizer = "{tokenizer}"              # the student\'s vocabulary (transplanted from the '
+                        "teacher's)" if tokenizer else ""))
     dev_block = (f'\n[dev_cache]                       # the held-out split, cached like [cache]: dev CE/KL for\n'
                  f'data = "{dev}"                  # choosing checkpoints\n') if dev else ""
     text = PIPELINE_TEMPLATE.format(
         path=out, name=name, out=f"{name}-out", teacher=teacher, data=data, dev_or=dev or "DEV.jsonl",
         dev_block=dev_block, student_block=student_block,
-        columns=f'columns = "{columns}"\n' if columns else "",
+        columns=(f'columns = "{columns}"\n' if columns else "") + (
+            f'student_tokenizer = ["{student}"]   # align the cache for the student\'s tokenizer\n' if cross else ""),
+        method_runs=CROSS_VOCAB_RUNS if tokenizer or cross else SAME_VOCAB_RUNS,
+        template_line=('template = "alpaca"               # one prompt format both tokenizers render (a chat '
+                       "template is the teacher's own)" if tokenizer or cross else
+                       '# template = "auto"               # the teacher\'s chat template when it has one, else alpaca'),
         keep_best='keep_best = "eval_ce"              # each run keeps its best checkpoint on dev\n' if dev else "",
         eval_block=(f'\n[evaluate]\ndata = "{test}"\nseeds = "10,20,30"\n\n[report]\nout = "report.md"\n' if test else ""))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -227,6 +227,40 @@ def test_student_with_another_tokenizer_is_transplanted_and_the_cache_aligned_fo
     assert "warmup_steps: was '(absent)', now 2" in str(e.value)
 
 
+@pytest.mark.skipif(not (__import__("conftest").SHARED / "tokenizers").is_dir(), reason="needs ../shared/tokenizers")
+def test_init_pipeline_with_another_tokenizer_runs_the_methods_across_tokenizers(corpus, tmp_path, monkeypatch) -> None:
+    """A new user's cross-tokenizer pipeline: init-pipeline --layers --tokenizer, then run (a few steps):
+    the student is transplanted, the cache and the dev cache serve the cross-vocabulary runs."""
+    from click.testing import CliRunner
+    from conftest import SHARED
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from dskd_batch.cli import main
+
+    tt = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / "smollm2"))
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tt), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, eos_token_id=tt.eos_token_id)
+                     ).save_pretrained(tmp_path / "teacher")
+    tt.save_pretrained(tmp_path / "teacher")
+    monkeypatch.chdir(tmp_path)
+    args = ["init-pipeline", "--teacher", str(tmp_path / "teacher"), "--data", str(corpus), "--dev", str(corpus),
+            "--layers", "1", "--out", "cross.toml"]
+    bad = CliRunner().invoke(main, args[:-4] + ["--student", "s", "--tokenizer", "t", "--out", "bad.toml"])
+    assert bad.exit_code != 0 and "brings its own" in bad.output and not (tmp_path / "bad.toml").exists()
+    r = CliRunner().invoke(main, args + ["--tokenizer", str(SHARED / "tokenizers" / "gpt2")])
+    assert r.exit_code == 0, r.output
+    text = (tmp_path / "cross.toml").read_text()
+    assert all(f'\nmethod = "{m}"' in text for m in ("sft", "gold", "alm", "dskd-eta")) and '\nmethod = "kd"' not in text
+    sets = ["--set", "distill.max_steps=2", "--set", "distill.batch_size=2", "--set", "cache.max_len=64",
+            "--only", "sft,gold,dskd-eta"]
+    r = CliRunner().invoke(main, ["run", "cross.toml", *sets])
+    assert r.exit_code == 0, r.output
+    for run in ("sft", "gold", "dskd-eta"):
+        metrics = [json.loads(x) for x in (tmp_path / "cross-out" / run / "metrics.jsonl").read_text().splitlines()]
+        assert any("eval_ce" in m for m in metrics), run
+
+
 def test_heal_stage_trains_the_pruned_student_on_a_general_corpus_before_every_run(
         llama_teacher, corpus, tmp_path) -> None:
     from safetensors.torch import load_file
