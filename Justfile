@@ -141,7 +141,7 @@ demo-cross-bi: setup teacher
         for seed in 42 1 2; do for m in sft gold alm dskd-eta; do
             r=demo-cross-bi-out/$1/$m$([ $seed = 42 ] || echo -seed$seed)
             extra=$([ $m = dskd-eta ] && echo "--projector-init pinv --agreement-mask --projector-lr 0" || true)
-            {{py}} -m dskd_batch distill --resume --cache $2 --student $s --out $r --method $m $extra --seed $seed --batch-size 8 --epochs 6 --lr 3e-4 --keep-best eval_ce --eval-data data/demo/dev.jsonl --log-steps 5
+            {{py}} -m dskd_batch distill --resume --cache $2 --student $s --out $r --method $m $extra --seed $seed --batch-size 8 --epochs 6 --lr 3e-4 --keep-best eval_ce --eval-data data/demo/dev.jsonl --log-steps 5 --prune-when-done
             [ -f $r/eval/report.json ] || {{py}} -m dskd_batch evaluate --model $r --data data/demo/test.jsonl --seeds 10,20,30 --max-new-tokens 48 --out $r/eval
         done; done
     }
