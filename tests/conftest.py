@@ -163,3 +163,24 @@ def make_cache(teacher: Path | str, data: Path | str, out: Path | str, **kw: Any
 def fp32_cache(llama_teacher: Path, corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An fp32 cache of the LLaMA teacher over the test corpus (exact hidden states)."""
     return make_cache(llama_teacher, corpus, tmp_path_factory.mktemp("cache") / "fp32")
+
+
+def smollm2_teacher(tmp_path, tied: bool = False, layers: int = 2, shift: float = 0.0):
+    """A tiny random LLaMA with the real SmolLM2 tokenizer, saved to tmp_path/teacher; ``shift``: a
+    common direction of that size added to its rows, so that the head inputs share a direction and mean
+    rows outscore the rest, as in a real LM."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tt = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / "smollm2"))
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=len(tt), hidden_size=16, intermediate_size=32,
+                                           num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                                           tie_word_embeddings=tied, eos_token_id=tt.eos_token_id))
+    common = shift * torch.randn(16)
+    with torch.no_grad():
+        teacher.get_input_embeddings().weight.add_(common)
+        if not tied:
+            teacher.lm_head.weight.add_(common)
+    teacher.save_pretrained(tmp_path / "teacher")
+    tt.save_pretrained(tmp_path / "teacher")
+    return tmp_path / "teacher", teacher, tt

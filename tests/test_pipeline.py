@@ -192,17 +192,11 @@ def test_student_by_block_influence_is_a_stage_of_its_own(llama_teacher, corpus,
 
 @pytest.mark.skipif(not (__import__("conftest").SHARED / "tokenizers").is_dir(), reason="needs ../shared/tokenizers")
 def test_student_with_another_tokenizer_is_transplanted_and_the_cache_aligned_for_it(corpus, tmp_path) -> None:
-    from conftest import SHARED
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from conftest import SHARED, smollm2_teacher
 
     from dskd_batch.models import load_tokenizer, tokenizer_fingerprint
 
-    tt = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / "smollm2"))
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tt), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                 num_attention_heads=2, num_key_value_heads=1, eos_token_id=tt.eos_token_id)
-                     ).save_pretrained(tmp_path / "teacher")
-    tt.save_pretrained(tmp_path / "teacher")
+    smollm2_teacher(tmp_path)
     gpt2 = str(SHARED / "tokenizers" / "gpt2")
     p = tiny(tmp_path, tmp_path / "teacher", corpus, tmp_path / "unused", RUN.format(name="gold", method="gold", extra=""))
     body = p.read_text().replace(f'[student]\npath = "{tmp_path / "unused"}"',
@@ -232,17 +226,11 @@ def test_init_pipeline_with_another_tokenizer_runs_the_methods_across_tokenizers
     """A new user's cross-tokenizer pipeline: init-pipeline --layers --tokenizer, then run (a few steps):
     the student is transplanted, the cache and the dev cache serve the cross-vocabulary runs."""
     from click.testing import CliRunner
-    from conftest import SHARED
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from conftest import SHARED, smollm2_teacher
 
     from dskd_batch.cli import main
 
-    tt = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / "smollm2"))
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tt), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                 num_attention_heads=2, num_key_value_heads=1, eos_token_id=tt.eos_token_id)
-                     ).save_pretrained(tmp_path / "teacher")
-    tt.save_pretrained(tmp_path / "teacher")
+    smollm2_teacher(tmp_path)
     monkeypatch.chdir(tmp_path)
     args = ["init-pipeline", "--teacher", str(tmp_path / "teacher"), "--data", str(corpus), "--dev", str(corpus),
             "--layers", "1", "--out", "cross.toml"]

@@ -9,6 +9,8 @@ import torch
 from dskd_batch.errors import DskdError
 from dskd_batch.train.student import init_student, kept_layers
 
+from conftest import smollm2_teacher
+
 
 def test_kept_layers():
     assert kept_layers(30, 4) == [0, 10, 19, 29]
@@ -35,28 +37,6 @@ def test_init_student_copies_layers(fixture, request, tmp_path):
     assert s(x).logits.shape == t(x).logits.shape
 
 
-def _smollm2_teacher(tmp_path, tied: bool, layers: int = 2, shift: float = 0.0):
-    """A tiny random LLaMA with the real SmolLM2 tokenizer, saved to tmp_path/teacher; ``shift``: a
-    common direction of that size added to its rows, so that the head inputs share a direction and mean
-    rows outscore the rest, as in a real LM."""
-    from conftest import SHARED
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tt = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / "smollm2"))
-    torch.manual_seed(0)
-    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=len(tt), hidden_size=16, intermediate_size=32,
-                                           num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
-                                           tie_word_embeddings=tied, eos_token_id=tt.eos_token_id))
-    common = shift * torch.randn(16)
-    with torch.no_grad():
-        teacher.get_input_embeddings().weight.add_(common)
-        if not tied:
-            teacher.lm_head.weight.add_(common)
-    teacher.save_pretrained(tmp_path / "teacher")
-    tt.save_pretrained(tmp_path / "teacher")
-    return tmp_path / "teacher", teacher, tt
-
-
 @pytest.mark.skipif(not (__import__("conftest").SHARED / "tokenizers").is_dir(), reason="needs ../shared/tokenizers")
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("target", ["gpt2", "llama2"])
@@ -69,7 +49,7 @@ def test_init_student_with_another_tokenizer_transplants_rows(tied, target, tmp_
     from dskd_batch.cache.align import text_index, token_table
     from dskd_batch.train.transplant import spell
 
-    _, teacher, tt = _smollm2_teacher(tmp_path, tied, layers=3)
+    _, teacher, tt = smollm2_teacher(tmp_path, tied, layers=3)
     st = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / target))
     out = init_student(str(tmp_path / "teacher"), 2, tmp_path / "student", tokenizer=str(SHARED / "tokenizers" / target))
     info = json.loads((out / "transplant.json").read_text())
@@ -195,7 +175,7 @@ def test_calibration_gives_composed_tokens_their_share_of_the_mass_and_moves_onl
     from dskd_batch.data import encode_example, load_examples, render_prompt
     from dskd_batch.train.transplant import spell
 
-    _, _, tt = _smollm2_teacher(tmp_path, tied, shift=0.5)
+    _, _, tt = smollm2_teacher(tmp_path, tied, shift=0.5)
     gpt2 = str(SHARED / "tokenizers" / "gpt2")
     plain = init_student(str(tmp_path / "teacher"), 2, tmp_path / "plain", tokenizer=gpt2)
     out = init_student(str(tmp_path / "teacher"), 2, tmp_path / "cal", tokenizer=gpt2, calibration=str(corpus),
@@ -273,7 +253,7 @@ def test_warmup_trains_only_the_composed_rows_against_the_teacher(tied, corpus, 
 
     from dskd_batch.train.transplant import warmup_texts
 
-    src, teacher, tt = _smollm2_teacher(tmp_path, tied)
+    src, teacher, tt = smollm2_teacher(tmp_path, tied)
     gpt2 = str(SHARED / "tokenizers" / "gpt2")
     cal = init_student(str(src), 2, tmp_path / "cal", tokenizer=gpt2, calibration=str(corpus), template="alpaca")
     warm = init_student(str(src), 2, tmp_path / "warm", tokenizer=gpt2, calibration=str(corpus), template="alpaca",
