@@ -236,6 +236,10 @@ def test_init_pipeline_with_another_tokenizer_runs_the_methods_across_tokenizers
             "--layers", "1", "--out", "cross.toml"]
     bad = CliRunner().invoke(main, args[:-4] + ["--student", "s", "--tokenizer", "t", "--out", "bad.toml"])
     assert bad.exit_code != 0 and "brings its own" in bad.output and not (tmp_path / "bad.toml").exists()
+    other = CliRunner().invoke(main, args[:-4] + ["--student", str(tmp_path / "teacher"), "--cross", "--out", "other.toml"])
+    assert other.exit_code == 0, other.output  # an existing student of another vocabulary: the cache aligned for it
+    assert load_pipeline(tmp_path / "other.toml").cache.student_tokenizer == (str(tmp_path / "teacher"),)
+    assert 'method = "gold"' in (tmp_path / "other.toml").read_text()
     r = CliRunner().invoke(main, args + ["--tokenizer", str(SHARED / "tokenizers" / "gpt2")])
     assert r.exit_code == 0, r.output
     text = (tmp_path / "cross.toml").read_text()
