@@ -868,18 +868,22 @@ def init_pipeline(*, teacher: str, data: str, out: Path, student: str | None = N
                      f'layers = {layers}\nselect = "influence"            # the layers of highest Block Influence'
                      + (f'\ntokenizer = "{tokenizer}"              # the student\'s vocabulary (transplanted from the '
                         "teacher's)" if tokenizer else ""))
+    other = bool(tokenizer) or cross  # a student of another vocabulary: scored on the dev rows, not a dev cache
     dev_block = (f'\n[dev_cache]                       # the held-out split, cached like [cache]: dev CE/KL for\n'
-                 f'data = "{dev}"                  # choosing checkpoints\n') if dev else ""
+                 f'data = "{dev}"                  # choosing checkpoints\n') if dev and not other else ""
+    keep_best = ((f'eval_data = "{dev}"               # the dev rows (a dev cache holds the teacher\'s tokens only)\n'
+                  if other else "") + 'keep_best = "eval_ce"              # each run keeps its best checkpoint on dev\n'
+                 if dev else "")
     text = PIPELINE_TEMPLATE.format(
         path=out, name=name, out=f"{name}-out", teacher=teacher, data=data, dev_or=dev or "DEV.jsonl",
         dev_block=dev_block, student_block=student_block,
         columns=(f'columns = "{columns}"\n' if columns else "") + (
             f'student_tokenizer = ["{student}"]   # align the cache for the student\'s tokenizer\n' if cross else ""),
-        method_runs=CROSS_VOCAB_RUNS if tokenizer or cross else SAME_VOCAB_RUNS,
+        method_runs=CROSS_VOCAB_RUNS if other else SAME_VOCAB_RUNS,
         template_line=('template = "alpaca"               # one prompt format both tokenizers render (a chat '
-                       "template is the teacher's own)" if tokenizer or cross else
+                       "template is the teacher's own)" if other else
                        '# template = "auto"               # the teacher\'s chat template when it has one, else alpaca'),
-        keep_best='keep_best = "eval_ce"              # each run keeps its best checkpoint on dev\n' if dev else "",
+        keep_best=keep_best,
         eval_block=(f'\n[evaluate]\ndata = "{test}"\nseeds = "10,20,30"\n\n[report]\nout = "report.md"\n' if test else ""))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

@@ -224,7 +224,7 @@ def test_student_with_another_tokenizer_is_transplanted_and_the_cache_aligned_fo
 @pytest.mark.skipif(not (__import__("conftest").SHARED / "tokenizers").is_dir(), reason="needs ../shared/tokenizers")
 def test_init_pipeline_with_another_tokenizer_runs_the_methods_across_tokenizers(corpus, tmp_path, monkeypatch) -> None:
     """A new user's cross-tokenizer pipeline: init-pipeline --layers --tokenizer, then run (a few steps):
-    the student is transplanted, the cache and the dev cache serve the cross-vocabulary runs."""
+    the student is transplanted, the cache serves the cross-vocabulary runs, each scored on the dev rows."""
     from click.testing import CliRunner
     from conftest import SHARED, smollm2_teacher
 
