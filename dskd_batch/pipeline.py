@@ -297,6 +297,12 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
     student_spec = str(Path(heal.out) / "student") if heal is not None else pruned
     cross = _other_vocabulary(tokenizer, pruned, cache_cfg,
                               [r.get("method", common.get("method", "kd")) for r in runs_doc if isinstance(r, dict)])
+    if cross and heal is not None:
+        raise DskdError(f"{path}: [heal] trains the student on the teacher's tokens (same-vocabulary {heal.method}), "
+                        "and this pipeline's student has another vocabulary"
+                        + (f" (`tokenizer = {tokenizer!r}`)" if tokenizer else ""),
+                        hint="heal a student of the teacher's vocabulary, or drop [heal] (a transplanted student "
+                             "learns its new rows with [student] `warmup_steps`)")
     for i, r in enumerate(runs_doc):
         where = f"{path} [[runs]] #{i + 1}"
         if not isinstance(r, dict) or not isinstance(r.get("name"), str):

@@ -213,6 +213,29 @@ def test_eos_pairs_only_when_both_responses_end_together() -> None:
         assert len(s_tg) - 1 not in cut.eta_s
 
 
+def test_a_dummy_prefix_token_covers_the_span_but_does_not_pair() -> None:
+    """A LLaMA-2 response encoded on its own starts with ``▁The`` (bytes " The"), which covers the text
+    "The" as the byte-BPE teacher's ``The`` does: the same span, different tokens. It does not pair
+    (neither ETA nor MinED) while it still shares the teacher's ALM chunk; every other pair is of tokens
+    with the same own bytes, and the next word pairs as before."""
+    from dskd_batch.data import Example
+
+    ex = Example("x", "Name a colour.", "", "The sky is blue.", "t")
+    te, se, a = align_pair("smollm2", "llama2", ex)
+    t_tg, s_tg = response_targets(te.input_ids, te.prompt_len), response_targets(se.input_ids, se.prompt_len)
+    assert table("llama2").texts[s_tg[0]] == b" The" and table("smollm2").texts[t_tg[0]] == b"The"
+    assert content_spans(s_tg, table("llama2"), b"The sky is blue.")[0] == (0, 3)  # the span is the teacher's
+    assert 0 not in a.eta_s and a.mined_t[0] == -1
+    assert a.chunk_s[0] >= 0 and a.chunk_s[0] == a.chunk_t[0]
+    assert 1 in a.eta_s  # " sky"
+    for j, i in zip(a.eta_s[:-1], a.eta_t[:-1]):  # the last pair is the two EOS tokens
+        assert table("llama2").texts[s_tg[j]] == table("smollm2").texts[t_tg[i]]
+    _, _, back = align_pair("llama2", "smollm2", ex)  # the other way round: the teacher's token has the space
+    assert 0 not in back.eta_s and back.mined_t[0] == -1
+    _, _, bpe = align_pair("smollm2", "gpt2", ex)  # two byte-level BPEs: no dummy prefix, the first word pairs
+    assert bpe.eta_s[0] == 0 and bpe.mined_t[0] == 0
+
+
 def test_normaliser_changes_are_not_paired_wrongly() -> None:
     """Qwen2 normalises to NFC: a decomposed accent is rewritten, so the bytes no longer match the
     text there; tokens around it still pair correctly and none pairs across the change."""

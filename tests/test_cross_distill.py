@@ -170,7 +170,7 @@ def test_corrupt_alignment_is_one_clear_error(setup, tmp_path) -> None:
 def test_an_alignment_of_an_older_version_is_refused_with_the_command_that_rebuilds_it(setup, tmp_path) -> None:
     import shutil
 
-    from dskd_batch.cache.align import ALIGN_DIR, ALIGN_FILE
+    from dskd_batch.cache.align import ALIGN_DIR, ALIGN_FILE, ALIGN_VERSION
     from dskd_batch.config import DistillConfig
     from dskd_batch.train.distill import run
 
@@ -178,8 +178,9 @@ def test_an_alignment_of_an_older_version_is_refused_with_the_command_that_rebui
     shutil.copytree(setup["cache"], cache)
     for d in (cache / ALIGN_DIR).iterdir():
         info = json.loads((d / ALIGN_FILE).read_text())
-        (d / ALIGN_FILE).write_text(json.dumps({**info, "version": 2}))
-    with pytest.raises(DskdError, match="is of version 2; this dskd-batch reads version 3") as e:
+        (d / ALIGN_FILE).write_text(json.dumps({**info, "version": ALIGN_VERSION - 1}))
+    with pytest.raises(DskdError, match=f"is of version {ALIGN_VERSION - 1}; this dskd-batch reads version "
+                                        f"{ALIGN_VERSION}") as e:
         run(DistillConfig(student=str(setup["student"]), out=str(tmp_path / "r"), cache=str(cache), method="alm",
                           verify="none"))
     assert f"dskd-batch align {cache}" in e.value.render() and "--force" in e.value.render()

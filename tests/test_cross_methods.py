@@ -292,14 +292,17 @@ def test_pinv_across_vocabularies_uses_shared_rows() -> None:
     assert torch.allclose(b.T @ (b @ y - a), torch.zeros(D_T, D_S, dtype=torch.float64), atol=1e-3)
 
 
-def test_chunk_starts_pair_the_first_positions_of_chunks_that_are_not_one_eta_pair() -> None:
+def test_chunk_starts_pair_the_first_positions_of_chunks_of_more_than_one_token() -> None:
     """Student " 14 apples ab" as [" 14", " apples", " a", "b"], teacher as [" 1", "4", " apples", " ab"]:
-    chunks 0 (" 14"), 1 (" apples", an ETA pair) and 2 (" ab"); chunks 0 and 2 begin after the same text."""
+    chunks 0 (" 14"), 1 (" apples", an ETA pair) and 2 (" ab"); chunks 0 and 2 begin after the same text.
+    A chunk of one token on each side that is not a pair (``▁The`` against ``The``) is no start either."""
     from dskd_batch.train.aligned import chunk_starts
 
-    s, t = chunk_starts(torch.tensor([0, 1, 2, 2, -1]), torch.tensor([0, 0, 1, 2, -1]), torch.tensor([1]))
+    s, t = chunk_starts(torch.tensor([0, 1, 2, 2, -1]), torch.tensor([0, 0, 1, 2, -1]))
     assert s.tolist() == [0, 2] and t.tolist() == [0, 3]
-    s, t = chunk_starts(torch.tensor([-1, -1]), torch.tensor([-1]), torch.tensor([], dtype=torch.long))
+    s, t = chunk_starts(torch.tensor([0, 1, 1]), torch.tensor([0, 1]))
+    assert s.tolist() == [1] and t.tolist() == [1]
+    s, t = chunk_starts(torch.tensor([-1, -1]), torch.tensor([-1]))
     assert s.numel() == 0 and t.numel() == 0
 
 
@@ -308,11 +311,11 @@ def test_eta_span_starts_adds_the_teacher_space_kl_at_the_start_pairs() -> None:
     distribution to the student's projected one (float64 loop); the student-space terms unchanged."""
     recs = batch()
     recs[0].update(chunk_s=torch.tensor([0, 0, 1, 2, 3]), chunk_t=torch.tensor([0, 1, 1, 2]))
-    recs[1].update(chunk_s=torch.tensor([0, 0, 1]), chunk_t=torch.tensor([0, 1, 1, 1, -1, -1]))
-    recs[0]["eta_s"], recs[0]["eta_t"], recs[0]["eta_label"] = torch.tensor([2]), torch.tensor([3]), torch.tensor([4])
+    recs[1].update(chunk_s=torch.tensor([0, 0, 1]), chunk_t=torch.tensor([0, 1, -1, -1, -1, -1]))
+    recs[0]["eta_s"], recs[0]["eta_t"], recs[0]["eta_label"] = torch.tensor([3]), torch.tensor([3]), torch.tensor([4])
     recs[1]["eta_s"], recs[1]["eta_t"], recs[1]["eta_label"] = torch.tensor([2]), torch.tensor([1]), torch.tensor([5])
     tb, cross = _cross_part(recs)
-    assert cross.start_s.tolist() == [0, 3, 5] and cross.start_t.tolist() == [0, 3, 4]
+    assert cross.start_s.tolist() == [0, 2, 5] and cross.start_t.tolist() == [0, 1, 4]
     n = len(cross.seg_s)
     targets = torch.cat([r["input_ids"][2:] for r in recs])
     s, h_s = torch.randn(n, V_S, dtype=torch.float64), torch.randn(n, D_S, dtype=torch.float64)

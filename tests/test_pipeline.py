@@ -373,6 +373,10 @@ def test_interrupted_distill_resumes(llama_teacher, corpus, gpt2_student, tmp_pa
      'healed = false\n', "`healed`.*without a \\[heal\\] stage"),
     ('name = "x"\nout = "o"\n[cache]\nteacher = "t"\ndata = "d"\n[student]\npath = "s"\n[heal]\ndata = "g"\n'
      '[[runs]]\nname = "a"\nhealed = "no"\n', "`healed` \\(true or false\\).*got 'no'"),
+    ('name = "x"\nout = "o"\n[cache]\nteacher = "t"\ndata = "d"\n[student]\nfrom = "t"\nlayers = 2\ntokenizer = "g"\n'
+     '[heal]\ndata = "h"\n[[runs]]\nname = "a"\n', r"\[heal\] trains the student on the teacher's tokens.*tokenizer = 'g'"),
+    ('name = "x"\nout = "o"\n[cache]\nteacher = "t"\ndata = "d"\n[student]\npath = "s"\n[heal]\ndata = "h"\n'
+     '[[runs]]\nname = "a"\nmethod = "alm"\n', r"\[heal\] trains the student on the teacher's tokens"),
 ])
 def test_bad_pipeline_files_name_the_problem(tmp_path, body, match) -> None:
     with pytest.raises(DskdError, match=match):

@@ -13,11 +13,16 @@ What is stored per example (indices count response positions: position k predict
 token k, the last one being EOS):
 
 - ``eta_s``, ``eta_t``: ETA pairs, student and teacher positions whose target tokens are the same
-  bytes at the same offset (the two EOS tokens pair when both responses end at the same offset);
+  bytes at the same offset (the two EOS tokens pair when both responses end at the same offset).
+  A token's own bytes must be the same too: a SentencePiece response encoded on its own starts with
+  the dummy-prefix space (``▁The`` covers the text ``The``), where the teacher, reading the prompt's
+  newline, predicts ``The``; the two cover one span but are different tokens, and the teacher's
+  distribution there points at the student's ``The``, never its target, so they do not pair;
 - ``eta_label``: the student id of the teacher's top-1 token at ``eta_t`` (the token of the same
   bytes; EOS maps to EOS), or -1 where no single student token has that text;
 - ``mined_t``: per student position, the teacher position MinED pairs it with (edit-distance DTW
-  over the token texts, one-to-one and identical text, as FuseLLM's "hard" mode), or -1;
+  over the token texts, one-to-one and identical text, as FuseLLM's "hard" mode; the tokens' own
+  bytes equal, as for ETA), or -1;
 - ``chunk_s``, ``chunk_t``: per student and per teacher position, the aligned chunk its target
   belongs to, or -1 (ALM's chunks: the shortest spans of the response that both tokenizations cut
   at the same bytes, i.e. between two consecutive offsets where a token ends on both sides; a chunk
@@ -61,7 +66,7 @@ ALIGN_DIR = "alignments"
 ALIGN_FILE = "alignment.json"
 ALIGN_EXAMPLES = "examples.parquet"
 VOCAB_MAP = "vocab_map.safetensors"
-ALIGN_VERSION = 3  # 2: student_targets (conversations); 3: chunk_s, chunk_t (ALM)
+ALIGN_VERSION = 4  # 2: student_targets (conversations); 3: chunk_s, chunk_t (ALM); 4: pairs of the same own bytes
 _LIST_COLUMNS = ("student_ids", "eta_s", "eta_t", "eta_label", "mined_t", "student_targets", "chunk_s", "chunk_t")
 
 
@@ -210,14 +215,17 @@ def response_targets(ids: list[int], prompt_len: int) -> list[int]:
     return list(ids[target_positions(len(ids), prompt_len).start + 1:])
 
 
-def eta_pairs(t_spans: list[Span | None], s_spans: list[Span | None], t_ends_eos: bool,
-              s_ends_eos: bool) -> tuple[list[int], list[int]]:
-    """(student positions, teacher positions) whose targets are the same bytes at the same offset;
-    the final EOS targets pair when both responses end at the same offset."""
+def eta_pairs(t_spans: list[Span | None], s_spans: list[Span | None], t_ends_eos: bool, s_ends_eos: bool, *,
+              t_own: list[bytes | None] | None = None,
+              s_own: list[bytes | None] | None = None) -> tuple[list[int], list[int]]:
+    """(student positions, teacher positions) whose targets are the same bytes at the same offset
+    (with ``t_own``/``s_own``, each token's own bytes: also the same tokens, which a span alone does
+    not say where a tokenizer adds a dummy-prefix space); the final EOS targets pair when both
+    responses end at the same offset."""
     where = {sp: i for i, sp in enumerate(t_spans) if sp is not None}
     ps, pt = [], []
     for j, sp in enumerate(s_spans):
-        if sp is not None and sp in where:
+        if sp is not None and sp in where and (t_own is None or s_own is None or t_own[where[sp]] == s_own[j]):
             ps.append(j)
             pt.append(where[sp])
     if t_ends_eos and s_ends_eos:
@@ -357,8 +365,10 @@ def _align_segment(text: bytes, t_tg: list[int], s_tg: list[int], t_table: Token
     s_sp = content_spans(s_tg, s_table, text)
     if ends is None:
         ends = (bool(t_sp) and t_sp[-1] is None, bool(s_sp) and s_sp[-1] is None)
-    ps, pt = eta_pairs(t_sp, s_sp, *ends)
+    t_own, s_own = [t_table.texts[i] for i in t_tg], [s_table.texts[i] for i in s_tg]
+    ps, pt = eta_pairs(t_sp, s_sp, *ends, t_own=t_own, s_own=s_own)
     mined = mined_alignment(_texts_in_context(t_tg, t_sp, t_table, text), _texts_in_context(s_tg, s_sp, s_table, text))
+    mined = [i if i < 0 or s_own[j] == t_own[i] else -1 for j, i in enumerate(mined)]
     ct, cs = chunk_ids(t_sp, s_sp, *ends)
     return ps, pt, mined, ct, cs
 
@@ -571,7 +581,7 @@ def open_alignment(cache: Any, student_tok: Any, student_source: str) -> Alignme
     info = read_json(path / ALIGN_FILE)
     if info.get("version") != ALIGN_VERSION:
         raise DskdError(f"the alignment in {path} is of version {info.get('version')}; this dskd-batch reads version "
-                        f"{ALIGN_VERSION} (it adds what newer methods read: ALM's chunks)",
+                        f"{ALIGN_VERSION} (ALM's chunks, and pairs only of tokens with the same bytes)",
                         hint=f"rebuild it: `{align_command(cache.path, student_source)} --force`")
     if info.get("cache_fingerprint") != cache.fingerprint:
         raise DskdError(f"the alignment in {path} was made for another cache",

@@ -48,21 +48,23 @@ class AlignedExamples(CacheExamples):
         return collate(recs, pad_id, with_teacher, teacher_part=cross_part)
 
 
-def chunk_starts(chunk_s: torch.Tensor, chunk_t: torch.Tensor, eta_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(student, teacher) positions that begin the same ALM chunk, for the chunks that are not one ETA
-    pair (one token on each side): the first positions of a chunk both predict its first bytes after the
-    same text."""
+def chunk_starts(chunk_s: torch.Tensor, chunk_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student, teacher) positions that begin the same ALM chunk, for the chunks with more than one
+    token on a side (a chunk of one token on each side is an ETA pair, or two different tokens over
+    the same text, such as a dummy-prefix space): the first positions of a chunk both predict its
+    first bytes after the same text."""
 
-    def firsts(ids: torch.Tensor) -> dict[int, int]:
-        out: dict[int, int] = {}
+    def firsts(ids: torch.Tensor) -> tuple[dict[int, int], dict[int, int]]:
+        first: dict[int, int] = {}
+        count: dict[int, int] = {}
         for j, c in enumerate(ids.tolist()):
-            if c >= 0 and c not in out:
-                out[c] = j
-        return out
+            if c >= 0:
+                first.setdefault(c, j)
+                count[c] = count.get(c, 0) + 1
+        return first, count
 
-    fs, ft = firsts(chunk_s), firsts(chunk_t)
-    paired = set(eta_s.tolist())
-    both = [(fs[c], ft[c]) for c in sorted(fs) if c in ft and fs[c] not in paired]
+    (fs, ns), (ft, nt) = firsts(chunk_s), firsts(chunk_t)
+    both = [(fs[c], ft[c]) for c in sorted(fs) if c in ft and max(ns[c], nt[c]) > 1]
     return (torch.tensor([a for a, _ in both], dtype=torch.long), torch.tensor([b for _, b in both], dtype=torch.long))
 
 
@@ -95,7 +97,7 @@ def cross_part(recs: list[Record]) -> tuple[TeacherBatch, CrossBatch]:
                                                                                           ("chunk_t", n_t))}
         for side, ids in chunks.items():  # chunk ids made unique in the micro-batch
             c[side].append(torch.where(ids >= 0, ids + off_c, ids))
-        start_s, start_t = chunk_starts(chunks["chunk_s"], chunks["chunk_t"], r["eta_s"])
+        start_s, start_t = chunk_starts(chunks["chunk_s"], chunks["chunk_t"])
         c["start_s"].append(start_s + off_s)
         c["start_t"].append(start_t + off_t)
         off_c += max([int(ids.max()) for ids in chunks.values() if len(ids)] + [-1]) + 1
