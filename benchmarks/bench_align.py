@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from transformers import AutoTokenizer
 
-from dskd_batch.cache.align import align_example, response_targets, token_table, vocab_map
+from dskd_batch.cache.align import align_example, response_targets, space_swap, token_table, vocab_map
 from dskd_batch.data import encode, load_examples, render_prompt
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -61,7 +61,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for t, s in PAIRS + [(b, a) for a, b in PAIRS]:
         tt, st = toks[t], toks[s]
-        t2s = vocab_map(tables[t], tables[s])
+        t2s, t_swap = vocab_map(tables[t], tables[s]), space_swap(tables[t])
         pos = pairs = lab = mined = walk = 0
         t0 = time.perf_counter()
         for ex in exs:
@@ -69,7 +69,7 @@ def main() -> None:
             te = encode(tt, p, ex.response, max_prompt_len=256, max_len=512, template="alpaca")
             se = encode(st, p, ex.response, max_prompt_len=256, max_len=512, template="alpaca")
             oracle = np.array(te.input_ids[1:] + [tt.eos_token_id])[te.targets()]  # argmax at the target positions
-            a = align_example(ex.response, te.input_ids, te.prompt_len, oracle, se, tables[t], tables[s], t2s)
+            a = align_example(ex.response, te.input_ids, te.prompt_len, oracle, se, tables[t], tables[s], t2s, t_swap)
             pos += len(a.mined_t)
             pairs += len(a.eta_s)
             lab += sum(1 for x in a.eta_label if x >= 0)

@@ -62,7 +62,8 @@ def main() -> None:
         text = ex.response.encode("utf-8")
         t_tg, s_tg = response_targets(te.input_ids, te.prompt_len), response_targets(se.input_ids, se.prompt_len)
         t_sp, s_sp = content_spans(t_tg, ttab, text), content_spans(s_tg, stab, text)
-        ps, _ = eta_pairs(t_sp, s_sp, bool(t_tg) and t_tg[-1] == ttab.eos, bool(s_tg) and s_tg[-1] == stab.eos)
+        ps, _, _ = eta_pairs(t_sp, s_sp, bool(t_tg) and t_tg[-1] == ttab.eos, bool(s_tg) and s_tg[-1] == stab.eos,
+                             [ttab.texts[i] for i in t_tg], [stab.texts[i] for i in s_tg])
         got = set(ps)
         total += len(s_tg)
         paired += len(got)

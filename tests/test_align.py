@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from dskd_batch.cache.align import (align_example, chunk_ids, content_spans, dtw_path, eta_pairs, levenshtein,
-                                   mined_alignment, response_targets, token_table, vocab_map)
+                                   mined_alignment, response_targets, space_swap, token_table, vocab_map)
 from dskd_batch.data import encode, load_examples, render_prompt
 
 from conftest import SHARED
@@ -56,10 +56,16 @@ def vmap(t: str, s: str):
     return vocab_map(table(t), table(s))
 
 
+@lru_cache(maxsize=None)
+def swap(name: str):
+    return space_swap(table(name))
+
+
 def align_pair(t: str, s: str, ex, max_len: int = 512):
     te, se = encoded(t, ex, max_len), encoded(s, ex, max_len)
-    oracle = np.array(te.input_ids[1:] + [tok(t).eos_token_id])  # a teacher that predicts the next token
-    return te, se, align_example(ex.response, te.input_ids, te.prompt_len, oracle, se, table(t), table(s), vmap(t, s))
+    oracle = np.array(te.input_ids[1:] + [tok(t).eos_token_id])[te.targets()]  # predicts each next token
+    return te, se, align_example(ex.response, te.input_ids, te.prompt_len, oracle, se, table(t), table(s), vmap(t, s),
+                                 swap(t))
 
 
 @pytest.mark.parametrize("name", TOKENIZERS)
@@ -213,27 +219,42 @@ def test_eos_pairs_only_when_both_responses_end_together() -> None:
         assert len(s_tg) - 1 not in cut.eta_s
 
 
-def test_a_dummy_prefix_token_covers_the_span_but_does_not_pair() -> None:
+def test_a_dummy_prefix_token_pairs_through_the_space_swap() -> None:
     """A LLaMA-2 response encoded on its own starts with ``▁The`` (bytes " The"), which covers the text
-    "The" as the byte-BPE teacher's ``The`` does: the same span, different tokens. It does not pair
-    (neither ETA nor MinED) while it still shares the teacher's ALM chunk; every other pair is of tokens
-    with the same own bytes, and the next word pairs as before."""
+    "The" as the byte-BPE teacher's ``The`` does: the same span, two tokens that differ by the dummy-prefix
+    space. They pair with eta_shift 1, and the label is the teacher's top-1 read through the space swap
+    (a teacher predicting ``The`` there labels the student's ``▁The``, its target); MinED does not match
+    them; every other pair is of tokens with the same own bytes. The other way round the same, and two
+    byte-level BPEs have no shifted pair."""
     from dskd_batch.data import Example
 
     ex = Example("x", "Name a colour.", "", "The sky is blue.", "t")
-    te, se, a = align_pair("smollm2", "llama2", ex)
+    te, se, a = align_pair("smollm2", "llama2", ex)  # the oracle teacher predicts each next token
     t_tg, s_tg = response_targets(te.input_ids, te.prompt_len), response_targets(se.input_ids, se.prompt_len)
     assert table("llama2").texts[s_tg[0]] == b" The" and table("smollm2").texts[t_tg[0]] == b"The"
     assert content_spans(s_tg, table("llama2"), b"The sky is blue.")[0] == (0, 3)  # the span is the teacher's
-    assert 0 not in a.eta_s and a.mined_t[0] == -1
-    assert a.chunk_s[0] >= 0 and a.chunk_s[0] == a.chunk_t[0]
-    assert 1 in a.eta_s  # " sky"
-    for j, i in zip(a.eta_s[:-1], a.eta_t[:-1]):  # the last pair is the two EOS tokens
-        assert table("llama2").texts[s_tg[j]] == table("smollm2").texts[t_tg[i]]
-    _, _, back = align_pair("llama2", "smollm2", ex)  # the other way round: the teacher's token has the space
-    assert 0 not in back.eta_s and back.mined_t[0] == -1
-    _, _, bpe = align_pair("smollm2", "gpt2", ex)  # two byte-level BPEs: no dummy prefix, the first word pairs
-    assert bpe.eta_s[0] == 0 and bpe.mined_t[0] == 0
+    assert a.eta_s[0] == 0 and a.eta_t[0] == 0 and a.eta_shift[0] == 1 and a.eta_label[0] == s_tg[0]
+    assert a.mined_t[0] == -1 and a.chunk_s[0] >= 0 and a.chunk_s[0] == a.chunk_t[0]
+    assert sum(a.eta_shift) == 1 and a.eta_s[1] == 1  # " sky", an ordinary pair
+    for j, i, sh in zip(a.eta_s[:-1], a.eta_t[:-1], a.eta_shift):  # the last pair is the two EOS tokens
+        assert sh or table("llama2").texts[s_tg[j]] == table("smollm2").texts[t_tg[i]]
+    assert [int(x) for x in a.eta_label[1:-1]] == [s_tg[j] for j in a.eta_s[1:-1]]  # the oracle's labels
+    te2, se2, back = align_pair("llama2", "smollm2", ex)  # the teacher's token has the space now
+    s_tg2 = response_targets(se2.input_ids, se2.prompt_len)
+    assert back.eta_shift[0] == 1 and back.eta_label[0] == s_tg2[0] and back.mined_t[0] == -1
+    _, _, bpe = align_pair("smollm2", "gpt2", ex)  # two byte-level BPEs: no dummy prefix
+    assert bpe.eta_s[0] == 0 and bpe.mined_t[0] == 0 and not any(bpe.eta_shift)
+
+
+@pytest.mark.parametrize("name", ["llama2", "gpt2", "smollm2"])
+def test_space_swap_exchanges_a_word_with_its_spaced_twin(name: str) -> None:
+    """An involution (a permutation of the logits) that maps ``X`` to `` X`` and back where both exist."""
+    sw, tb, t = swap(name), table(name), tok(name)
+    assert np.array_equal(sw[sw], np.arange(len(tb))) and (sw != np.arange(len(tb))).sum() > 1000
+    word = t.convert_tokens_to_ids("The")
+    spaced = t.convert_tokens_to_ids("▁The" if name == "llama2" else "ĠThe")
+    assert sw[word] == spaced and sw[spaced] == word and tb.texts[spaced] == b" " + tb.texts[word]
+    assert sw[tb.eos] == tb.eos
 
 
 def test_normaliser_changes_are_not_paired_wrongly() -> None:
@@ -247,7 +268,9 @@ def test_normaliser_changes_are_not_paired_wrongly() -> None:
     for sp, i in zip(ts, t_ids):
         if sp is not None:
             assert raw[sp[0]:sp[1]] == table("qwen2").texts[i]
-    ps, pt = eta_pairs(ts, ss, False, False)
+    ps, pt, shift = eta_pairs(ts, ss, False, False, [table("qwen2").texts[i] for i in t_ids],
+                              [table("gpt2").texts[i] for i in s_ids])
+    assert not any(shift)
     assert len(ps) >= 5
     for j, i in zip(ps, pt):
         assert table("qwen2").texts[t_ids[i]] == table("gpt2").texts[s_ids[j]]

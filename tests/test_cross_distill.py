@@ -192,7 +192,7 @@ def test_aligned_cache_batches_equal_the_live_teachers(setup) -> None:
     (the on-policy path): same teacher rows at the same positions, same pairs."""
     from transformers import AutoTokenizer
 
-    from dskd_batch.cache.align import align_example, open_alignment, token_table, vocab_map
+    from dskd_batch.cache.align import align_example, open_alignment, space_swap, token_table, vocab_map
     from dskd_batch.train.aligned import cross_part
     from dskd_batch.train.batches import LiveTeacher, collate
     from dskd_batch.train.aligned import AlignedExamples
@@ -206,7 +206,7 @@ def test_aligned_cache_batches_equal_the_live_teachers(setup) -> None:
     st = AutoTokenizer.from_pretrained(str(setup["student"]))
     t_tok = cache.tokenizer()
     t_table, s_table = token_table(t_tok), token_table(st)
-    t2s = vocab_map(t_table, s_table)
+    t2s, t_swap = vocab_map(t_table, s_table), space_swap(t_table)
     live = LiveTeacher(TeacherForward(load_causal_lm(str(setup["root"] / "teacher")), 8, t_tok.pad_token_id), False)
     idxs = [0, 3, 7, 11]
     cached = AlignedExamples(cache, open_alignment(cache, st, "student")).records(idxs)
@@ -217,12 +217,13 @@ def test_aligned_cache_batches_equal_the_live_teachers(setup) -> None:
         tr = live.run([t_ids], [training_positions(c).tolist()])[0]
         s_enc = encode(st, render_prompt(Example(c["id"], c["instruction"], c["input"], c["response"], c["source"]),
                                          "alpaca", st), c["response"], max_prompt_len=96, max_len=128, template="alpaca")
-        a = align_example(c["response"], t_ids, c["prompt_len"], tr["argmax"].numpy(), s_enc, t_table, s_table, t2s)
+        a = align_example(c["response"], t_ids, c["prompt_len"], tr["argmax"].numpy(), s_enc, t_table, s_table, t2s,
+                          t_swap)
         rec = dict(tr)
         rec.update(input_ids=torch.tensor(s_enc.input_ids), prompt_len=s_enc.prompt_len,
                    teacher_input_ids=torch.tensor(t_ids), teacher_prompt_len=c["prompt_len"],
                    **{k: torch.tensor(getattr(a, k), dtype=torch.long) for k in ("eta_s", "eta_t", "eta_label", "mined_t",
-                                                                                   "chunk_s", "chunk_t")})
+                                                                                   "chunk_s", "chunk_t", "eta_shift")})
         fresh.append(rec)
     live.tf.close()
     a, b = (collate(recs, st.pad_token_id or 0, True, teacher_part=cross_part) for recs in (cached, fresh))

@@ -39,8 +39,16 @@ def batch(lengths=((5, 4), (3, 6))):
     return recs
 
 
-def parts():
+T_SWAP = torch.tensor([1, 0, 3, 2, 4, 6, 5, 7, 8, 9, 10, 11, 12])  # space swaps: involutions of each vocabulary
+S_SWAP = torch.tensor([2, 1, 0, 3, 4, 6, 5, 7, 8, 9, 10])
+
+
+def parts(shifted: bool = False):
+    """The batch flattened; ``shifted``: the first pair of each example differs by a dummy-prefix space."""
     recs = batch()
+    if shifted:
+        for r in recs:
+            r["eta_shift"] = (torch.arange(len(r["eta_s"])) == 0).long()
     tb, cross = _cross_part(recs)
     n = len(cross.seg_s)
     targets = torch.cat([r["input_ids"][2:] for r in recs])
@@ -109,24 +117,29 @@ def test_uld_matches_a_naive_loop() -> None:
     assert float(uld_distance(torch.cat([x, torch.tensor([[-1e4]])], -1), x, 1.0)) < 1e-6
 
 
-def test_gold_matches_a_naive_loop() -> None:
+@pytest.mark.parametrize("shifted", [False, True])
+def test_gold_matches_a_naive_loop(shifted: bool) -> None:
     """At each ETA pair: w * KL over the one-to-one tokens + (1 - w) * sorted L1 over the others, w the
-    share of the teacher vocabulary that maps; a teacher id reached twice maps from its first student id."""
-    recs, tb, cross, targets, s, h_s, head = parts()
+    share of the teacher vocabulary that maps; a teacher id reached twice maps from its first student id.
+    At a shifted pair the teacher's logits are read through its space swap."""
+    recs, tb, cross, targets, s, h_s, head = parts(shifted)
     s2t = torch.tensor([3, -1, 0, 7, 3, 12, -1, 5, 9, 1, -1])  # student 4 reaches teacher 3 again: not one-to-one
     m = GOLD(LossSettings(temperature=2.0))
-    m.s2t_vocab = s2t
+    m.s2t_vocab, m.t_swap, m.s_swap = s2t, T_SWAP, S_SWAP
     out = m.kd_terms(LossInputs(s, h_s, targets, tb, head, nn.ModuleDict(), None, V_S, cross))
     t_logits = tb.hidden.double() @ head.weight.double().T
+    assert int(cross.eta_shift.sum()) == (2 if shifted else 0)
     pairs = {}
     for v in range(V_S):
         if s2t[v] >= 0 and int(s2t[v]) not in pairs.values():
             pairs[v] = int(s2t[v])
     w = len(pairs) / V_T
     want = 0.0
-    for js, it in zip(cross.eta_s.tolist(), cross.eta_t.tolist()):
+    for js, it, sh in zip(cross.eta_s.tolist(), cross.eta_t.tolist(), cross.eta_shift.tolist()):
         q = torch.softmax(s[js].detach().double() / 2.0, -1).tolist()
         p = torch.softmax(t_logits[it] / 2.0, -1).tolist()
+        if sh:  # the teacher's token t stands for the token T_SWAP[t]
+            p = [p[int(T_SWAP[t])] for t in range(V_T)]
         kl = sum(p[t] * math.log(p[t] / q[v]) for v, t in pairs.items())
         rest_q = sorted((q[v] for v in range(V_S) if v not in pairs), reverse=True)
         rest_p = sorted((p[t] for t in range(V_T) if t not in pairs.values()), reverse=True)
@@ -200,6 +213,7 @@ def test_teacher_correct_across_vocabularies_trains_untrusted_positions_on_the_l
     per_pair = {}
     for k, j in enumerate(cross.eta_s.tolist()):  # each pair's GOLD term alone, from the plain method
         one = CrossBatch(**{**cross.__dict__, "eta_s": cross.eta_s[k:k + 1], "eta_t": cross.eta_t[k:k + 1],
+                            "eta_shift": cross.eta_shift[k:k + 1],
                             "eta_label": cross.eta_label[k:k + 1]})
         per_pair[j] = float(plain.kd_terms(LossInputs(s, h_s, targets, tb, head, nn.ModuleDict(), None, V_S,
                                                       one))["kd"].detach())
@@ -212,24 +226,33 @@ def test_teacher_correct_across_vocabularies_trains_untrusted_positions_on_the_l
     assert float(eta.kd_terms(x)["kd_kept"]) == len(trusted)
 
 
-def test_eta_matches_a_naive_loop_and_skips_unmapped_tops() -> None:
-    recs, tb, cross, targets, s, h_s, head = parts()
+@pytest.mark.parametrize("shifted", [False, True])
+def test_eta_matches_a_naive_loop_and_skips_unmapped_tops(shifted: bool) -> None:
+    """DSKD at the pairs with a mapped teacher top-1; at a shifted pair the teacher's logits and the t2s
+    logits (the teacher's view in the student's vocabulary) are read through the space swaps."""
+    recs, tb, cross, targets, s, h_s, head = parts(shifted)
     ls = LossSettings(temperature=2.0, agreement_mask=True)
     proj = build_projectors(D_S, D_T, t2s=True, s2t=True, init="random", seed=0).double()
     w_s = torch.randn(V_S, D_S, dtype=torch.float64)
-    out = DSKDETA(ls).kd_terms(LossInputs(s, h_s, targets, tb, head, proj, w_s, V_S, cross))
+    m = DSKDETA(ls)
+    m.t_swap, m.s_swap = T_SWAP, S_SWAP
+    out = m.kd_terms(LossInputs(s, h_s, targets, tb, head, proj, w_s, V_S, cross))
     t2s_ce = t2s_kd = s2t_kd = 0.0
     n = 0
-    for j, i, lab in zip(cross.eta_s.tolist(), cross.eta_t.tolist(), cross.eta_label.tolist()):
+    for j, i, lab, sh in zip(cross.eta_s.tolist(), cross.eta_t.tolist(), cross.eta_label.tolist(),
+                             cross.eta_shift.tolist()):
         if lab < 0:
             continue
         n += 1
         t2s_logits = proj["t2s"](tb.hidden[i].double()) @ w_s.T
+        t_logits = tb.hidden[i].double() @ head.weight.double().T
+        if sh:
+            t2s_logits, t_logits = t2s_logits[S_SWAP], t_logits[T_SWAP]
         t2s_ce += float(-torch.log_softmax(t2s_logits, -1)[lab])
         if int(t2s_logits.argmax()) == lab:
             t2s_kd += naive_fkl(s[j].detach(), t2s_logits.detach(), 2.0)
         s2t_logits = proj["s2t"](h_s[j]) @ head.weight.double().T
-        s2t_kd += naive_fkl(s2t_logits.detach(), tb.hidden[i].double() @ head.weight.double().T, 2.0)
+        s2t_kd += naive_fkl(s2t_logits.detach(), t_logits, 2.0)
     assert n < len(cross.eta_s)  # some tops had no single student token
     assert float(out["aligned"]) == n
     assert abs(float(out["t2s_ce"]) - t2s_ce) < 1e-5

@@ -14,15 +14,19 @@ token k, the last one being EOS):
 
 - ``eta_s``, ``eta_t``: ETA pairs, student and teacher positions whose target tokens are the same
   bytes at the same offset (the two EOS tokens pair when both responses end at the same offset).
-  A token's own bytes must be the same too: a SentencePiece response encoded on its own starts with
-  the dummy-prefix space (``▁The`` covers the text ``The``), where the teacher, reading the prompt's
-  newline, predicts ``The``; the two cover one span but are different tokens, and the teacher's
-  distribution there points at the student's ``The``, never its target, so they do not pair;
+  A token's own bytes are the same too, but for one case: a SentencePiece response encoded on its
+  own starts with the dummy-prefix space (``▁The`` covers the text ``The``), where the teacher,
+  reading the prompt's newline, predicts ``The``. The two cover one span and are different tokens;
+  they pair with ``eta_shift`` 1, and a method reads the teacher's distribution there through the
+  space swap (``The`` <-> `` The``, ``t_swap``/``s_swap`` below), so that the teacher's ``The``
+  stands for the student's ``▁The`` (and the other way round for a SentencePiece teacher);
+- ``eta_shift``: per pair, 1 where the two tokens differ by that dummy-prefix space, else 0;
 - ``eta_label``: the student id of the teacher's top-1 token at ``eta_t`` (the token of the same
-  bytes; EOS maps to EOS), or -1 where no single student token has that text;
+  bytes, of the space-swapped top-1 at a shifted pair; EOS maps to EOS), or -1 where no single
+  student token has that text;
 - ``mined_t``: per student position, the teacher position MinED pairs it with (edit-distance DTW
   over the token texts, one-to-one and identical text, as FuseLLM's "hard" mode; the tokens' own
-  bytes equal, as for ETA), or -1;
+  bytes equal, so not a dummy-prefix pair), or -1;
 - ``chunk_s``, ``chunk_t``: per student and per teacher position, the aligned chunk its target
   belongs to, or -1 (ALM's chunks: the shortest spans of the response that both tokenizations cut
   at the same bytes, i.e. between two consecutive offsets where a token ends on both sides; a chunk
@@ -31,7 +35,8 @@ token k, the last one being EOS):
 
 Once per student tokenizer: ``t2s``/``s2t`` vocabulary maps (token of the same bytes in the other
 vocabulary, or -1), which give ETA's label, MinED's teacher-to-student logit map and the
-``pinv`` projector rows.
+``pinv`` projector rows; ``t_swap``/``s_swap``, each vocabulary's space swap (the token ``X`` and the
+token `` X`` exchanged where both exist; every other token to itself), read at shifted pairs.
 
 Layout: ``CACHE/alignments/<student tokenizer fingerprint>/`` holding ``examples.parquet`` (one
 row per cache example, in cache order), ``vocab_map.safetensors`` and ``alignment.json`` (written
@@ -66,8 +71,9 @@ ALIGN_DIR = "alignments"
 ALIGN_FILE = "alignment.json"
 ALIGN_EXAMPLES = "examples.parquet"
 VOCAB_MAP = "vocab_map.safetensors"
-ALIGN_VERSION = 4  # 2: student_targets (conversations); 3: chunk_s, chunk_t (ALM); 4: pairs of the same own bytes
-_LIST_COLUMNS = ("student_ids", "eta_s", "eta_t", "eta_label", "mined_t", "student_targets", "chunk_s", "chunk_t")
+ALIGN_VERSION = 4  # 2: student_targets (conversations); 3: chunk_s, chunk_t (ALM); 4: eta_shift, space swaps
+_LIST_COLUMNS = ("student_ids", "eta_s", "eta_t", "eta_label", "mined_t", "student_targets", "chunk_s", "chunk_t",
+                 "eta_shift")
 
 
 # -- the bytes of every token ------------------------------------------------------------------------
@@ -183,6 +189,17 @@ def vocab_map(src: TokenTable, dst: TokenTable) -> np.ndarray:
 Span = tuple[int, int]
 
 
+def space_swap(table: TokenTable) -> np.ndarray:
+    """The vocabulary's space swap: token ``X`` <-> token `` X`` where both exist (each the regular
+    token of its bytes), every other token to itself; an involution, so a permutation of the logits."""
+    index = text_index(table)
+    out = np.arange(len(table), dtype=np.int64)
+    for b, i in index.items():
+        if not b.startswith(b" ") and (j := index.get(b" " + b)) is not None:
+            out[i], out[j] = j, i
+    return out
+
+
 def content_spans(ids: list[int], table: TokenTable, text: bytes) -> list[Span | None]:
     """The byte span of ``text`` each token covers (None: special tokens, and tokens whose bytes
     are not found in the text, e.g. after a normaliser changed it)."""
@@ -215,26 +232,31 @@ def response_targets(ids: list[int], prompt_len: int) -> list[int]:
     return list(ids[target_positions(len(ids), prompt_len).start + 1:])
 
 
-def eta_pairs(t_spans: list[Span | None], s_spans: list[Span | None], t_ends_eos: bool, s_ends_eos: bool, *,
-              t_own: list[bytes | None] | None = None,
-              s_own: list[bytes | None] | None = None) -> tuple[list[int], list[int]]:
-    """(student positions, teacher positions) whose targets are the same bytes at the same offset
-    (with ``t_own``/``s_own``, each token's own bytes: also the same tokens, which a span alone does
-    not say where a tokenizer adds a dummy-prefix space); the final EOS targets pair when both
-    responses end at the same offset."""
+def eta_pairs(t_spans: list[Span | None], s_spans: list[Span | None], t_ends_eos: bool, s_ends_eos: bool,
+              t_own: list[bytes | None], s_own: list[bytes | None]) -> tuple[list[int], list[int], list[int]]:
+    """(student positions, teacher positions, shifted) whose targets are the same bytes at the same
+    offset: the same tokens (``t_own``/``s_own``, each token's own bytes), or tokens that differ by
+    the dummy-prefix space one side adds to the response's first word (shifted 1: a span that drops
+    its token's first byte is only ever that space); the final EOS targets pair when both responses
+    end at the same offset."""
     where = {sp: i for i, sp in enumerate(t_spans) if sp is not None}
-    ps, pt = [], []
+    ps, pt, shift = [], [], []
     for j, sp in enumerate(s_spans):
-        if sp is not None and sp in where and (t_own is None or s_own is None or t_own[where[sp]] == s_own[j]):
+        if sp is None or sp not in where:
+            continue
+        a, b = t_own[where[sp]], s_own[j]
+        if a == b or (a and b and (a == b" " + b or b == b" " + a)):
             ps.append(j)
             pt.append(where[sp])
+            shift.append(int(a != b))
     if t_ends_eos and s_ends_eos:
         t_end = max((sp[1] for sp in t_spans if sp is not None), default=0)
         s_end = max((sp[1] for sp in s_spans if sp is not None), default=0)
         if t_end == s_end:
             ps.append(len(s_spans) - 1)
             pt.append(len(t_spans) - 1)
-    return ps, pt
+            shift.append(0)
+    return ps, pt, shift
 
 
 def chunk_ids(t_spans: list[Span | None], s_spans: list[Span | None], t_ends_eos: bool,
@@ -353,12 +375,13 @@ class ExampleAlignment:
     student_targets: list[int] = field(default_factory=list)  # a conversation's; empty: the prompt/response rule
     chunk_s: list[int] = field(default_factory=list)  # per student target: its ALM chunk (-1: none)
     chunk_t: list[int] = field(default_factory=list)  # per teacher target
+    eta_shift: list[int] = field(default_factory=list)  # per ETA pair: 1 where the tokens differ by a dummy prefix
 
 
 def _align_segment(text: bytes, t_tg: list[int], s_tg: list[int], t_table: TokenTable, s_table: TokenTable,
-                   ends: tuple[bool, bool] | None) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
-    """ETA pairs, MinED matches and ALM chunks (teacher, student) of one span of targets that covers
-    ``text`` on both sides.
+                   ends: tuple[bool, bool] | None) -> tuple[list[int], ...]:
+    """ETA pairs (student, teacher, shifted), MinED matches and ALM chunks (teacher, student) of one span
+    of targets that covers ``text`` on both sides.
     ``ends``: whether each side ends with its end token (None: a conversation turn, whose last
     target is its end-of-turn marker when it lies outside the text)."""
     t_sp = content_spans(t_tg, t_table, text)
@@ -366,23 +389,29 @@ def _align_segment(text: bytes, t_tg: list[int], s_tg: list[int], t_table: Token
     if ends is None:
         ends = (bool(t_sp) and t_sp[-1] is None, bool(s_sp) and s_sp[-1] is None)
     t_own, s_own = [t_table.texts[i] for i in t_tg], [s_table.texts[i] for i in s_tg]
-    ps, pt = eta_pairs(t_sp, s_sp, *ends, t_own=t_own, s_own=s_own)
+    ps, pt, shift = eta_pairs(t_sp, s_sp, *ends, t_own, s_own)
     mined = mined_alignment(_texts_in_context(t_tg, t_sp, t_table, text), _texts_in_context(s_tg, s_sp, s_table, text))
     mined = [i if i < 0 or s_own[j] == t_own[i] else -1 for j, i in enumerate(mined)]
     ct, cs = chunk_ids(t_sp, s_sp, *ends)
-    return ps, pt, mined, ct, cs
+    return ps, pt, shift, mined, ct, cs
+
+
+def eta_labels(t_argmax: np.ndarray, pt: list[int], shift: list[int], t2s: np.ndarray, t_swap: np.ndarray) -> list[int]:
+    """The student id of the teacher's top-1 at each pair, space-swapped at a shifted pair (-1: none)."""
+    return [int(t2s[int(t_swap[int(t_argmax[k])] if sh else t_argmax[k])]) for k, sh in zip(pt, shift)]
 
 
 def align_example(response: str, t_ids: list[int], t_prompt_len: int, t_argmax: np.ndarray, s_enc: Any,
-                  t_table: TokenTable, s_table: TokenTable, t2s: np.ndarray) -> ExampleAlignment:
+                  t_table: TokenTable, s_table: TokenTable, t2s: np.ndarray, t_swap: np.ndarray) -> ExampleAlignment:
     """Align one prompt/response (or text) example. ``t_argmax`` is the teacher's argmax at its
     target positions (row k: the k-th target position of ``t_ids``)."""
     t_tg = response_targets(t_ids, t_prompt_len)
     s_tg = response_targets(s_enc.input_ids, s_enc.prompt_len)
-    ps, pt, mined, ct, cs = _align_segment(response.encode("utf-8"), t_tg, s_tg, t_table, s_table,
-                                           (bool(t_tg) and t_tg[-1] == t_table.eos, bool(s_tg) and s_tg[-1] == s_table.eos))
-    labels = [int(t2s[int(t_argmax[k])]) for k in pt]
-    return ExampleAlignment(list(s_enc.input_ids), s_enc.prompt_len, ps, pt, labels, mined, chunk_s=cs, chunk_t=ct)
+    ps, pt, shift, mined, ct, cs = _align_segment(
+        response.encode("utf-8"), t_tg, s_tg, t_table, s_table,
+        (bool(t_tg) and t_tg[-1] == t_table.eos, bool(s_tg) and s_tg[-1] == s_table.eos))
+    return ExampleAlignment(list(s_enc.input_ids), s_enc.prompt_len, ps, pt, eta_labels(t_argmax, pt, shift, t2s, t_swap),
+                            mined, chunk_s=cs, chunk_t=ct, eta_shift=shift)
 
 
 def runs(positions: list[int]) -> list[list[int]]:
@@ -397,30 +426,31 @@ def runs(positions: list[int]) -> list[list[int]]:
 
 
 def align_conversation(turns: list[str], t_ids: list[int], t_targets: list[int], t_argmax: np.ndarray, s_enc: Any,
-                       t_table: TokenTable, s_table: TokenTable, t2s: np.ndarray) -> ExampleAlignment:
+                       t_table: TokenTable, s_table: TokenTable, t2s: np.ndarray, t_swap: np.ndarray) -> ExampleAlignment:
     """Align a conversation turn by turn: the k-th assistant turn's targets on each side cover the
     text ``turns[k]``, and pairs never cross turns. Indices are into each side's flat target list
     (``t_targets`` and ``s_enc.targets()``), as for one response."""
     s_targets = s_enc.targets()
     t_runs, s_runs = runs(t_targets), runs(s_targets)
-    ps_all, pt_all, mined_all = [], [], [-1] * len(s_targets)
+    ps_all, pt_all, shift_all, mined_all = [], [], [], [-1] * len(s_targets)
     cs_all, ct_all = [-1] * len(s_targets), [-1] * len(t_targets)
     t_off = s_off = c_off = 0
     for k in range(min(len(t_runs), len(s_runs), len(turns))):
         t_tg = [t_ids[p + 1] for p in t_runs[k]]
         s_tg = [s_enc.input_ids[p + 1] for p in s_runs[k]]
-        ps, pt, mined, ct, cs = _align_segment(turns[k].encode("utf-8"), t_tg, s_tg, t_table, s_table, None)
+        ps, pt, shift, mined, ct, cs = _align_segment(turns[k].encode("utf-8"), t_tg, s_tg, t_table, s_table, None)
         ps_all += [j + s_off for j in ps]
         pt_all += [j + t_off for j in pt]
+        shift_all += shift
         mined_all[s_off:s_off + len(mined)] = [m + t_off if m >= 0 else -1 for m in mined]
         cs_all[s_off:s_off + len(cs)] = [c + c_off if c >= 0 else -1 for c in cs]
         ct_all[t_off:t_off + len(ct)] = [c + c_off if c >= 0 else -1 for c in ct]
         c_off += max(ct + cs + [-1]) + 1
         t_off += len(t_runs[k])
         s_off += len(s_runs[k])
-    labels = [int(t2s[int(t_argmax[k])]) for k in pt_all]
-    return ExampleAlignment(list(s_enc.input_ids), s_enc.prompt_len, ps_all, pt_all, labels, mined_all,
-                            list(s_targets), chunk_s=cs_all, chunk_t=ct_all)
+    return ExampleAlignment(list(s_enc.input_ids), s_enc.prompt_len, ps_all, pt_all,
+                            eta_labels(t_argmax, pt_all, shift_all, t2s, t_swap), mined_all, list(s_targets),
+                            chunk_s=cs_all, chunk_t=ct_all, eta_shift=shift_all)
 
 
 # -- building and reading the sidecar --------------------------------------------------------------
@@ -455,8 +485,10 @@ def build_alignment(cache: Any, student_tok: Any, student_source: str, *, force:
     t0 = time.perf_counter()
     t_table, s_table = token_table(t_tok), token_table(student_tok)
     t2s, s2t = vocab_map(t_table, s_table), vocab_map(s_table, t_table)
+    t_swap, s_swap = space_swap(t_table), space_swap(s_table)
     cols: dict[str, list] = {k: [] for k in (*_LIST_COLUMNS, "student_prompt_len")}
-    totals = {"examples": 0, "student_positions": 0, "teacher_positions": 0, "eta_pairs": 0, "eta_labelled": 0,
+    totals = {"examples": 0, "student_positions": 0, "teacher_positions": 0, "eta_pairs": 0, "eta_shifted": 0,
+              "eta_labelled": 0,
               "mined_pairs": 0, "chunked_positions": 0, "chunks": 0}
     pbar = None
     if progress:
@@ -475,10 +507,10 @@ def build_alignment(cache: Any, student_tok: Any, student_source: str, *, force:
                                max_len=limits["max_len"], template=template)
         if ex.is_chat:
             a = align_conversation([c for role, c in messages if role == "assistant"], rec["input_ids"].tolist(),
-                                   rec["positions"].tolist(), rec["argmax"], s_enc, t_table, s_table, t2s)
+                                   rec["positions"].tolist(), rec["argmax"], s_enc, t_table, s_table, t2s, t_swap)
         else:
             a = align_example(rec["response"], rec["input_ids"].tolist(), rec["prompt_len"], rec["argmax"], s_enc,
-                              t_table, s_table, t2s)
+                              t_table, s_table, t2s, t_swap)
         for k in _LIST_COLUMNS:
             cols[k].append(getattr(a, k))
         cols["student_prompt_len"].append(a.student_prompt_len)
@@ -486,6 +518,7 @@ def build_alignment(cache: Any, student_tok: Any, student_source: str, *, force:
         totals["student_positions"] += len(a.mined_t)
         totals["teacher_positions"] += len(rec["argmax"])
         totals["eta_pairs"] += len(a.eta_s)
+        totals["eta_shifted"] += sum(a.eta_shift)
         totals["eta_labelled"] += sum(1 for x in a.eta_label if x >= 0)
         totals["mined_pairs"] += sum(1 for x in a.mined_t if x >= 0)
         totals["chunked_positions"] += sum(1 for x in a.chunk_s if x >= 0)
@@ -506,7 +539,8 @@ def build_alignment(cache: Any, student_tok: Any, student_source: str, *, force:
         table = pa.table({**{k: pa.array(cols[k], type=pa.list_(pa.int32())) for k in _LIST_COLUMNS},
                           "student_prompt_len": pa.array(cols["student_prompt_len"], type=pa.int32())})
         pq.write_table(table, tmp / ALIGN_EXAMPLES)
-        save_file({"t2s": torch.from_numpy(t2s), "s2t": torch.from_numpy(s2t)}, str(tmp / VOCAB_MAP))
+        save_file({"t2s": torch.from_numpy(t2s), "s2t": torch.from_numpy(s2t), "t_swap": torch.from_numpy(t_swap),
+                   "s_swap": torch.from_numpy(s_swap)}, str(tmp / VOCAB_MAP))
         student_tok.save_pretrained(str(tmp / "tokenizer"))
         atomic_write_json(tmp / ALIGN_FILE, {
             "version": ALIGN_VERSION, "cache_fingerprint": cache.fingerprint,
@@ -544,6 +578,7 @@ class Alignment:
         self.student_prompt_len = table.column("student_prompt_len").to_numpy()
         maps = load_file(str(path / VOCAB_MAP))
         self.t2s, self.s2t = maps["t2s"], maps["s2t"]
+        self.t_swap, self.s_swap = maps["t_swap"], maps["s_swap"]  # each vocabulary's space swap
 
     def __len__(self) -> int:
         return len(self.student_prompt_len)

@@ -25,6 +25,7 @@ class CrossBatch:
     eta_s: Tensor  # [P] student positions of ETA pairs
     eta_t: Tensor  # [P] teacher positions of ETA pairs
     eta_label: Tensor  # [P] student id of the teacher's top-1 (-1: no single student token)
+    eta_shift: Tensor  # [P] 1 where the pair's tokens differ by a dummy-prefix space (read through the space swap)
     mined_t: Tensor  # [N] teacher position matched by MinED (-1: none)
     uld_s: Tensor  # [Q] k-th student response position of each example ...
     uld_t: Tensor  # [Q] ... with the k-th teacher one
@@ -48,7 +49,8 @@ class CrossBatch:
         e = (self.eta_s >= lo) & (self.eta_s < hi)
         u = (self.uld_s >= lo) & (self.uld_s < hi)
         r = (self.start_s >= lo) & (self.start_s < hi)
-        return CrossBatch(self.eta_s[e] - lo, self.eta_t[e], self.eta_label[e], self.mined_t[part], self.uld_s[u] - lo,
+        return CrossBatch(self.eta_s[e] - lo, self.eta_t[e], self.eta_label[e], self.eta_shift[e], self.mined_t[part],
+                          self.uld_s[u] - lo,
                           self.uld_t[u], self.seg_s[part], self.seg_t, self.s_inputs[part], self.t_inputs,
                           self.t_targets, self.chunk_s[part], self.chunk_t, self.start_s[r] - lo, self.start_t[r])
 
@@ -64,9 +66,17 @@ class CrossVocabMethod(Method):
     def __init__(self, ls: LossSettings) -> None:
         super().__init__(ls)
         self.s2t_vocab: Tensor | None = None  # [V_S] teacher id of the same text, -1 if none
+        self.t_swap: Tensor | None = None  # [V_T] the teacher vocabulary's space swap (None: identity)
+        self.s_swap: Tensor | None = None  # [V_S] the student's
 
     def prepare(self, cache: Any, alignment: Any | None) -> None:
         self.s2t_vocab = alignment.s2t
+        self.t_swap, self.s_swap = alignment.t_swap, alignment.s_swap
+
+    def teacher_at_pairs(self, x: LossInputs, pt: Tensor, shift: Tensor) -> Tensor:
+        """The teacher's logits at the pairs' teacher positions, read through the space swap at the
+        shifted pairs (there the teacher's ``The`` stands for the student's ``▁The``)."""
+        return swap_columns(x.head.logits(x.teacher.rows(pt)), shift, self.t_swap)
 
     def losses(self, x: LossInputs) -> dict[str, Tensor]:
         x = x.sliced()
@@ -75,6 +85,21 @@ class CrossVocabMethod(Method):
     def kd_terms(self, x: LossInputs) -> dict[str, Tensor]:
         """The KD terms (``kd``: their sum) from inputs already cut to the student's vocabulary."""
         raise NotImplementedError
+
+
+def swap_columns(logits: Tensor, rows: Tensor, swap: Tensor | None) -> Tensor:
+    """``logits`` with the columns of the rows ``rows`` (bool or 0/1) permuted by the space swap
+    ``swap`` (an involution over the tokenizer's ids; ids past it, a padded head's, stay)."""
+    rows = rows.bool()
+    if swap is None or not bool(rows.any()):
+        return logits
+    width = logits.shape[-1]
+    perm = torch.arange(width, device=logits.device)
+    n = min(width, len(swap))
+    perm[:n] = swap[:n].to(logits.device)
+    out = logits.clone()
+    out[rows] = logits[rows][:, perm]
+    return out
 
 
 def trusted_pairs(x: LossInputs, keep_pairs: Tensor) -> tuple[Tensor, Tensor]:
@@ -102,11 +127,11 @@ class DSKDETA(CrossVocabMethod):
     def kd_terms(self, x: LossInputs) -> dict[str, Tensor]:
         cross = x.cross
         keep = cross.eta_label >= 0
-        ps, pt, label = cross.eta_s[keep], cross.eta_t[keep], cross.eta_label[keep]
-        tp = x.teacher.rows(pt)
+        ps, pt, label, shift = cross.eta_s[keep], cross.eta_t[keep], cross.eta_label[keep], cross.eta_shift[keep]
         ok, label_ce = trusted_pairs(x, keep) if self.ls.kd_positions == "teacher-correct" else (None, None)
-        terms = dskd_terms(x.s[ps], x.h_s[ps], label, x.head.logits(tp), tp.hidden, label, x.projector("t2s"),
-                           x.projector("s2t"), x.student_head, x.head, self.ls, ok)
+        terms = dskd_terms(x.s[ps], x.h_s[ps], label, self.teacher_at_pairs(x, pt, shift), x.teacher.rows(pt).hidden,
+                           label, x.projector("t2s"), x.projector("s2t"), x.student_head, x.head, self.ls, ok,
+                           t2s_view=lambda z: swap_columns(z, shift, self.s_swap))
         if label_ce is not None:  # the label at full weight where the teacher gives no trusted pair
             terms["kd"] = terms["kd"] + label_ce
             terms["kd_kept"] = ok.sum().float()
@@ -279,7 +304,7 @@ class GOLD(CrossVocabMethod):
 
     def kd_terms(self, x: LossInputs) -> dict[str, Tensor]:
         cross = x.cross
-        t_logits = x.head.logits(x.teacher.rows(cross.eta_t))
+        t_logits = self.teacher_at_pairs(x, cross.eta_t, cross.eta_shift)
         key = (x.s.shape[-1], t_logits.shape[-1])
         if key not in self._matched:
             self._matched[key] = one_to_one(self.s2t_vocab, *key)

@@ -53,7 +53,7 @@ own ground truth at every student position; sums are normalised by the student's
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -184,15 +184,19 @@ def _kept(keep: Tensor | None) -> dict[str, Tensor]:
 
 def dskd_terms(s: Tensor, h_s: Tensor, targets: Tensor, t_logits: Tensor, h_t: Tensor, t_argmax: Tensor,
                t2s: nn.Module | None, s2t: nn.Module | None, student_head: Tensor, head: TeacherHead,
-               ls: LossSettings, keep: Tensor | None = None) -> dict[str, Tensor]:
+               ls: LossSettings, keep: Tensor | None = None,
+               t2s_view: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
     """The DSKD terms as sums over positions (see the module docstring); with ``keep``, the two KD
-    terms only at those positions."""
+    terms only at those positions; ``t2s_view`` maps the t2s logits before they are used (across
+    tokenizers: the space swap at dummy-prefix pairs, :func:`dskd_batch.methods.cross_vocab.swap_columns`)."""
     keep = torch.ones_like(targets, dtype=torch.bool) if keep is None else keep
     out: dict[str, Tensor] = {}
     zero = s.new_zeros((), dtype=torch.float32)
     kd = zero
     if t2s is not None:
         t2s_logits = t2s(h_t.to(s.dtype)).float() @ student_head.detach().float().T
+        if t2s_view is not None:
+            t2s_logits = t2s_view(t2s_logits)
         t2s_ce = token_ce(t2s_logits, targets).sum()
         pred = t2s_logits.argmax(-1)
         t2s_kd = masked_sum(ls.dist(s, t2s_logits.detach()), keep & (pred == t_argmax) if ls.agreement_mask else keep)

@@ -84,6 +84,7 @@ def cross_part(recs: list[Record]) -> tuple[TeacherBatch, CrossBatch]:
         c["eta_s"].append(r["eta_s"] + off_s)
         c["eta_t"].append(r["eta_t"] + off_t)
         c["eta_label"].append(r["eta_label"])
+        c["eta_shift"].append(r.get("eta_shift", torch.zeros_like(r["eta_s"])))
         c["mined_t"].append(torch.where(r["mined_t"] >= 0, r["mined_t"] + off_t, r["mined_t"]))
         k = torch.arange(min(n_s, n_t))
         c["uld_s"].append(k + off_s)

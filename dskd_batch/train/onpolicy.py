@@ -43,6 +43,7 @@ class CrossTokenizer:
     t_table: Any
     s_table: Any
     t2s: np.ndarray
+    t_swap: np.ndarray  # the teacher vocabulary's space swap (cache.align.space_swap)
 
 
 @dataclass
@@ -127,12 +128,13 @@ class OnPolicy:
         for p, n, text, te, tr in zip(prompts, new, texts, t_encs, teacher):
             s_enc = Encoded(p + n + [self.tok.eos_token_id], len(p))
             a = align_example(text, te.input_ids, te.prompt_len, tr["argmax"].numpy(), s_enc, c.t_table, c.s_table,
-                              c.t2s)
+                              c.t2s, c.t_swap)
             rec = dict(tr)
             rec.update(input_ids=torch.tensor(s_enc.input_ids, dtype=torch.long), prompt_len=s_enc.prompt_len,
                        teacher_input_ids=torch.tensor(te.input_ids, dtype=torch.long), teacher_prompt_len=te.prompt_len,
                        eta_s=torch.tensor(a.eta_s, dtype=torch.long), eta_t=torch.tensor(a.eta_t, dtype=torch.long),
                        eta_label=torch.tensor(a.eta_label, dtype=torch.long),
+                       eta_shift=torch.tensor(a.eta_shift, dtype=torch.long),
                        mined_t=torch.tensor(a.mined_t, dtype=torch.long),
                        chunk_s=torch.tensor(a.chunk_s, dtype=torch.long), chunk_t=torch.tensor(a.chunk_t, dtype=torch.long))
             out.append(rec)

@@ -279,10 +279,10 @@ def on_policy(*, cfg: DistillConfig, data: TrainingData, student: nn.Module, stu
                                expect=st["teacher"]["fingerprint"])
     cross = None
     if method.cross_vocab:
-        from ..cache.align import token_table, vocab_map
+        from ..cache.align import space_swap, token_table, vocab_map
 
         t_table, s_table = token_table(t_tok), token_table(student_tok)
-        cross = CrossTokenizer(t_tok, t_table, s_table, vocab_map(t_table, s_table))
+        cross = CrossTokenizer(t_tok, t_table, s_table, vocab_map(t_table, s_table), space_swap(t_table))
     lim = st["limits"]
     settings = OnPolicySettings(cfg.student_gen_ratio, cfg.on_policy_after_epochs, int(lim["max_len"]),
                                 int(lim["max_prompt_len"]), st["template"]["name"], cfg.seed)
