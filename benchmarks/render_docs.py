@@ -247,6 +247,28 @@ def cross_by_kind_table(label: str) -> str:
     return "\n".join(out)
 
 
+def cross_variants_table(variants: dict[str, str], methods: tuple[str, ...]) -> str:
+    """The same methods trained under variants of the alignment (one results label each), side by side:
+    dev CE, test bits per byte (all rows, then by kind), Rouge-L and the paired NLL gain over the baseline."""
+    docs = _load("demo_cross_cpu.json")
+    out = ["| run | alignment | dev CE | test bits/byte | knowledge rows: bits/byte | procedural rows: bits/byte | "
+           "test Rouge-L | − sft: NLL/token [95% CI], P(no gain) |", "|---|---|---|---|---|---|---|---|"]
+    for m in methods:
+        for variant, label in variants.items():
+            row = docs[label]["rows"][m]
+            kinds = row["by_kind"]
+            nl = row["paired"]["nll"]
+            out.append(f"| {m} | {variant} | {_spread(row['dev_ce'], 4)} | {_spread(row['bpb'], 3)} | "
+                       f"{_spread(kinds['knowledge']['bpb'], 3)} | {_spread(kinds['procedural']['bpb'], 3)} | "
+                       f"{_spread(row['rouge'], 2)} | {nl['delta']:+.4f} [{nl['ci'][0]:+.4f}, {nl['ci'][1]:+.4f}], "
+                       f"{nl['p']:.3f} |")
+    return "\n".join(out)
+
+
+LLAMA2_FIRST_PAIR = {"span only (version 3)": "llama2-bi-span-pairs", "same own bytes": "llama2-bi-same-bytes",
+                     "space swap (version 4)": "llama2-bi"}
+
+
 def _demo() -> dict[str, Any]:
     return _load("demo_cpu.json")["demo"]
 
@@ -340,6 +362,8 @@ TABLES: dict[str, Callable[[], str]] = {"transplant": transplant_table, "distanc
                                         "cross-llama2-bi": lambda: cross_table("llama2-bi"),
                                         "cross-gpt2-bi-by-kind": lambda: cross_by_kind_table("gpt2-bi"),
                                         "cross-llama2-bi-by-kind": lambda: cross_by_kind_table("llama2-bi"),
+                                        "cross-llama2-bi-first-pair": lambda: cross_variants_table(
+                                            LLAMA2_FIRST_PAIR, ("gold", "dskd-eta")),
                                         "demo-readme": demo_readme_table, "demo-seeds": demo_seeds_table,
                                         "demo-paired": demo_paired_table,
                                         "cross-gpt2-by-kind": lambda: cross_by_kind_table("gpt2"),
