@@ -50,9 +50,8 @@ class AlignedExamples(CacheExamples):
 
 def chunk_starts(chunk_s: torch.Tensor, chunk_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(student, teacher) positions that begin the same ALM chunk, for the chunks with more than one
-    token on a side (a chunk of one token on each side is an ETA pair, or two different tokens over
-    the same text, such as a dummy-prefix space): the first positions of a chunk both predict its
-    first bytes after the same text."""
+    token on a side (a chunk of one token on each side is an ETA pair, a dummy-prefix pair included):
+    the first positions of a chunk both predict its first bytes after the same text."""
 
     def firsts(ids: torch.Tensor) -> tuple[dict[int, int], dict[int, int]]:
         first: dict[int, int] = {}
