@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..losses import fkl, masked_sum, token_ce
-from .same_vocab import LossInputs, LossSettings, Method, dskd_terms
+from .same_vocab import LossInputs, LossSettings, Method, TeacherBatch, dskd_terms
 
 
 @dataclass
@@ -73,10 +73,10 @@ class CrossVocabMethod(Method):
         self.s2t_vocab = alignment.s2t
         self.t_swap, self.s_swap = alignment.t_swap, alignment.s_swap
 
-    def teacher_at_pairs(self, x: LossInputs, pt: Tensor, shift: Tensor) -> Tensor:
-        """The teacher's logits at the pairs' teacher positions, read through the space swap at the
+    def teacher_at_pairs(self, x: LossInputs, tp: TeacherBatch, shift: Tensor) -> Tensor:
+        """The teacher's logits at the pairs' teacher rows ``tp``, read through the space swap at the
         shifted pairs (there the teacher's ``The`` stands for the student's ``▁The``)."""
-        return swap_columns(x.head.logits(x.teacher.rows(pt)), shift, self.t_swap)
+        return swap_columns(x.head.logits(tp), shift, self.t_swap)
 
     def losses(self, x: LossInputs) -> dict[str, Tensor]:
         x = x.sliced()
@@ -128,9 +128,10 @@ class DSKDETA(CrossVocabMethod):
         cross = x.cross
         keep = cross.eta_label >= 0
         ps, pt, label, shift = cross.eta_s[keep], cross.eta_t[keep], cross.eta_label[keep], cross.eta_shift[keep]
+        tp = x.teacher.rows(pt)
         ok, label_ce = trusted_pairs(x, keep) if self.ls.kd_positions == "teacher-correct" else (None, None)
-        terms = dskd_terms(x.s[ps], x.h_s[ps], label, self.teacher_at_pairs(x, pt, shift), x.teacher.rows(pt).hidden,
-                           label, x.projector("t2s"), x.projector("s2t"), x.student_head, x.head, self.ls, ok,
+        terms = dskd_terms(x.s[ps], x.h_s[ps], label, self.teacher_at_pairs(x, tp, shift), tp.hidden, label,
+                           x.projector("t2s"), x.projector("s2t"), x.student_head, x.head, self.ls, ok,
                            t2s_view=lambda z: swap_columns(z, shift, self.s_swap))
         if label_ce is not None:  # the label at full weight where the teacher gives no trusted pair
             terms["kd"] = terms["kd"] + label_ce
@@ -304,7 +305,7 @@ class GOLD(CrossVocabMethod):
 
     def kd_terms(self, x: LossInputs) -> dict[str, Tensor]:
         cross = x.cross
-        t_logits = self.teacher_at_pairs(x, cross.eta_t, cross.eta_shift)
+        t_logits = self.teacher_at_pairs(x, x.teacher.rows(cross.eta_t), cross.eta_shift)
         key = (x.s.shape[-1], t_logits.shape[-1])
         if key not in self._matched:
             self._matched[key] = one_to_one(self.s2t_vocab, *key)
